@@ -1,0 +1,35 @@
+"""hvd_topk: Top-K gradient sparsification with error feedback for Horovod + PyTorch.
+
+Example::
+
+    import horovod.torch as hvd
+    import hvd_topk
+
+    hvd.init()
+    optimizer = hvd_topk.DistributedOptimizer(
+        optimizer, named_parameters=model.named_parameters(),
+        compression=hvd_topk.TopKCompressor(ratio=0.01))
+"""
+
+from .compression import SparseContext, TopKCompressor, sparse_is_cheaper
+from .memory import ResidualMemory
+from .optimizer import CommStats, DistributedOptimizer
+from .packing import pack, payload_nbytes, unpack
+from .selection import index_dtype, num_selected, select_topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TopKCompressor",
+    "DistributedOptimizer",
+    "CommStats",
+    "ResidualMemory",
+    "SparseContext",
+    "sparse_is_cheaper",
+    "select_topk",
+    "num_selected",
+    "index_dtype",
+    "pack",
+    "unpack",
+    "payload_nbytes",
+]

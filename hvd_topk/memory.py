@@ -1,0 +1,73 @@
+"""Error-feedback memory: what Top-K did not send, per parameter name."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator
+
+import torch
+
+__all__ = ["ResidualMemory"]
+
+
+class ResidualMemory:
+    """Residuals of error feedback, keyed by parameter *name*.
+
+    Names, not ``id()``: ids differ between ranks and between runs, names survive a restart.
+    Each residual is a flat tensor in the gradient's dtype and device. The compressor adds
+    the gradient into the residual *in place* (``compensate``), selects from it, then zeroes
+    the sent entries -- so the buffer goes gradient+residual -> new residual without a copy.
+
+    Example::
+
+        memory = ResidualMemory()
+        buf = memory.compensate("fc.weight", grad.view(-1))  # buf = grad + old residual
+        ...  # send some entries of buf, then zero them in buf
+        torch.save(memory.state_dict(), "residuals.pt")
+    """
+
+    def __init__(self) -> None:
+        self._residuals: Dict[str, torch.Tensor] = {}
+
+    def compensate(self, name: str, flat_grad: torch.Tensor) -> torch.Tensor:
+        """Return this name's residual buffer after adding ``flat_grad`` into it in place.
+
+        The first time a name is seen (or when its shape, dtype or device changed) the
+        buffer starts as a copy of the gradient, i.e. a zero residual.
+        """
+        buf = self._residuals.get(name)
+        if buf is not None and buf.shape == flat_grad.shape:
+            if buf.device != flat_grad.device or buf.dtype != flat_grad.dtype:
+                buf = buf.to(device=flat_grad.device, dtype=flat_grad.dtype)  # e.g. after load
+                self._residuals[name] = buf
+            buf.add_(flat_grad)
+        else:
+            buf = flat_grad.detach().clone()
+            self._residuals[name] = buf
+        return buf
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self._residuals.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._residuals
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._residuals)
+
+    def __len__(self) -> int:
+        return len(self._residuals)
+
+    def clear(self) -> None:
+        self._residuals.clear()
+
+    def norms(self) -> Dict[str, float]:
+        """L2 norm of every residual (for monitoring that error feedback stays bounded)."""
+        return {n: float(r.float().norm()) for n, r in self._residuals.items()}
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Residuals as ``{name: tensor}`` (detached CPU copies), safe for ``torch.save``."""
+        return {n: r.detach().cpu().clone() for n, r in self._residuals.items()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Replace the residuals; each moves to its gradient's device on first use."""
+        self._residuals = {n: t.detach().clone().reshape(-1) for n, t in state.items()}

@@ -1,0 +1,43 @@
+"""hvd_topk: Top-K gradient sparsification with error feedback for Horovod + PyTorch."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "hvd_topk" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="hvd_topk",
+    version=VERSION,
+    description="Top-K gradient sparsification with error feedback for Horovod + PyTorch",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["hvd_topk", "hvd_topk.*"]),
+    python_requires=">=3.9",
+    # Torch and Horovod are deliberately unpinned ranges: scripts/install.sh installs
+    # torch==2.13.0 (CPU) and builds Horovod with the C++17 fix; an environment that already
+    # has both installs nothing more.
+    install_requires=[
+        "torch>=1.13",
+        "horovod>=0.28",
+        "numpy",
+        "mpi4py",
+        "tensorboard",
+        "tqdm",
+        "scikit-learn",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "matplotlib"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Intended Audience :: Science/Research",
+    ],
+)

@@ -1,0 +1,177 @@
+"""Multi-rank checks of the sparse exchange (run by tests/test_distributed.py).
+
+Every check compares hvd_topk against a reference computed here independently: each rank's
+own top-k with its own residual (torch.topk, no hvd_topk code), densified, allgathered, and
+averaged. Tolerance: rtol 1e-6 / atol 1e-7 on the averaged gradients (summation order is the
+only difference); parameters must be bit-identical across ranks.
+"""
+
+import sys
+
+import horovod.torch as hvd
+import torch
+import torch.nn as nn
+
+import hvd_topk
+
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 200), nn.ReLU(),
+                         nn.Linear(200, 10))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(1000 * hvd.rank() + step)  # different data per rank
+    return torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+
+def allgather_dense(t):
+    return hvd.allgather(t.detach().reshape(1, -1))  # (world, n)
+
+
+def assert_same_on_all_ranks(model, what):
+    for name, p in model.named_parameters():
+        g = allgather_dense(p.data)
+        assert torch.equal(g, g[:1].expand_as(g)), f"{what}: {name} differs between ranks"
+
+
+def check_exact_topk(ratio, value_dtype=None, steps=3):
+    """After synchronize(), grad == mean over ranks of each rank's own top-k (with residuals)."""
+    model = make_model()
+    comp = hvd_topk.TopKCompressor(ratio, min_numel=0, density_aware=False, value_dtype=value_dtype)
+    opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                        named_parameters=model.named_parameters(),
+                                        compression=comp)
+    residual = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        want = {}
+        for name, p in model.named_parameters():
+            c = p.grad.detach().reshape(-1) + residual[name]
+            k = hvd_topk.num_selected(c.numel(), ratio)
+            idx = torch.topk(c.abs(), k).indices
+            sent = torch.zeros_like(c)
+            sent[idx] = c[idx] if value_dtype is None else c[idx].to(value_dtype).float()
+            residual[name] = c - sent
+            want[name] = allgather_dense(sent).mean(0).view_as(p)
+        opt.synchronize()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[name], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"step {step} {name}: {m}")
+            assert torch.equal(comp.memory.get(name), residual[name]), f"residual of {name}"
+        with opt.skip_synchronize():
+            opt.step()
+        stats = opt.comm_stats
+        assert stats.sparse_tensors == 6 and stats.dense_tensors == 0, stats
+    assert_same_on_all_ranks(model, f"top-k {ratio}")
+
+
+def train(opt_factory, steps=5, momentum=0.9):
+    model = make_model()
+    opt = opt_factory(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum))
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def check_ratio_one_matches_horovod():
+    stock = train(lambda m, o: hvd.DistributedOptimizer(o, named_parameters=m.named_parameters()))
+    # density_aware=False forces the allgather path even at ratio 1.0.
+    ours = train(lambda m, o: hvd_topk.DistributedOptimizer(
+        o, named_parameters=m.named_parameters(),
+        compression=hvd_topk.TopKCompressor(1.0, min_numel=0, density_aware=False)))
+    for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_same_on_all_ranks(ours, "ratio 1.0")
+
+
+def check_none_and_fp16_match_horovod_exactly():
+    for comp in (hvd.Compression.none, hvd.Compression.fp16):
+        stock = train(lambda m, o: hvd.DistributedOptimizer(
+            o, named_parameters=m.named_parameters(), compression=comp))
+        ours = train(lambda m, o: hvd_topk.DistributedOptimizer(
+            o, named_parameters=m.named_parameters(), compression=comp))
+        for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
+            assert torch.equal(a, b), f"{comp.__name__}: {name} differs from stock Horovod"
+
+
+def check_defaults_train_consistently():
+    """Default compressor: small tensors dense, large sparse; parameters stay identical."""
+    captured = {}
+
+    def factory(m, o):
+        opt = hvd_topk.DistributedOptimizer(o, named_parameters=m.named_parameters(),
+                                            compression=hvd_topk.TopKCompressor(0.01))
+        captured["opt"] = opt
+        return opt
+
+    model = train(factory, steps=4)
+    stats = captured["opt"].comm_stats
+    assert stats.sparse_tensors == 2 and stats.dense_tensors == 4, stats  # 300x64, 200x300 sparse
+    assert stats.bytes_sent < 0.1 * stats.dense_bytes, stats
+    assert_same_on_all_ranks(model, "defaults")
+
+
+def check_stock_optimizer_refuses_topk():
+    model = make_model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(),
+                                   compression=hvd_topk.TopKCompressor(0.01))
+    x, y = batch(0)
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.synchronize()
+    except RuntimeError as e:
+        assert "hvd_topk.DistributedOptimizer" in str(e), e
+    else:
+        raise AssertionError("stock hvd.DistributedOptimizer accepted a TopKCompressor")
+
+
+def check_accumulation():
+    """backward_passes_per_step=2: the exchanged gradient is the top-k of the summed passes."""
+    model = make_model()
+    comp = hvd_topk.TopKCompressor(0.05, min_numel=0, density_aware=False)
+    opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                        named_parameters=model.named_parameters(),
+                                        compression=comp, backward_passes_per_step=2)
+    for step in range(2):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+    local = {n: p.grad.detach().clone().reshape(-1) for n, p in model.named_parameters()}
+    opt.synchronize()
+    for name, p in model.named_parameters():
+        c = local[name]
+        idx = torch.topk(c.abs(), hvd_topk.num_selected(c.numel(), 0.05)).indices
+        sent = torch.zeros_like(c)
+        sent[idx] = c[idx]
+        want = allgather_dense(sent).mean(0).view_as(p)
+        torch.testing.assert_close(p.grad, want, rtol=RTOL, atol=ATOL)
+
+
+CHECKS = {
+    "exact": lambda: [check_exact_topk(r) for r in (0.01, 0.1, 0.5)],
+    "exact_fp16_values": lambda: check_exact_topk(0.05, value_dtype=torch.float16),
+    "ratio_one": check_ratio_one_matches_horovod,
+    "dense_compressors": check_none_and_fp16_match_horovod_exactly,
+    "defaults": check_defaults_train_consistently,
+    "stock_refuses": check_stock_optimizer_refuses_topk,
+    "accumulation": check_accumulation,
+}
+
+if __name__ == "__main__":
+    hvd.init()
+    torch.set_num_threads(1)
+    names = sys.argv[1:] or list(CHECKS)
+    controller = "gloo" if hvd.gloo_enabled() else "mpi"
+    for name in names:
+        CHECKS[name]()
+        print(f"rank {hvd.rank()}/{hvd.size()} [{controller}] {name}: OK", flush=True)
