@@ -11,9 +11,11 @@ Example::
         compression=hvd_topk.TopKCompressor(ratio=0.01))
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .compression import SparseContext, TopKCompressor, sparse_is_cheaper
 from .memory import ResidualMemory
 from .optimizer import CommStats, DistributedOptimizer
+from .registry import COMPRESSORS, make_compressor, register_compressor
 from .packing import pack, payload_nbytes, unpack
 from .selection import index_dtype, num_selected, select_topk
 
@@ -32,4 +34,9 @@ __all__ = [
     "pack",
     "unpack",
     "payload_nbytes",
+    "save_checkpoint",
+    "load_checkpoint",
+    "COMPRESSORS",
+    "make_compressor",
+    "register_compressor",
 ]

@@ -166,7 +166,8 @@ class TopKCompressor(Compressor):
         return True
 
     # -- Horovod's Compressor contract ----------------------------------------------------
-    def compress(self, tensor: torch.Tensor, name: Optional[str] = None) -> Tuple[torch.Tensor, SparseContext]:
+    def compress(self, tensor: torch.Tensor,
+                 name: Optional[str] = None) -> Tuple[torch.Tensor, SparseContext]:
         """Compensate, select, pack; update the residual of ``name``.
 
         Arguments:

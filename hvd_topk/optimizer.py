@@ -54,7 +54,7 @@ class CommStats:
         """bytes_sent / dense_bytes (1.0 for uncompressed training)."""
         return self.bytes_sent / self.dense_bytes if self.dense_bytes else 1.0
 
-    def add(self, other: "CommStats") -> None:
+    def add(self, other: CommStats) -> None:
         for field, value in asdict(other).items():
             setattr(self, field, getattr(self, field) + value)
 
@@ -79,18 +79,24 @@ class _TopKMethods:
 
     def _allreduce_grad_async(self, p):
         comp = self._compression
-        if not getattr(comp, "is_sparse", False):
-            return _HorovodOptimizer._allreduce_grad_async(self, p)
         if p.grad is None:
             # Unused on this rank (dynamic graph) but maybe used on others: send zeros so
             # every rank takes part in the same collectives.
             p.grad = torch.zeros_like(p)
         grad = p.grad
-        name = self._parameter_names.get(p)
-        world = self.process_set.size()
         stats = self._step_stats
         dense_bytes = grad.numel() * grad.element_size()
         stats.dense_bytes += dense_bytes
+        if not getattr(comp, "is_sparse", False):
+            stats.dense_tensors += 1
+            sent = dense_bytes
+            if comp is Compression.fp16 and grad.dtype.is_floating_point:
+                sent = grad.numel() * 2
+            stats.bytes_sent += sent
+            stats.bytes_received += sent
+            return _HorovodOptimizer._allreduce_grad_async(self, p)
+        name = self._parameter_names.get(p)
+        world = self.process_set.size()
         if grad.is_sparse or not comp.wants_sparse(grad, world):
             stats.dense_tensors += 1
             stats.bytes_sent += dense_bytes

@@ -46,8 +46,10 @@ def unpack(buf: torch.Tensor, k: int, value_dtype: torch.dtype,
             f"gathered payload of {buf.numel()} bytes is not a whole number of {nbytes}-byte "
             "rank payloads: ranks disagree on this tensor's size or ratio")
     rows = buf.view(-1, nbytes)  # (world, nbytes)
-    values = rows[:, :vbytes].contiguous().view(value_dtype)  # (world, k)
-    indices = rows[:, vbytes:].contiguous().view(index_dtype)  # (world, k)
+    # clone(): a fresh, aligned buffer (a slice's storage offset may not fit the wider dtype).
+    world = rows.shape[0]
+    values = rows[:, :vbytes].reshape(-1).clone().view(value_dtype).view(world, k)  # (world, k)
+    indices = rows[:, vbytes:].reshape(-1).clone().view(index_dtype).view(world, k)  # (world, k)
     return values, indices
 
 

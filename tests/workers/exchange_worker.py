@@ -62,7 +62,7 @@ def check_exact_topk(ratio, value_dtype=None, steps=3):
         opt.synchronize()
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, want[name], rtol=RTOL, atol=ATOL,
-                                       msg=lambda m: f"step {step} {name}: {m}")
+                                       msg=lambda m, s=step, n=name: f"step {s} {n}: {m}")
             assert torch.equal(comp.memory.get(name), residual[name]), f"residual of {name}"
         with opt.skip_synchronize():
             opt.step()
@@ -90,16 +90,16 @@ def check_ratio_one_matches_horovod():
         o, named_parameters=m.named_parameters(),
         compression=hvd_topk.TopKCompressor(1.0, min_numel=0, density_aware=False)))
     for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert_same_on_all_ranks(ours, "ratio 1.0")
 
 
 def check_none_and_fp16_match_horovod_exactly():
     for comp in (hvd.Compression.none, hvd.Compression.fp16):
-        stock = train(lambda m, o: hvd.DistributedOptimizer(
-            o, named_parameters=m.named_parameters(), compression=comp))
-        ours = train(lambda m, o: hvd_topk.DistributedOptimizer(
-            o, named_parameters=m.named_parameters(), compression=comp))
+        stock = train(lambda m, o, c=comp: hvd.DistributedOptimizer(
+            o, named_parameters=m.named_parameters(), compression=c))
+        ours = train(lambda m, o, c=comp: hvd_topk.DistributedOptimizer(
+            o, named_parameters=m.named_parameters(), compression=c))
         for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
             assert torch.equal(a, b), f"{comp.__name__}: {name} differs from stock Horovod"
 

@@ -1,0 +1,84 @@
+"""Models for examples/train.py: a small CNN and a CIFAR-style ResNet-18 (no torchvision needed)."""
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SimpleCNN(nn.Module):
+    """Two conv layers and two fully connected ones; any input size (8x8 digits to 32x32 CIFAR)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc1 = nn.Linear(64 * 4 * 4, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+        self.dropout = nn.Dropout(0.25)
+
+    def forward(self, x):  # x: (B, C, H, W)
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2) if x.shape[-1] >= 16 else F.relu(self.conv2(x))
+        x = self.pool(x).flatten(1)  # (B, 1024)
+        x = self.dropout(F.relu(self.fc1(x)))
+        return self.fc2(x)  # (B, num_classes)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small images (3x3 stem, no max-pool), 11.2M parameters for 10 classes."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):  # x: (B, C, H, W)
+        x = self.layers(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))  # (B, num_classes)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int = 10, hidden: int = 1024, depth: int = 3):
+        super().__init__()
+        dims = [in_features] + [hidden] * depth
+        self.body = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x.flatten(1)))
+
+
+MODELS = {
+    "simple_cnn": lambda shape, classes: SimpleCNN(shape[0], classes),
+    "resnet18": lambda shape, classes: ResNet18(shape[0], classes),
+    "mlp": lambda shape, classes: MLP(shape[0] * shape[1] * shape[2], classes),
+}
+
+
+def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name](input_shape, num_classes)

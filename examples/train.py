@@ -1,0 +1,172 @@
+"""Data-parallel training with Horovod and hvd_topk's Top-K compression.
+
+Launch (2 ranks on this machine, offline digits data, Top-K 1%)::
+
+    horovodrun -np 2 python examples/train.py --topk 0.01
+    horovodrun -np 2 python examples/train.py --topk 0          # dense baseline
+    horovodrun -np 2 python examples/train.py --fp16            # Horovod's fp16 compression
+    mpirun -np 2 python examples/train.py --topk 0.001 --epochs 5
+    horovodrun -np 8 -H host1:4,host2:4 python examples/train.py --model resnet18 \\
+        --dataset cifar10 --topk 0.01 --log-dir runs/cifar
+
+Only wiring lives here; hvd_topk does the work. Rank 0 alone prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import horovod.torch as hvd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from data import DATASETS, load_dataset  # noqa: E402
+from models import MODELS, build_model  # noqa: E402
+
+import hvd_topk  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--topk", type=float, default=0.01, metavar="RATIO",
+                   help="fraction of each gradient sent (Top-K with error feedback); 0 = dense")
+    p.add_argument("--fp16", action="store_true",
+                   help="Horovod's fp16 compression instead of Top-K (a baseline)")
+    p.add_argument("--model", default="simple_cnn", choices=sorted(MODELS), help="network")
+    p.add_argument("--dataset", default="digits", choices=sorted(DATASETS),
+                   help="digits is bundled with scikit-learn (offline); mnist, fashion_mnist and "
+                        "cifar10 need torchvision")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--lr", type=float, default=0.05, help="for the global batch (not scaled)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    p.add_argument("--seed", type=int, default=42, help="model init and data shuffling")
+    p.add_argument("--data-dir", default="", help="where torchvision datasets live or download to")
+    p.add_argument("--log-dir", default="", help="TensorBoard event files (rank 0)")
+    p.add_argument("--checkpoint", default="",
+                   help="save here after every epoch, resume from it if it exists")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = p.parse_args(argv)
+    if args.topk < 0 or args.topk > 1:
+        p.error(f"--topk must be in [0, 1], got {args.topk}")
+    return args
+
+
+def make_compression(args):
+    if args.fp16:
+        return hvd_topk.make_compressor("fp16")
+    if args.topk > 0:
+        return hvd_topk.make_compressor("topk", ratio=args.topk)
+    return hvd_topk.make_compressor("none")
+
+
+def evaluate(model, loader):
+    model.eval()
+    correct = total = loss = 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += y.numel()
+    sums = hvd.allreduce(torch.tensor([correct, total, loss], dtype=torch.float64), op=hvd.Sum)
+    model.train()
+    return (sums[0] / sums[1]).item(), (sums[2] / sums[1]).item()
+
+
+def main(args):
+    hvd.init()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, hvd.local_size())))
+    rank0 = hvd.rank() == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+    data = load_dataset(args.dataset, args.data_dir, seed=0)
+    train_sampler = DistributedSampler(data.train, num_replicas=hvd.size(), rank=hvd.rank(),
+                                       shuffle=True, seed=args.seed)
+    test_sampler = DistributedSampler(data.test, num_replicas=hvd.size(), rank=hvd.rank(),
+                                      shuffle=False)
+    train_loader = DataLoader(data.train, batch_size=args.batch_size, sampler=train_sampler)
+    test_loader = DataLoader(data.test, batch_size=256, sampler=test_sampler)
+
+    model = build_model(args.model, data.input_shape, data.num_classes)
+    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+    compression = make_compression(args)
+    optimizer = hvd_topk.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                              compression=compression, log_every=0)
+    start_epoch = 0
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        start_epoch = int(hvd_topk.load_checkpoint(args.checkpoint, model, optimizer)["epoch"]) + 1
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    writer = None
+    if rank0 and args.log_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(args.log_dir)
+    if rank0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.model} ({n_params / 1e6:.2f}M params) on {args.dataset} "
+              f"({len(data.train)} train / {len(data.test)} test), {hvd.size()} ranks, "
+              f"compression: {compression!r}", flush=True)
+
+    step, t_start = 0, time.time()
+    acc = float("nan")
+    for epoch in range(start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch)
+        batches = train_loader
+        if rank0 and not args.no_progress:
+            from tqdm import tqdm
+            batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if writer is not None:
+                s = optimizer.comm_stats
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                writer.add_scalar("comm/bytes_sent", s.bytes_sent, step)
+                writer.add_scalar("comm/bytes_received", s.bytes_received, step)
+                writer.add_scalar("comm/dense_bytes", s.dense_bytes, step)
+                writer.add_scalar("comm/density", s.density, step)
+                writer.add_scalar("comm/compress_ms", s.compress_ms, step)
+                writer.add_scalar("comm/wait_ms", s.wait_ms, step)
+            if args.max_steps and step >= args.max_steps:
+                break
+        acc, test_loss = evaluate(model, test_loader)
+        if args.checkpoint:
+            hvd_topk.save_checkpoint(args.checkpoint, model, optimizer, epoch=epoch)
+        if rank0:
+            sent = optimizer.comm_stats
+            print(f"epoch {epoch + 1:3d}  loss {loss.item():.4f}  test loss {test_loss:.4f}  "
+                  f"test acc {100 * acc:.2f}%  sent/step {sent.bytes_sent / 1e3:.1f} KB "
+                  f"({100 * sent.density:.2f}% of dense)  {time.time() - t_start:.1f}s", flush=True)
+        if writer is not None:
+            writer.add_scalar("test/accuracy", acc, step)
+            writer.add_scalar("test/loss", test_loss, step)
+        if args.max_steps and step >= args.max_steps:
+            break
+    if writer is not None:
+        writer.close()
+    if rank0:
+        print(f"final test accuracy: {100 * acc:.2f}%", flush=True)
+    return acc
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,139 @@
+"""Single-process behaviour of TopKCompressor: selection, error feedback, payload, validation."""
+
+import math
+
+import pytest
+import torch
+
+from hvd_topk import TopKCompressor, num_selected, pack, sparse_is_cheaper, unpack
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def compress_once(comp, g, name="w"):
+    before = comp.memory.get(name)
+    c = g.reshape(-1) + (before if before is not None else 0)
+    payload, ctx = comp.compress(g, name=name)
+    return c, payload, ctx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (64, 300), (7, 11, 13)])
+def test_exact_k_values_and_residual_identity(dtype, shape):
+    comp = TopKCompressor(0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _step in range(3):  # residuals matter from the second step on
+        g = torch.randn(shape, generator=gen).to(dtype)
+        c, payload, ctx = compress_once(comp, g)
+        n = g.numel()
+        assert ctx.k == num_selected(n, 0.01) == max(1, math.ceil(0.01 * n))
+        assert payload.dtype == torch.uint8 and payload.numel() == ctx.nbytes
+        values, indices = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype)
+        assert values.dtype == dtype and indices.dtype == torch.int32
+        idx = indices[0].long()
+        assert idx.unique().numel() == ctx.k
+        assert torch.equal(values[0], c[idx])  # values are the compensated tensor at the indices
+        # The selected magnitudes are the k largest of |c|.
+        assert torch.equal(c[idx].abs().float().sort().values,
+                           torch.topk(c.abs().float(), ctx.k).values.sort().values)
+        sent = comp.decompress(payload, ctx).reshape(-1)
+        assert sent.dtype == dtype and sent.shape == c.shape
+        assert torch.equal(comp.memory.get("w") + sent, c)  # residual + sent == compensated, exactly
+
+
+def test_ratio_one_is_no_compression():
+    comp = TopKCompressor(1.0)
+    g = torch.randn(40, 30)
+    payload, ctx = comp.compress(g, name="w")
+    assert torch.equal(comp.decompress(payload, ctx), g)
+    assert torch.count_nonzero(comp.memory.get("w")) == 0
+
+
+def test_numel_below_one_over_ratio_sends_one():
+    comp = TopKCompressor(0.001)
+    g = torch.tensor([0.1, -5.0, 2.0])
+    payload, ctx = comp.compress(g, name="b")
+    assert ctx.k == 1
+    assert torch.equal(comp.decompress(payload, ctx), torch.tensor([0.0, -5.0, 0.0]))
+    assert torch.equal(comp.memory.get("b"), torch.tensor([0.1, 0.0, 2.0]))
+
+
+def test_error_feedback_eventually_sends_everything():
+    comp = TopKCompressor(0.25)
+    g = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    total = torch.zeros(4)
+    for _ in range(4):
+        payload, ctx = comp.compress(g if _ == 0 else torch.zeros(4), name="w")
+        total += comp.decompress(payload, ctx)
+    assert torch.equal(total, g)
+
+
+def test_zero_element_tensor():
+    comp = TopKCompressor(0.01)
+    payload, ctx = comp.compress(torch.empty(0, 5), name="e")
+    assert payload.numel() == 0 and ctx.k == 0
+    assert comp.decompress(payload, ctx).shape == (0, 5)
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+def test_narrow_value_dtype_keeps_rounding_error_in_residual(value_dtype):
+    comp = TopKCompressor(0.05, value_dtype=value_dtype)
+    g = torch.randn(1000, dtype=torch.float32)
+    payload, ctx = comp.compress(g, name="w")
+    assert ctx.nbytes == ctx.k * (2 + 4)
+    sent = comp.decompress(payload, ctx)
+    assert sent.dtype == torch.float32
+    assert torch.equal(comp.memory.get("w") + sent, g)
+
+
+def test_decompress_sums_ranks_and_divides():
+    comp = TopKCompressor(0.5)
+    p0 = pack(torch.tensor([1.0, 2.0]), torch.tensor([0, 3], dtype=torch.int32))
+    p1 = pack(torch.tensor([4.0, 8.0]), torch.tensor([3, 1], dtype=torch.int32))
+    _, ctx = comp.compress(torch.zeros(4), name="x")
+    ctx.divisor = 2
+    out = comp.decompress(torch.cat([p0, p1]), ctx)
+    assert torch.equal(out, torch.tensor([0.5, 4.0, 0.0, 3.0]))
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), float("inf"), "a", None])
+def test_bad_ratio_rejected(bad):
+    with pytest.raises(ValueError, match=r"ratio must be"):
+        TopKCompressor(bad)
+
+
+def test_other_bad_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match="value_dtype"):
+        TopKCompressor(0.01, value_dtype=torch.int8)
+    with pytest.raises(ValueError, match="min_numel"):
+        TopKCompressor(0.01, min_numel=-1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TopKCompressor(0.01, warmup_steps=1.5)
+
+
+def test_compress_without_name_points_to_our_optimizer():
+    with pytest.raises(RuntimeError, match="hvd_topk.DistributedOptimizer"):
+        TopKCompressor(0.01).compress(torch.randn(10))
+
+
+def test_density_aware_decision():
+    # P * k * payload_bytes < 2 * n * value_bytes
+    assert sparse_is_cheaper(numel=1000, k=10, world=2, grad_bytes=4, payload_bytes=8)
+    assert not sparse_is_cheaper(numel=1000, k=10, world=100, grad_bytes=4, payload_bytes=8)
+    assert sparse_is_cheaper(numel=1000, k=10, world=99, grad_bytes=4, payload_bytes=8)
+    comp = TopKCompressor(0.01, min_numel=0)
+    assert comp.wants_sparse(torch.zeros(100_000), world=8)
+    assert not comp.wants_sparse(torch.zeros(100_000), world=256)  # 256*1000*8 > 2*1e5*4
+    assert not TopKCompressor(0.01).wants_sparse(torch.zeros(100), world=2)  # below min_numel
+    assert not comp.wants_sparse(torch.zeros(10, dtype=torch.int64), world=2)  # not floating
+
+
+def test_state_dict_round_trip_weights_only(tmp_path):
+    comp = TopKCompressor(0.1)
+    comp.compress(torch.randn(100), name="a")
+    comp.step_done()
+    torch.save(comp.state_dict(), tmp_path / "s.pt")
+    other = TopKCompressor(0.1)
+    other.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert other.steps == 1
+    assert torch.equal(other.memory.get("a"), comp.memory.get("a"))

@@ -1,0 +1,30 @@
+"""Smoke runs of examples/train.py on 2 ranks, a few steps each."""
+
+import re
+
+import pytest
+from launch import REPO, run_ranks
+
+TRAIN = REPO / "examples" / "train.py"
+
+
+@pytest.mark.parametrize("backend,flags", [("gloo", ["--topk", "0.01"]), ("mpi", ["--topk", "0.001"]),
+                                           ("gloo", ["--fp16"]), ("gloo", ["--topk", "0"])])
+def test_train_smoke(backend, flags, tmp_path):
+    out = run_ranks(TRAIN, *flags, "--epochs", "1", "--max-steps", "5", "--no-progress",
+                    "--log-dir", tmp_path / "tb", backend=backend, timeout=300)
+    m = re.search(r"final test accuracy: ([\d.]+)%", out)
+    assert m, out
+    assert 0 <= float(m.group(1)) <= 100
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard events written"
+
+
+def test_train_help_shows_defaults():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    for flag in ("--topk", "--fp16", "--model", "--dataset", "--epochs", "--batch-size", "--lr",
+                 "--momentum", "--seed", "--data-dir", "--log-dir", "--checkpoint"):
+        assert flag in out
+    assert "(default: digits)" in " ".join(out.split())
