@@ -59,8 +59,8 @@ else
     PY="$VENV/bin/python"
 fi
 pip_install() { "$PY" -m pip install -q "$@"; }
-"$PY" -c "import setuptools, wheel, packaging" >/dev/null 2>&1 \
-    || pip_install setuptools wheel packaging
+"$PY" -c "import setuptools, wheel, packaging, numpy" >/dev/null 2>&1 \
+    || pip_install setuptools wheel packaging numpy
 
 # 3. PyTorch -----------------------------------------------------------------------------
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
@@ -126,7 +126,7 @@ BIN="$(dirname "$PY")"
 "$BIN/horovodrun" --check-build >&2
 
 # 6. This project -----------------------------------------------------------------------
-if ! "$PY" -c "import hvd_topk, mpi4py, sklearn, tensorboard, tqdm, pytest, ruff, hypothesis, yaml" >/dev/null 2>&1; then
+if ! "$PY" -c "import hvd_topk, mpi4py, sklearn, tensorboard, tqdm, pytest, pytest_timeout, ruff, hypothesis, yaml, matplotlib" >/dev/null 2>&1; then
     log "pip install -e $REPO[test]"
     pip_install -e "$REPO[test]"
 fi
