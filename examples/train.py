@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from config import config_argv  # noqa: E402
 from data import DATASETS, load_dataset  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 
@@ -36,10 +37,28 @@ import hvd_topk  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="", metavar="YAML",
+                   help="flag values from a YAML file (configs/*.yaml); flags given here override it")
     p.add_argument("--topk", type=float, default=0.01, metavar="RATIO",
                    help="fraction of each gradient sent (Top-K with error feedback); 0 = dense")
     p.add_argument("--fp16", action="store_true",
                    help="Horovod's fp16 compression instead of Top-K (a baseline)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="Top-K warm-up: density decays from --warmup-ratio to --topk over this many "
+                        "steps (default: the library's)")
+    p.add_argument("--warmup-ratio", type=float, default=0.25, help="Top-K warm-up start density")
+    p.add_argument("--momentum-correction", default="auto", choices=["auto", "on", "off"],
+                   help="DGC momentum correction (auto: on for SGD with momentum)")
+    p.add_argument("--no-momentum-masking", action="store_true",
+                   help="keep local momentum at sent coordinates (DGC masks it)")
+    p.add_argument("--min-numel", type=int, default=None,
+                   help="tensors smaller than this go dense (default: the library's)")
+    p.add_argument("--no-density-aware", action="store_true",
+                   help="always use the sparse allgather, even where a dense allreduce is cheaper")
+    p.add_argument("--value-dtype", default="auto", choices=["auto", "fp16", "bf16"],
+                   help="dtype of Top-K values on the wire (auto: the gradient's)")
+    p.add_argument("--local-clip-norm", type=float, default=None, help="DGC local gradient clipping")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="wrapped optimizer")
     p.add_argument("--model", default="simple_cnn", choices=sorted(MODELS), help="network")
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS),
                    help="digits is bundled with scikit-learn (offline); mnist, fashion_mnist and "
@@ -56,7 +75,10 @@ def parse_args(argv=None):
                    help="save here after every epoch, resume from it if it exists")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: this rank's GPU (local rank) when CUDA is available, else cpu")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = p.parse_args(config_argv(argv, p) + argv)
     if args.topk < 0 or args.topk > 1:
         p.error(f"--topk must be in [0, 1], got {args.topk}")
     return args
@@ -66,15 +88,39 @@ def make_compression(args):
     if args.fp16:
         return hvd_topk.make_compressor("fp16")
     if args.topk > 0:
-        return hvd_topk.make_compressor("topk", ratio=args.topk)
+        correction = {"auto": None, "on": True, "off": False}[args.momentum_correction]
+        kwargs = dict(ratio=args.topk, warmup_ratio=args.warmup_ratio, momentum_correction=correction,
+                      momentum_masking=not args.no_momentum_masking,
+                      density_aware=not args.no_density_aware, local_clip_norm=args.local_clip_norm,
+                      value_dtype={"auto": None, "fp16": torch.float16,
+                                   "bf16": torch.bfloat16}[args.value_dtype])
+        if args.warmup_steps is not None:
+            kwargs["warmup_steps"] = args.warmup_steps
+        if args.min_numel is not None:
+            kwargs["min_numel"] = args.min_numel
+        return hvd_topk.make_compressor("topk", **kwargs)
     return hvd_topk.make_compressor("none")
 
 
+def pick_device(choice: str) -> torch.device:
+    """One GPU per rank (by local rank) when CUDA is wanted and present, else the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: no CUDA device visible (torch built for CUDA "
+                         f"{torch.version.cuda})")
+    device = torch.device("cuda", hvd.local_rank() % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 def evaluate(model, loader):
+    device = next(model.parameters()).device
     model.eval()
     correct = total = loss = 0.0
     with torch.no_grad():
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             out = model(x)
             loss += F.cross_entropy(out, y, reduction="sum").item()
             correct += (out.argmax(1) == y).sum().item()
@@ -100,9 +146,13 @@ def main(args):
     train_loader = DataLoader(data.train, batch_size=args.batch_size, sampler=train_sampler)
     test_loader = DataLoader(data.test, batch_size=256, sampler=test_sampler)
 
-    model = build_model(args.model, data.input_shape, data.num_classes)
-    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay)
+    device = pick_device(args.device)
+    model = build_model(args.model, data.input_shape, data.num_classes).to(device)
+    if args.optimizer == "adamw":
+        base = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
     compression = make_compression(args)
     optimizer = hvd_topk.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                               compression=compression, log_every=0)
@@ -131,6 +181,7 @@ def main(args):
             from tqdm import tqdm
             batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for x, y in batches:
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()

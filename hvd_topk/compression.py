@@ -115,7 +115,9 @@ class TopKCompressor(Compressor):
 
     def __init__(self, ratio: float = 0.01, *, value_dtype: Optional[torch.dtype] = None,
                  min_numel: int = 4096, density_aware: bool = True,
-                 warmup_steps: int = 0, warmup_ratio: float = 0.25) -> None:
+                 warmup_steps: int = 0, warmup_ratio: float = 0.25,
+                 momentum_correction: Optional[bool] = None, momentum_masking: bool = True,
+                 local_clip_norm: Optional[float] = None) -> None:
         self.ratio = _check_ratio("ratio", ratio)
         if value_dtype is not None and not (isinstance(value_dtype, torch.dtype)
                                             and value_dtype.is_floating_point):
@@ -129,13 +131,25 @@ class TopKCompressor(Compressor):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         self.warmup_steps = int(warmup_steps)
         self.warmup_ratio = _check_ratio("warmup_ratio", warmup_ratio)
-        self.memory = ResidualMemory()
+        if momentum_correction not in (None, True, False):
+            raise ValueError("momentum_correction must be None (auto), True or False, "
+                             f"got {momentum_correction!r}")
+        self.momentum_correction = momentum_correction
+        self.momentum_masking = bool(momentum_masking)
+        if local_clip_norm is not None and not (float(local_clip_norm) > 0):
+            raise ValueError(f"local_clip_norm must be > 0 or None, got {local_clip_norm!r}")
+        self.local_clip_norm = None if local_clip_norm is None else float(local_clip_norm)
+        self.world_size = 1  # set by the optimizer; scales local clipping
+        self.memory = ResidualMemory()  # error feedback: v (accumulated, not yet sent)
+        self.velocity = ResidualMemory()  # momentum correction: u (local momentum)
         self.steps = 0  # optimizer steps completed; drives the warm-up
 
     def __repr__(self) -> str:
         return (f"TopKCompressor(ratio={self.ratio}, value_dtype={self.value_dtype}, "
                 f"min_numel={self.min_numel}, density_aware={self.density_aware}, "
-                f"warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio})")
+                f"warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio}, "
+                f"momentum_correction={self.momentum_correction}, "
+                f"momentum_masking={self.momentum_masking}, local_clip_norm={self.local_clip_norm})")
 
     # -- schedule -------------------------------------------------------------------------
     def current_ratio(self) -> float:
@@ -166,13 +180,18 @@ class TopKCompressor(Compressor):
         return True
 
     # -- Horovod's Compressor contract ----------------------------------------------------
-    def compress(self, tensor: torch.Tensor,
-                 name: Optional[str] = None) -> Tuple[torch.Tensor, SparseContext]:
+    def compress(self, tensor: torch.Tensor, name: Optional[str] = None, *,
+                 momentum: float = 0.0, nesterov: bool = False) -> Tuple[torch.Tensor, SparseContext]:
         """Compensate, select, pack; update the residual of ``name``.
 
         Arguments:
             tensor: the gradient (any shape, floating dtype). Not modified.
             name: the parameter's name, the key of its residual.
+            momentum: > 0 applies DGC's momentum correction (the optimizer passes SGD's
+                momentum): ``u = m u + g``; ``v += u`` (Nesterov: ``v += g + m u``); select
+                from ``v``; with ``momentum_masking`` also ``u[sent] = 0``. The sent values are
+                then an *update* to apply without further momentum.
+            nesterov: Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``.
 
         Returns:
             ``payload``: ``(nbytes,)`` uint8, values then indices -- the only thing that travels;
@@ -189,12 +208,24 @@ class TopKCompressor(Compressor):
         ctx = SparseContext(name, tensor.shape, tensor.dtype, k, vdt, idt)
         if n == 0:
             return torch.empty(0, dtype=torch.uint8, device=tensor.device), ctx
-        buf = self.memory.compensate(name, tensor.detach().reshape(-1))  # (n,) = g + e
+        g = tensor.detach().reshape(-1)  # (n,)
+        if self.local_clip_norm is not None:
+            # DGC 3.3: clip each rank's gradient to max_norm / sqrt(P), before accumulation.
+            limit = self.local_clip_norm / math.sqrt(max(1, self.world_size))
+            norm = torch.linalg.vector_norm(g.float())
+            g = g * (limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype)
+        u = None
+        if momentum > 0:
+            u = self.velocity.decay_add(name, g, momentum)  # (n,) u = m u + g
+            g = g + momentum * u if nesterov else u
+        buf = self.memory.compensate(name, g)  # (n,) = g + e
         idx = select_topk(buf, k)  # (k,) int64
         vals = buf[idx]  # (k,)
         sent = vals.to(vdt)
         # e <- c - sent: zero where sent exactly, keep the rounding error of a narrower dtype.
         buf[idx] = vals - sent.to(buf.dtype) if vdt != buf.dtype else 0
+        if u is not None and self.momentum_masking:
+            u[idx] = 0  # DGC momentum factor masking: no stale momentum on what was sent
         return pack(sent, idx.to(idt)), ctx
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -219,11 +250,13 @@ class TopKCompressor(Compressor):
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Residuals and the step counter (tensors and ints only: loads with weights_only=True)."""
-        return {"steps": self.steps, "residuals": self.memory.state_dict()}
+        return {"steps": self.steps, "residuals": self.memory.state_dict(),
+                "velocities": self.velocity.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.memory.load_state_dict(state["residuals"])
+        self.velocity.load_state_dict(state.get("velocities", {}))
 
 
 def _check_ratio(name: str, value: float) -> float:

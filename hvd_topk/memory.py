@@ -45,6 +45,19 @@ class ResidualMemory:
             self._residuals[name] = buf
         return buf
 
+    def decay_add(self, name: str, flat_grad: torch.Tensor, decay: float) -> torch.Tensor:
+        """``buf = decay * buf + flat_grad`` in place (a momentum buffer); starts at ``flat_grad``."""
+        buf = self._residuals.get(name)
+        if buf is not None and buf.shape == flat_grad.shape:
+            if buf.device != flat_grad.device or buf.dtype != flat_grad.dtype:
+                buf = buf.to(device=flat_grad.device, dtype=flat_grad.dtype)
+                self._residuals[name] = buf
+            buf.mul_(decay).add_(flat_grad)
+        else:
+            buf = flat_grad.detach().clone()
+            self._residuals[name] = buf
+        return buf
+
     def get(self, name: str) -> torch.Tensor | None:
         return self._residuals.get(name)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -76,6 +77,11 @@ class _TopKMethods:
         _HorovodOptimizer.__init__(self, params, named_parameters, compression,
                                    backward_passes_per_step, op, gradient_predivide_factor,
                                    None, False, process_set)
+        self._corrected = set()  # params whose synchronized grad is a momentum-corrected update
+        self._momentum_group = {}  # param -> its param group, where momentum correction applies
+        if getattr(compression, "is_sparse", False):
+            compression.world_size = process_set.size()
+            self._momentum_group = _momentum_correction_groups(self, compression)
 
     def _allreduce_grad_async(self, p):
         comp = self._compression
@@ -104,7 +110,16 @@ class _TopKMethods:
             return self._dense_allreduce_async(grad, name), None
 
         t0 = time.perf_counter()
-        payload, ctx = comp.compress(grad, name=name)  # (nbytes,) uint8
+        group = self._momentum_group.get(p)
+        if group is not None:
+            # DGC momentum correction: momentum (and weight decay) applied locally before
+            # sparsification; step() then applies the averaged update without momentum.
+            g = grad if not group["weight_decay"] else grad + group["weight_decay"] * p.detach()
+            payload, ctx = comp.compress(g, name=name, momentum=group["momentum"],
+                                         nesterov=group["nesterov"])
+            self._corrected.add(p)
+        else:
+            payload, ctx = comp.compress(grad, name=name)  # (nbytes,) uint8
         if grad.is_contiguous():
             ctx.out = grad.view(-1)  # scatter straight into the gradient's storage
         ctx.divisor = world if self.op == mpi_ops.Average else 1
@@ -149,6 +164,35 @@ class _TopKMethods:
                         100 * stats.density, stats.sparse_tensors, stats.dense_tensors,
                         stats.compress_ms, stats.wait_ms)
 
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
+                              "context after optimizer.synchronize(). This can cause training "
+                              "slowdown. You may want to consider using "
+                              "optimizer.skip_synchronize() context if you use "
+                              "optimizer.synchronize() in your code.", stacklevel=2)
+            self.synchronize()
+        self._synchronized = False
+        if not self._corrected:
+            return super(self.__class__, self).step(closure)
+        # Momentum-corrected tensors already carry momentum: hide them from the wrapped SGD
+        # (it skips params without grad) and apply  p -= lr * update  ourselves.
+        corrected, self._corrected = self._corrected, set()
+        stash = {p: p.grad for p in corrected}
+        for p in corrected:
+            p.grad = None
+        try:
+            loss = super(self.__class__, self).step(closure)
+        finally:
+            for p, g in stash.items():
+                p.grad = g
+        with torch.no_grad():
+            for p, g in stash.items():
+                group = self._momentum_group[p]
+                p.add_(g, alpha=group["lr"] if group.get("maximize") else -group["lr"])
+        return loss
+
     def topk_state_dict(self):
         """hvd_topk's own state on this rank (residuals, step count), or {} for dense training."""
         sd = getattr(self._compression, "state_dict", None)
@@ -157,6 +201,30 @@ class _TopKMethods:
     def load_topk_state_dict(self, state):
         if state:
             self._compression.load_state_dict(state)
+
+
+def _momentum_correction_groups(opt, comp):
+    """Param -> group for the params that get DGC momentum correction (see TopKCompressor)."""
+    want = getattr(comp, "momentum_correction", False)
+    if want is False or (want is None and comp.ratio >= 1.0):
+        return {}  # auto: nothing to correct when everything is sent
+    applicable = isinstance(opt, torch.optim.SGD)
+    groups = {}
+    for group in opt.param_groups:
+        if not applicable or group.get("momentum", 0) <= 0:
+            continue
+        if group.get("dampening", 0) != 0:
+            if want:
+                raise ValueError("momentum_correction=True needs SGD without dampening "
+                                 f"(got dampening={group['dampening']})")
+            continue
+        for p in group["params"]:
+            groups[p] = group
+    if want is True and not groups:
+        raise ValueError("momentum_correction=True needs torch.optim.SGD with momentum > 0; "
+                         f"got {type(opt).__mro__[1].__name__}. Use momentum_correction=None "
+                         "(auto) to apply it only where it fits.")
+    return groups
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,

@@ -5,7 +5,7 @@ from launch import run_ranks
 
 BACKENDS = ["gloo", "mpi"]
 CHECKS = ["exact", "exact_fp16_values", "ratio_one", "dense_compressors", "defaults",
-          "stock_refuses", "accumulation"]
+          "stock_refuses", "accumulation", "dgc_all_options", "momentum_correction_linear"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -157,7 +157,60 @@ def check_accumulation():
         torch.testing.assert_close(p.grad, want, rtol=RTOL, atol=ATOL)
 
 
+def check_dgc_all_options(steps=4):
+    """Momentum correction (Nesterov, weight decay), masking, fp16 values, warm-up and local
+    clipping all on: grads and the applied update equal an independent reference."""
+    m, wd, lr, clip, world = 0.9, 1e-3, 0.05, 5.0, hvd.size()
+    model = make_model()
+    comp = hvd_topk.TopKCompressor(0.02, min_numel=0, density_aware=False,
+                                   value_dtype=torch.float16, warmup_steps=2, warmup_ratio=0.2,
+                                   local_clip_norm=clip)
+    opt = hvd_topk.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=m, nesterov=True, weight_decay=wd),
+        named_parameters=model.named_parameters(), compression=comp)
+    u = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}
+    v = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}
+    for step in range(steps):
+        ratio = 0.2 * (0.02 / 0.2) ** (step / 2) if step < 2 else 0.02
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        want, before = {}, {}
+        for name, p in model.named_parameters():
+            before[name] = p.detach().clone()
+            g = p.grad.detach().reshape(-1) + wd * p.detach().reshape(-1)
+            g = g * min(1.0, (clip / world ** 0.5) / (float(g.norm()) + 1e-6))
+            u[name] = m * u[name] + g
+            v[name] = v[name] + g + m * u[name]
+            k = hvd_topk.num_selected(g.numel(), ratio)
+            idx = torch.topk(v[name].abs(), k).indices
+            sent = torch.zeros_like(g)
+            sent[idx] = v[name][idx].half().float()
+            v[name] = v[name] - sent
+            u[name][idx] = 0
+            want[name] = allgather_dense(sent).mean(0).view_as(p)
+        opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda msg, n=name, s=step: f"step {s} {n}: {msg}")
+            torch.testing.assert_close(p.detach(), before[name] - lr * want[name], rtol=1e-5,
+                                       atol=1e-6)
+    assert_same_on_all_ranks(model, "dgc all options")
+
+
+def check_momentum_correction_unmasked_ratio_one_is_momentum_sgd():
+    stock = train(lambda m, o: hvd.DistributedOptimizer(o, named_parameters=m.named_parameters()))
+    ours = train(lambda m, o: hvd_topk.DistributedOptimizer(
+        o, named_parameters=m.named_parameters(),
+        compression=hvd_topk.TopKCompressor(1.0, min_numel=0, density_aware=False,
+                                            momentum_correction=True, momentum_masking=False)))
+    for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda msg, n=name: f"{n}: {msg}")
+
+
 CHECKS = {
+    "dgc_all_options": check_dgc_all_options,
+    "momentum_correction_linear": check_momentum_correction_unmasked_ratio_one_is_momentum_sgd,
     "exact": lambda: [check_exact_topk(r) for r in (0.01, 0.1, 0.5)],
     "exact_fp16_values": lambda: check_exact_topk(0.05, value_dtype=torch.float16),
     "ratio_one": check_ratio_one_matches_horovod,
