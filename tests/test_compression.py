@@ -20,7 +20,7 @@ def compress_once(comp, g, name="w"):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (64, 300), (7, 11, 13)])
 def test_exact_k_values_and_residual_identity(dtype, shape):
-    comp = TopKCompressor(0.01)
+    comp = TopKCompressor(0.01, warmup_steps=0)
     gen = torch.Generator().manual_seed(0)
     for _step in range(3):  # residuals matter from the second step on
         g = torch.randn(shape, generator=gen).to(dtype)
@@ -50,7 +50,7 @@ def test_ratio_one_is_no_compression():
 
 
 def test_numel_below_one_over_ratio_sends_one():
-    comp = TopKCompressor(0.001)
+    comp = TopKCompressor(0.001, warmup_steps=0)
     g = torch.tensor([0.1, -5.0, 2.0])
     payload, ctx = comp.compress(g, name="b")
     assert ctx.k == 1
@@ -59,13 +59,20 @@ def test_numel_below_one_over_ratio_sends_one():
 
 
 def test_error_feedback_eventually_sends_everything():
-    comp = TopKCompressor(0.25)
+    comp = TopKCompressor(0.25, warmup_steps=0)
     g = torch.tensor([4.0, 3.0, 2.0, 1.0])
     total = torch.zeros(4)
     for _ in range(4):
         payload, ctx = comp.compress(g if _ == 0 else torch.zeros(4), name="w")
         total += comp.decompress(payload, ctx)
     assert torch.equal(total, g)
+
+
+def test_default_warmup_starts_dense_ish():
+    comp = TopKCompressor(0.01)
+    assert comp.warmup_steps == 100 and comp.current_ratio() == 0.25
+    comp.steps = 100
+    assert comp.current_ratio() == 0.01
 
 
 def test_zero_element_tensor():
@@ -77,7 +84,7 @@ def test_zero_element_tensor():
 
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
 def test_narrow_value_dtype_keeps_rounding_error_in_residual(value_dtype):
-    comp = TopKCompressor(0.05, value_dtype=value_dtype)
+    comp = TopKCompressor(0.05, value_dtype=value_dtype, warmup_steps=0)
     g = torch.randn(1000, dtype=torch.float32)
     payload, ctx = comp.compress(g, name="w")
     assert ctx.nbytes == ctx.k * (2 + 4)
@@ -121,7 +128,7 @@ def test_density_aware_decision():
     assert sparse_is_cheaper(numel=1000, k=10, world=2, grad_bytes=4, payload_bytes=8)
     assert not sparse_is_cheaper(numel=1000, k=10, world=100, grad_bytes=4, payload_bytes=8)
     assert sparse_is_cheaper(numel=1000, k=10, world=99, grad_bytes=4, payload_bytes=8)
-    comp = TopKCompressor(0.01, min_numel=0)
+    comp = TopKCompressor(0.01, min_numel=0, warmup_steps=0)
     assert comp.wants_sparse(torch.zeros(100_000), world=8)
     assert not comp.wants_sparse(torch.zeros(100_000), world=256)  # 256*1000*8 > 2*1e5*4
     assert not TopKCompressor(0.01).wants_sparse(torch.zeros(100), world=2)  # below min_numel

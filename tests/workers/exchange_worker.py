@@ -41,7 +41,8 @@ def assert_same_on_all_ranks(model, what):
 def check_exact_topk(ratio, value_dtype=None, steps=3):
     """After synchronize(), grad == mean over ranks of each rank's own top-k (with residuals)."""
     model = make_model()
-    comp = hvd_topk.TopKCompressor(ratio, min_numel=0, density_aware=False, value_dtype=value_dtype)
+    comp = hvd_topk.TopKCompressor(ratio, min_numel=0, density_aware=False, value_dtype=value_dtype,
+                                   warmup_steps=0)
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(),
                                         compression=comp)
@@ -110,7 +111,7 @@ def check_defaults_train_consistently():
 
     def factory(m, o):
         opt = hvd_topk.DistributedOptimizer(o, named_parameters=m.named_parameters(),
-                                            compression=hvd_topk.TopKCompressor(0.01))
+                                            compression=hvd_topk.TopKCompressor(0.01, warmup_steps=0))
         captured["opt"] = opt
         return opt
 
@@ -139,7 +140,7 @@ def check_stock_optimizer_refuses_topk():
 def check_accumulation():
     """backward_passes_per_step=2: the exchanged gradient is the top-k of the summed passes."""
     model = make_model()
-    comp = hvd_topk.TopKCompressor(0.05, min_numel=0, density_aware=False)
+    comp = hvd_topk.TopKCompressor(0.05, min_numel=0, density_aware=False, warmup_steps=0)
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(),
                                         compression=comp, backward_passes_per_step=2)
