@@ -15,8 +15,11 @@
 #   6. `pip install -e .` with the project's dependencies.
 #
 # Environment knobs:
-#   HVD_TOPK_VENV     venv path (default: <repo>/.venv); "none" installs into the current python
+#   HVD_TOPK_VENV     venv path (default: <repo>/.venv); "none" installs into $HVD_TOPK_PYTHON
+#                     itself (Docker images: no venv, the base image's torch is used as it is)
 #   HVD_TOPK_PYTHON   interpreter used to create the venv (default: python3)
+#   HVD_TOPK_DEVICE   cpu or cuda: which Horovod to build (default: cuda when torch has CUDA and
+#                     a GPU or nvcc is present; set it in a `docker build`, which sees no GPU)
 #   HVD_TOPK_CACHE    wheel cache (default: ~/.cache/hvd-topk)
 #   HOROVOD_SDIST     path to a horovod-X.tar.gz to build from (offline machines)
 #   TORCH_VERSION     default 2.13.0;  HOROVOD_VERSION  default 0.28.1
@@ -47,7 +50,7 @@ fi
 
 # 2. Virtual environment -----------------------------------------------------------------
 if [[ "$VENV" == "none" ]]; then
-    PY="$(command -v python3)"
+    PY="$(command -v "$PYTHON_BOOT")"
 else
     if [[ ! -x "$VENV/bin/python" ]]; then
         # Reuse a system-wide PyTorch (e.g. a CUDA base image) instead of downloading another.
@@ -68,15 +71,19 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     pip_install "torch==$TORCH_VERSION"
 fi
 TORCH_HAVE="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
-CUDA_HAVE="$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() or torch.version.cuda and __import__("shutil").which("nvcc") else "cpu")')"
+CUDA_HAVE="${HVD_TOPK_DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() or torch.version.cuda and __import__("shutil").which("nvcc") else "cpu")')}"
 PYVER="$("$PY" -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')"
+[[ "$CUDA_HAVE" == cpu || "$CUDA_HAVE" == cuda ]] \
+    || { log "HVD_TOPK_DEVICE must be cpu or cuda, got '$CUDA_HAVE'"; exit 2; }
 log "python $PYVER, torch $TORCH_HAVE ($CUDA_HAVE)"
 
 # 4. Horovod -----------------------------------------------------------------------------
-horovod_ok() {
-    "$PY" - <<'PY' >/dev/null 2>&1
+horovod_ok() {  # a CUDA install also needs NCCL: a CPU-only Horovod there gets rebuilt
+    NEED_NCCL="$CUDA_HAVE" "$PY" - <<'PY' >/dev/null 2>&1
+import os
 import horovod.torch as hvd
 assert hvd.mpi_built() and hvd.gloo_built()
+assert os.environ["NEED_NCCL"] != "cuda" or hvd.nccl_built()
 PY
 }
 if ! horovod_ok; then
@@ -127,7 +134,7 @@ BIN="$(dirname "$PY")"
 
 # 6. This project -----------------------------------------------------------------------
 if ! "$PY" -c "import hvd_topk, mpi4py, sklearn, tensorboard, tqdm, pytest, pytest_timeout, ruff, hypothesis, yaml, matplotlib" >/dev/null 2>&1; then
-    log "pip install -e $REPO[test]"
-    pip_install -e "$REPO[test]"
+    log "pip install -e ${REPO}[test]"
+    pip_install -e "${REPO}[test]"
 fi
 log "ready: $PY"

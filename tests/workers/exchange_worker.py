@@ -6,6 +6,7 @@ averaged. Tolerance: rtol 1e-6 / atol 1e-7 on the averaged gradients (summation 
 only difference); parameters must be bit-identical across ranks.
 """
 
+import os
 import sys
 
 import horovod.torch as hvd
@@ -15,17 +16,20 @@ import torch.nn as nn
 import hvd_topk
 
 RTOL, ATOL = 1e-6, 1e-7
+# HVD_TOPK_TEST_DEVICE=cuda runs every check on this rank's GPU (scripts/gpu_check.sh).
+DEVICE = torch.device(os.environ.get("HVD_TOPK_TEST_DEVICE", "cpu"))
 
 
 def make_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 200), nn.ReLU(),
-                         nn.Linear(200, 10))
+                         nn.Linear(200, 10)).to(DEVICE)
 
 
 def batch(step):
     g = torch.Generator().manual_seed(1000 * hvd.rank() + step)  # different data per rank
-    return torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+    x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def allgather_dense(t):
@@ -46,7 +50,7 @@ def check_exact_topk(ratio, value_dtype=None, steps=3):
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(),
                                         compression=comp)
-    residual = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}
+    residual = {n: torch.zeros(p.numel(), device=DEVICE) for n, p in model.named_parameters()}
     for step in range(steps):
         opt.zero_grad()
         x, y = batch(step)
@@ -169,8 +173,8 @@ def check_dgc_all_options(steps=4):
     opt = hvd_topk.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=lr, momentum=m, nesterov=True, weight_decay=wd),
         named_parameters=model.named_parameters(), compression=comp)
-    u = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}
-    v = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}
+    u = {n: torch.zeros(p.numel(), device=DEVICE) for n, p in model.named_parameters()}
+    v = {n: torch.zeros(p.numel(), device=DEVICE) for n, p in model.named_parameters()}
     for step in range(steps):
         ratio = 0.2 * (0.02 / 0.2) ** (step / 2) if step < 2 else 0.02
         opt.zero_grad()
@@ -224,6 +228,8 @@ CHECKS = {
 if __name__ == "__main__":
     hvd.init()
     torch.set_num_threads(1)
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
     names = sys.argv[1:] or list(CHECKS)
     controller = "gloo" if hvd.gloo_enabled() else "mpi"
     for name in names:
