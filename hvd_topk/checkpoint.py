@@ -33,7 +33,7 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer, **extra: Any) 
     ``extra`` values must be tensors, numbers, strings, lists or dicts of them.
     """
     topk = optimizer.topk_state_dict() if hasattr(optimizer, "topk_state_dict") else {}
-    states = hvd.allgather_object(topk)  # [rank 0's, rank 1's, ...]
+    states = hvd.allgather_object(topk, name="hvd_topk.checkpoint.save")  # one per rank
     if hvd.rank() == 0:
         ckpt = {"format": FORMAT, "world_size": hvd.size(), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "topk": states, "extra": extra}
@@ -46,7 +46,8 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer, **extra: Any) 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> Dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote; returns its ``extra`` dict (on every rank)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True) if hvd.rank() == 0 else None
-    ckpt = hvd.broadcast_object(ckpt, root_rank=0)
+    # An explicit name: the default one is the type name, None on ranks other than 0.
+    ckpt = hvd.broadcast_object(ckpt, root_rank=0, name="hvd_topk.checkpoint.load")
     if ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not an hvd_topk checkpoint (format {ckpt.get('format')!r})")
     model.load_state_dict(ckpt["model"])

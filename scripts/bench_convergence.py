@@ -50,7 +50,7 @@ def run(flags, args, seed):
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    epochs = [(int(m[1]), float(m[2]), float(m[3]), float(m[4])) for m in EPOCH_RE.findall(out.stdout)]
+    epochs = [(int(m[0]), float(m[1]), float(m[2]), float(m[3])) for m in EPOCH_RE.findall(out.stdout)]
     return epochs
 
 
