@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hvd_topk import index_dtype, num_selected, select_topk
+from hvd_topk import selection
 from hvd_topk.selection import SAMPLED_MIN_NUMEL
 
 
@@ -67,3 +68,38 @@ def test_select_does_not_touch_rng_or_input():
     select_topk(x, 500)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(x, before)
+
+
+def test_chunked_candidate_pass_is_exact_across_chunk_boundaries(monkeypatch):
+    # A chunk much smaller than the tensor, not dividing it: candidates straddle boundaries.
+    monkeypatch.setattr(selection, "CPU_CHUNK", 1000)
+    monkeypatch.setattr(selection.torch, "get_num_threads", lambda: 1)
+    x = torch.randn(300_007, generator=torch.Generator().manual_seed(3))
+    for ratio in (0.01, 0.001):
+        k = num_selected(x.numel(), ratio)
+        assert set(select_topk(x, k).tolist()) == reference(x, k)
+
+
+def test_unlucky_sample_falls_back_to_full_topk_and_stays_exact(monkeypatch):
+    # Every sampled position is large, everything else small: the sampled threshold lets
+    # fewer than k entries through, so the fallback must run -- and still be exact.
+    calls = []
+    full = selection._full_topk
+    monkeypatch.setattr(selection, "_full_topk", lambda x, k: calls.append(k) or full(x, k))
+    n, ratio = 1 << 20, 0.1
+    k = num_selected(n, ratio)
+    s = max(4096, -(-selection._SAMPLE_HITS * n // k))
+    x = torch.rand(n, generator=torch.Generator().manual_seed(4))
+    x[:: n // s] = 5.0
+    got = select_topk(x, k)
+    assert calls == [k]
+    assert torch.equal(x[got].sort().values, torch.topk(x, k).values.sort().values)
+
+
+def test_sampled_path_does_not_fall_back_on_gaussian_input(monkeypatch):
+    calls = []
+    monkeypatch.setattr(selection, "_full_topk", lambda x, k: calls.append(k))
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(5))
+    for ratio in (0.01, 0.001):
+        select_topk(x, num_selected(x.numel(), ratio))
+    assert calls == []

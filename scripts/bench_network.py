@@ -1,0 +1,227 @@
+"""End-to-end step time and bytes on the wire on an emulated cluster (scripts/netem.sh).
+
+Two hosts (network namespaces, one rank each, one CPU thread per rank), links shaped to
+1 Gbit/s and 10 Gbit/s, synthetic CIFAR-shaped data. For each model and link it runs:
+
+- ``none``: the same training step with no exchange at all -- the floor;
+- ``dense``: ``hvd.DistributedOptimizer`` (allreduce);
+- ``fp16``: ``hvd.DistributedOptimizer(compression=hvd.Compression.fp16)``;
+- ``topk1`` / ``topk0.1``: ``hvd_topk.DistributedOptimizer`` with ``TopKCompressor(0.01 / 0.001)``;
+- ``powersgd4``: PyTorch DDP (gloo backend) with the PowerSGD comm hook, rank 4.
+
+Step time is the median over the timed steps of rank 0 (after warm-up); bytes per step are
+what rank 0's link (``/sys/class/net/hvd0/statistics/tx_bytes`` inside its namespace) carried
+during the timed steps, TCP/IP headers included, divided by the steps. Needs root. Run::
+
+    python scripts/bench_network.py --out-dir docs/performance     # ~10-15 min on 2 cores
+    python scripts/bench_network.py --models mlp --rates 1gbit --methods none,dense,topk1
+
+Each rank is launched by ``mpirun`` through netem.sh's rsh agent; the script re-runs itself
+with ``--worker`` inside the hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NETEM = REPO / "scripts" / "netem.sh"
+METHODS = ["none", "dense", "fp16", "topk1", "topk0.1", "powersgd4"]
+LABELS = {"none": "no communication (floor)", "dense": "dense allreduce", "fp16": "Horovod fp16",
+          "topk1": "Top-K 1%", "topk0.1": "Top-K 0.1%", "powersgd4": "DDP PowerSGD rank 4"}
+IFACE = "hvd0"
+MASTER = "10.77.0.1"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default="resnet18,mlp")
+    p.add_argument("--rates", default="1gbit,10gbit")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--hosts", type=int, default=2)
+    p.add_argument("--delay", default="", help="one-way netem delay per link, e.g. 100us")
+    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8, help="timed steps")
+    p.add_argument("--out-dir", default=None, help="write results.json, network.md, network.png")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    # Inside a host (launched by mpirun):
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="resnet18", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="dense", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- worker (one rank)
+def tx_bytes() -> int:
+    with open(f"/sys/class/net/{IFACE}/statistics/tx_bytes") as f:
+        return int(f.read())
+
+
+def build_model(name: str):
+    sys.path.insert(0, str(REPO / "examples"))
+    from models import MLP, ResNet18  # examples/models.py
+
+    return ResNet18(3, 10) if name == "resnet18" else MLP(3 * 32 * 32, 10)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
+    world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
+    torch.manual_seed(0)
+    model = build_model(args.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    barrier = lambda: None  # noqa: E731
+    if args.method == "powersgd4":
+        import torch.distributed as dist
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+        dist.init_process_group("gloo", init_method=f"tcp://{MASTER}:29512", rank=rank, world_size=world)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
+                                   start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
+        model.register_comm_hook(state, psgd.powerSGD_hook)
+        barrier = dist.barrier
+    elif args.method != "none":
+        import horovod.torch as hvd
+
+        import hvd_topk
+
+        hvd.init()
+        named = model.named_parameters()
+        if args.method.startswith("topk"):
+            ratio = float(args.method[4:]) / 100
+            opt = hvd_topk.DistributedOptimizer(opt, named_parameters=named, log_every=0,
+                                                compression=hvd_topk.TopKCompressor(ratio, warmup_steps=0))
+        else:
+            comp = hvd.Compression.fp16 if args.method == "fp16" else hvd.Compression.none
+            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        barrier = lambda: hvd.allreduce(torch.zeros(1), name="barrier")  # noqa: E731
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=gen)  # (B, C, H, W)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    barrier()
+    times, b0 = [], tx_bytes()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    sent = tx_bytes() - b0
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        print("RESULT " + json.dumps({"step_ms": 1e3 * statistics.median(times),
+                                      "step_ms_all": [1e3 * t for t in times],
+                                      "bytes_per_step": sent / args.steps, "params": params}),
+              flush=True)
+
+
+# --------------------------------------------------------------------------- orchestration
+def netem(*argv: str) -> str:
+    return subprocess.run([str(NETEM), *argv], check=True, capture_output=True, text=True).stdout
+
+
+def run_one(args, model: str, method: str) -> dict:
+    mpi = netem("mpirun-args", str(args.hosts)).split("\n")
+    cmd = ["mpirun", *[a for a in mpi if a], "-np", str(args.hosts), "-x", "OMP_NUM_THREADS=1",
+           "-x", f"GLOO_SOCKET_IFNAME={IFACE}", "-x", f"HOROVOD_GLOO_IFACE={IFACE}",
+           sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model,
+           "--method", method, "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+           "--steps", str(args.steps)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{model}/{method} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                       f"{proc.stderr[-3000:]}")
+
+
+def markdown(results: list) -> str:
+    lines = ["| model | link | method | step ms | x floor | MB on the wire per step | % of dense bytes |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        floor = next(q["step_ms"] for q in results if q["model"] == r["model"]
+                     and q["rate"] == r["rate"] and q["method"] == "none") if any(
+            q["method"] == "none" and q["model"] == r["model"] and q["rate"] == r["rate"]
+            for q in results) else float("nan")
+        dense = [q["bytes_per_step"] for q in results if q["model"] == r["model"]
+                 and q["rate"] == r["rate"] and q["method"] == "dense"]
+        share = f"{100 * r['bytes_per_step'] / dense[0]:.2f}%" if dense and r["method"] != "none" else "-"
+        lines.append(f"| {r['model']} | {r['rate']} | {LABELS[r['method']]} | {r['step_ms']:.0f} | "
+                     f"{r['step_ms'] / floor:.2f} | {r['bytes_per_step'] / 1e6:.3f} | {share} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["rate"]) for r in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (model, rate) in zip(axes[0], panels):
+        rows = [r for r in results if r["model"] == model and r["rate"] == rate]
+        ax.bar([LABELS[r["method"]] for r in rows], [r["step_ms"] for r in rows],
+               color=["0.6" if r["method"] == "none" else "C0" if r["method"].startswith("topk")
+                      else "C1" for r in rows])
+        ax.set_title(f"{model}, 2 hosts, {rate}")
+        ax.set_ylabel("median step time (ms)")
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args: argparse.Namespace) -> list:
+    if args.worker:
+        worker(args)
+        return []
+    results = []
+    try:
+        for rate in args.rates.split(","):
+            netem("up", str(args.hosts), rate, *([args.delay] if args.delay else []))
+            for model in args.models.split(","):
+                for method in args.methods.split(","):
+                    t0 = time.time()
+                    r = run_one(args, model, method)
+                    r.update(model=model, rate=rate, method=method)
+                    results.append(r)
+                    print(f"{model:9s} {rate:7s} {method:10s} {r['step_ms']:8.1f} ms/step "
+                          f"{r['bytes_per_step'] / 1e6:9.3f} MB/step  ({time.time() - t0:.0f} s)",
+                          flush=True)
+    finally:
+        netem("down")
+    table = markdown(results)
+    print("\n" + table)
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "network.json").write_text(json.dumps(results, indent=1))
+        (out / "network.md").write_text(table)
+        plot(results, out / "network.png")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
