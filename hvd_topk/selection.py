@@ -59,7 +59,7 @@ def index_dtype(numel: int) -> torch.dtype:
 
 
 def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (int64, unsorted) of the ``k`` largest-magnitude entries of a 1-D tensor.
+    """Indices (int64) of the ``k`` largest-magnitude entries of a 1-D tensor.
 
     Arguments:
         x: 1-D tensor, any floating dtype, any device. Not modified.
@@ -67,7 +67,7 @@ def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 
     Returns:
         ``(k,)`` int64 tensor of distinct indices, the set ``torch.topk(x.abs(), k)`` picks
-        (up to ties).
+        (up to ties); ascending on the sampled path, in ``torch.topk``'s order otherwise.
     """
     n = x.numel()
     if k >= n:
@@ -94,7 +94,11 @@ def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
         return _full_topk(x, k)  # the sample was unlucky: stay exact
     # 4. Exact selection among the candidates.
     pick = torch.topk(mag.float() if mag.dtype != torch.float64 else mag, k, sorted=False).indices
-    return cand[pick]  # (k,)
+    # Keep the candidates' ascending order (a mask, not cand[pick]): the gather and zeroing in
+    # compress and the receivers' scatter-add then walk memory forwards instead of at random.
+    keep = torch.zeros(cand.numel(), dtype=torch.bool, device=x.device)
+    keep[pick] = True
+    return cand[keep]  # (k,) ascending
 
 
 def _candidates(x: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

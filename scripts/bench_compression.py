@@ -7,7 +7,10 @@ For each size x ratio it times, on the same tensor:
 - ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)``, the obvious baseline;
 - ``select_topk``: ``hvd_topk.select_topk`` (exact, sampled threshold + candidates);
 - ``compress``: ``TopKCompressor.compress`` -- compensate ``g + e`` in place, select, pack,
-  update the residual (the residual is warm: this is a steady-state step).
+  update the residual (the residual is warm: this is a steady-state step);
+- ``pack+unpack``: ``hvd_topk.pack`` of (values, int32 indices), then ``unpack`` of two ranks' payloads;
+- ``decompress``: ``TopKCompressor.decompress`` of two ranks' payloads into a preallocated
+  gradient (zero, scatter-add, divide by 2), as the optimizer does after the allgather.
 
 Each timing is the median of ``--repeats`` runs, the methods interleaved round by round so that
 a noisy neighbour slows all of them alike. Run::
@@ -28,7 +31,7 @@ import torch
 
 import hvd_topk
 
-METHODS = ["copy", "clone", "torch.topk", "select_topk", "compress"]
+METHODS = ["copy", "clone", "torch.topk", "select_topk", "compress", "pack+unpack", "decompress"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,12 +76,22 @@ def bench_one(n: int, ratio: float, device: str, repeats: int, seed: int) -> Dic
         step[0] += 1
         return comp.compress(grads[step[0] % 2], name="w")
 
+    payload, ctx = comp.compress(grads[0], name="w")
+    gathered = torch.cat([payload, payload])  # (2 * nbytes,) what a 2-rank allgather returns
+    ctx.out, ctx.divisor = torch.empty_like(x), 2
+    vals, idx = x[:k].clone(), torch.arange(k, dtype=torch.int32, device=device)
+
+    def pack_unpack():
+        hvd_topk.unpack(torch.cat([hvd_topk.pack(vals, idx)] * 2), k, vals.dtype, idx.dtype)
+
     fns = {
         "copy": lambda: y.copy_(x),
         "clone": lambda: x.clone(),
         "torch.topk": lambda: torch.topk(x.abs(), k, sorted=False),
         "select_topk": lambda: hvd_topk.select_topk(x, k),
         "compress": compress,
+        "pack+unpack": pack_unpack,
+        "decompress": lambda: comp.decompress(gathered, ctx),
     }
     times: Dict[str, List[float]] = {m: [] for m in METHODS}
     for m in METHODS:  # warm-up (allocator, first residual)

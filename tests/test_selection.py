@@ -103,3 +103,9 @@ def test_sampled_path_does_not_fall_back_on_gaussian_input(monkeypatch):
     for ratio in (0.01, 0.001):
         select_topk(x, num_selected(x.numel(), ratio))
     assert calls == []
+
+
+def test_sampled_path_returns_ascending_indices():
+    x = torch.randn(500_000, generator=torch.Generator().manual_seed(6))
+    idx = select_topk(x, num_selected(x.numel(), 0.01))
+    assert torch.equal(idx, idx.sort().values)
