@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--out-dir", default=None, help="write results.json, network.md, network.png")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    p.add_argument("--mpirun-extra", default="",
+                   help="more mpirun options, e.g. '-x HOROVOD_CPU_OPERATIONS=gloo'")
     # Inside a host (launched by mpirun):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="resnet18", help=argparse.SUPPRESS)
@@ -88,7 +92,8 @@ def worker(args: argparse.Namespace) -> None:
         import torch.distributed as dist
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-        dist.init_process_group("gloo", init_method=f"tcp://{MASTER}:29512", rank=rank, world_size=world)
+        port = int(os.environ.get("BENCH_PORT", "29512"))
+        dist.init_process_group("gloo", init_method=f"tcp://{MASTER}:{port}", rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
         state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
                                    start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
@@ -144,15 +149,21 @@ def netem(*argv: str) -> str:
 def run_one(args, model: str, method: str) -> dict:
     mpi = netem("mpirun-args", str(args.hosts)).split("\n")
     cmd = ["mpirun", *[a for a in mpi if a], "-np", str(args.hosts), "-x", "OMP_NUM_THREADS=1",
+           "-x", "BENCH_PORT", *shlex.split(args.mpirun_extra),
            "-x", f"GLOO_SOCKET_IFNAME={IFACE}", "-x", f"HOROVOD_GLOO_IFACE={IFACE}",
            sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model,
            "--method", method, "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
            "--steps", str(args.steps)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+    for attempt in range(2):  # a concurrent mpirun on the machine can collide at start-up
+        env["BENCH_PORT"] = str(29512 + attempt)  # a fresh port: the last one may be in TIME_WAIT
+        with tempfile.TemporaryDirectory(prefix="hvdn-ompi-") as tmp:
+            # A private session directory: another job's Open MPI files cannot clash with ours.
+            full = cmd[:1] + ["--mca", "orte_tmpdir_base", tmp] + cmd[1:]
+            proc = subprocess.run(full, capture_output=True, text=True, timeout=args.timeout, env=env)
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"{model}/{method} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                        f"{proc.stderr[-3000:]}")
 
@@ -204,7 +215,11 @@ def main(args: argparse.Namespace) -> list:
             for model in args.models.split(","):
                 for method in args.methods.split(","):
                     t0 = time.time()
-                    r = run_one(args, model, method)
+                    try:
+                        r = run_one(args, model, method)
+                    except (RuntimeError, subprocess.TimeoutExpired) as e:
+                        print(f"{model} {rate} {method} FAILED: {str(e)[-2000:]}", flush=True)
+                        continue
                     r.update(model=model, rate=rate, method=method)
                     results.append(r)
                     print(f"{model:9s} {rate:7s} {method:10s} {r['step_ms']:8.1f} ms/step "
