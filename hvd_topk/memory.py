@@ -31,31 +31,29 @@ class ResidualMemory:
     def compensate(self, name: str, flat_grad: torch.Tensor) -> torch.Tensor:
         """Return this name's residual buffer after adding ``flat_grad`` into it in place.
 
-        The first time a name is seen (or when its shape, dtype or device changed) the
-        buffer starts as a copy of the gradient, i.e. a zero residual.
+        The first time a name is seen (or when its shape changed) the buffer starts as a
+        copy of the gradient, i.e. a zero residual.
         """
-        buf = self._residuals.get(name)
-        if buf is not None and buf.shape == flat_grad.shape:
-            if buf.device != flat_grad.device or buf.dtype != flat_grad.dtype:
-                buf = buf.to(device=flat_grad.device, dtype=flat_grad.dtype)  # e.g. after load
-                self._residuals[name] = buf
-            buf.add_(flat_grad)
-        else:
-            buf = flat_grad.detach().clone()
-            self._residuals[name] = buf
-        return buf
+        buf = self._matching(name, flat_grad)
+        return self._start(name, flat_grad) if buf is None else buf.add_(flat_grad)
 
     def decay_add(self, name: str, flat_grad: torch.Tensor, decay: float) -> torch.Tensor:
         """``buf = decay * buf + flat_grad`` in place (a momentum buffer); starts at ``flat_grad``."""
+        buf = self._matching(name, flat_grad)
+        return self._start(name, flat_grad) if buf is None else buf.mul_(decay).add_(flat_grad)
+
+    def _matching(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """This name's buffer on ``like``'s device and dtype (moved once, e.g. after a load),
+        or None when there is none of ``like``'s shape."""
         buf = self._residuals.get(name)
-        if buf is not None and buf.shape == flat_grad.shape:
-            if buf.device != flat_grad.device or buf.dtype != flat_grad.dtype:
-                buf = buf.to(device=flat_grad.device, dtype=flat_grad.dtype)
-                self._residuals[name] = buf
-            buf.mul_(decay).add_(flat_grad)
-        else:
-            buf = flat_grad.detach().clone()
-            self._residuals[name] = buf
+        if buf is None or buf.shape != like.shape:
+            return None
+        if buf.device != like.device or buf.dtype != like.dtype:
+            buf = self._residuals[name] = buf.to(device=like.device, dtype=like.dtype)
+        return buf
+
+    def _start(self, name: str, flat_grad: torch.Tensor) -> torch.Tensor:
+        buf = self._residuals[name] = flat_grad.detach().clone()
         return buf
 
     def get(self, name: str) -> torch.Tensor | None:

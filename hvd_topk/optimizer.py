@@ -93,20 +93,20 @@ class _TopKMethods:
         stats = self._step_stats
         dense_bytes = grad.numel() * grad.element_size()
         stats.dense_bytes += dense_bytes
-        if not getattr(comp, "is_sparse", False):
-            stats.dense_tensors += 1
+        sparse_comp = getattr(comp, "is_sparse", False)
+        name = self._parameter_names.get(p)
+        world = self.process_set.size()
+        if not sparse_comp or grad.is_sparse or not comp.wants_sparse(grad, world):
             sent = dense_bytes
             if comp is Compression.fp16 and grad.dtype.is_floating_point:
                 sent = grad.numel() * 2
+            stats.dense_tensors += 1
             stats.bytes_sent += sent
             stats.bytes_received += sent
-            return _HorovodOptimizer._allreduce_grad_async(self, p)
-        name = self._parameter_names.get(p)
-        world = self.process_set.size()
-        if grad.is_sparse or not comp.wants_sparse(grad, world):
-            stats.dense_tensors += 1
-            stats.bytes_sent += dense_bytes
-            stats.bytes_received += dense_bytes
+            if not sparse_comp or grad.is_sparse:
+                # Horovod's own path: its compressors, or its allgather for sparse gradients
+                # (which never calls compress()).
+                return _HorovodOptimizer._allreduce_grad_async(self, p)
             return self._dense_allreduce_async(grad, name), None
 
         t0 = time.perf_counter()
@@ -131,19 +131,14 @@ class _TopKMethods:
         return handle, ctx
 
     def _dense_allreduce_async(self, tensor, name):
-        # Horovod's dense path, with its pre/post-scaling for gradient_predivide_factor.
+        # Horovod's dense path, with its pre/post-scaling for gradient_predivide_factor, for
+        # tensors a sparse compressor leaves dense (Horovod's own would call compress()).
         if self.op == mpi_ops.Average:
             prescale, postscale = 1.0 / self.gradient_predivide_factor, self.gradient_predivide_factor
         else:
             prescale, postscale = 1.0, 1.0
-        if tensor.is_sparse:
-            return self._sparse_allreduce_grad_async_handle(tensor, name)
         return mpi_ops.allreduce_async_(tensor, name=name, op=self.op, prescale_factor=prescale,
                                         postscale_factor=postscale, process_set=self.process_set)
-
-    def _sparse_allreduce_grad_async_handle(self, tensor, name):
-        return mpi_ops.sparse_allreduce_async(tensor, name=name, op=self.op,
-                                              process_set=self.process_set)
 
     def synchronize(self):
         t0 = time.perf_counter()

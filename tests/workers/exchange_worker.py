@@ -36,6 +36,14 @@ def allgather_dense(t):
     return hvd.allgather(t.detach().reshape(1, -1))  # (world, n)
 
 
+def own_topk(c, ratio, value_dtype=None):
+    """This rank's reference Top-K of ``c`` (torch.topk, no hvd_topk code): (dense sent, idx)."""
+    idx = torch.topk(c.abs(), hvd_topk.num_selected(c.numel(), ratio)).indices
+    sent = torch.zeros_like(c)
+    sent[idx] = c[idx] if value_dtype is None else c[idx].to(value_dtype).to(c.dtype)
+    return sent, idx
+
+
 def assert_same_on_all_ranks(model, what):
     for name, p in model.named_parameters():
         g = allgather_dense(p.data)
@@ -58,10 +66,7 @@ def check_exact_topk(ratio, value_dtype=None, steps=3):
         want = {}
         for name, p in model.named_parameters():
             c = p.grad.detach().reshape(-1) + residual[name]
-            k = hvd_topk.num_selected(c.numel(), ratio)
-            idx = torch.topk(c.abs(), k).indices
-            sent = torch.zeros_like(c)
-            sent[idx] = c[idx] if value_dtype is None else c[idx].to(value_dtype).float()
+            sent, _ = own_topk(c, ratio, value_dtype)
             residual[name] = c - sent
             want[name] = allgather_dense(sent).mean(0).view_as(p)
         opt.synchronize()
@@ -154,10 +159,7 @@ def check_accumulation():
     local = {n: p.grad.detach().clone().reshape(-1) for n, p in model.named_parameters()}
     opt.synchronize()
     for name, p in model.named_parameters():
-        c = local[name]
-        idx = torch.topk(c.abs(), hvd_topk.num_selected(c.numel(), 0.05)).indices
-        sent = torch.zeros_like(c)
-        sent[idx] = c[idx]
+        sent, _ = own_topk(local[name], 0.05)
         want = allgather_dense(sent).mean(0).view_as(p)
         torch.testing.assert_close(p.grad, want, rtol=RTOL, atol=ATOL)
 
@@ -187,10 +189,7 @@ def check_dgc_all_options(steps=4):
             g = g * min(1.0, (clip / world ** 0.5) / (float(g.norm()) + 1e-6))
             u[name] = m * u[name] + g
             v[name] = v[name] + g + m * u[name]
-            k = hvd_topk.num_selected(g.numel(), ratio)
-            idx = torch.topk(v[name].abs(), k).indices
-            sent = torch.zeros_like(g)
-            sent[idx] = v[name][idx].half().float()
+            sent, idx = own_topk(v[name], ratio, torch.float16)
             v[name] = v[name] - sent
             u[name][idx] = 0
             want[name] = allgather_dense(sent).mean(0).view_as(p)
