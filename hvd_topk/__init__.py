@@ -12,18 +12,24 @@ Example::
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compression import SparseContext, TopKCompressor, sparse_is_cheaper
+from .compression import RankMismatchError, SparseContext, TopKCompressor, sparse_is_cheaper
+from .elastic import register_elastic_handler
 from .memory import ResidualMemory
-from .optimizer import CommStats, DistributedOptimizer
+from .optimizer import CommStats, DistributedOptimizer, TopKDistributedOptimizer
 from .registry import COMPRESSORS, make_compressor, register_compressor
 from .packing import pack, payload_nbytes, unpack
 from .selection import index_dtype, num_selected, select_topk
 
 __version__ = "0.1.0"
 
+# hvd.elastic.TorchState(optimizer=...) then commits and restores hvd_topk's state too.
+register_elastic_handler()
+
 __all__ = [
     "TopKCompressor",
     "DistributedOptimizer",
+    "TopKDistributedOptimizer",
+    "RankMismatchError",
     "CommStats",
     "ResidualMemory",
     "SparseContext",

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from horovod.torch.compression import Compressor
 
 from .exchange import scatter_add_
 from .memory import ResidualMemory
-from .packing import pack, payload_nbytes, unpack
+from .packing import FLAG_NONFINITE, HEADER_BYTES, pack, payload_nbytes, unpack
 from .selection import index_dtype, num_selected, select_topk
 
-__all__ = ["TopKCompressor", "SparseContext", "sparse_is_cheaper"]
+__all__ = ["TopKCompressor", "SparseContext", "sparse_is_cheaper", "RankMismatchError"]
 
 _ERROR_STOCK = (
     "TopKCompressor.compress() was called without a parameter name, which is what the stock "
@@ -23,13 +24,20 @@ _ERROR_STOCK = (
     "(same arguments), which exchanges the sparse payload with allgather.")
 
 
+class RankMismatchError(RuntimeError):
+    """Ranks exchanged a tensor they do not agree on (different models, shapes, dtypes or
+    compressor settings). Raised on every rank, by the same check on the same gathered data."""
+
+
 @dataclass
 class SparseContext:
     """What stays local between ``compress`` and ``decompress`` (never sent).
 
     ``out`` is an optional flat buffer to scatter into (the optimizer passes the gradient's
     own storage, so decompression allocates nothing); ``divisor`` is what the sum over ranks
-    is divided by (the world size for ``hvd.Average``).
+    is divided by (the world size for ``hvd.Average``); ``world`` is the number of ranks
+    whose payloads the gathered buffer holds (``None``: inferred from its size); ``flags`` are
+    this rank's header flags (``FLAG_NONFINITE``).
     """
 
     name: str
@@ -40,10 +48,26 @@ class SparseContext:
     index_dtype: torch.dtype
     out: Optional[torch.Tensor] = None
     divisor: float = 1.0
+    world: Optional[int] = None
+    flags: int = 0
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def signature(self) -> int:
+        """A signed int32 digest of what is being exchanged (shape, dtype, k, wire dtypes).
+
+        zlib.crc32, not ``hash()``: it must be the same in every process.
+        """
+        key = f"{tuple(self.shape)}|{self.dtype}|{self.k}|{self.value_dtype}|{self.index_dtype}"
+        crc = zlib.crc32(key.encode())
+        return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+    def describe(self) -> str:
+        return (f"shape {tuple(self.shape)}, {self.dtype}, k={self.k}, values {self.value_dtype}, "
+                f"indices {self.index_dtype}")
 
     @property
     def nbytes(self) -> int:
@@ -159,6 +183,9 @@ class TopKCompressor(Compressor):
         self.memory = ResidualMemory()  # error feedback: v (accumulated, not yet sent)
         self.velocity = ResidualMemory()  # momentum correction: u (local momentum)
         self.steps = 0  # optimizer steps completed; drives the warm-up
+        # (name, ranks) of tensors some rank found non-finite since the optimizer last asked
+        self.nonfinite: List[Tuple[str, List[int]]] = []
+        self._pending: Dict[str, Tuple] = {}  # this step's selections, see unsend()
 
     def __repr__(self) -> str:
         return (f"TopKCompressor(ratio={self.ratio}, value_dtype={self.value_dtype}, "
@@ -178,6 +205,18 @@ class TopKCompressor(Compressor):
     def step_done(self) -> None:
         """Called by the optimizer once per synchronized step."""
         self.steps += 1
+        self._pending.clear()
+
+    def unsend(self) -> None:
+        """Take back this step's selections: each residual becomes ``e + g`` again (what was
+        about to be sent stays owed) and masked momentum returns. Called by the optimizer when
+        a step will not be applied (a non-finite gradient on some rank), so nothing that was
+        sent in it is lost."""
+        for buf, idx, vals, u, u_sent in self._pending.values():
+            buf[idx] = vals
+            if u_sent is not None:
+                u[idx] = u_sent
+        self._pending.clear()
 
     # -- decisions ------------------------------------------------------------------------
     def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
@@ -191,13 +230,14 @@ class TopKCompressor(Compressor):
         k = num_selected(n, self.current_ratio())
         if self.density_aware:
             vdt = self.value_dtype or tensor.dtype
-            pbytes = payload_nbytes(1, vdt, index_dtype(n))
+            pbytes = payload_nbytes(1, vdt, index_dtype(n)) - HEADER_BYTES  # per entry
             return sparse_is_cheaper(n, k, world, tensor.element_size(), pbytes)
         return True
 
     # -- Horovod's Compressor contract ----------------------------------------------------
     def compress(self, tensor: torch.Tensor, name: Optional[str] = None, *,
-                 momentum: float = 0.0, nesterov: bool = False) -> Tuple[torch.Tensor, SparseContext]:
+                 momentum: float = 0.0, nesterov: bool = False,
+                 scale: float = 1.0) -> Tuple[torch.Tensor, SparseContext]:
         """Compensate, select, pack; update the residual of ``name``.
 
         Arguments:
@@ -208,10 +248,19 @@ class TopKCompressor(Compressor):
                 from ``v``; with ``momentum_masking`` also ``u[sent] = 0``. The sent values are
                 then an *update* to apply without further momentum.
             nesterov: Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``.
+            scale: the loss scale ``tensor`` carries (mixed precision: ``GradScaler``'s scale).
+                Residuals and velocities are kept in unscaled units (``g / scale``), so they
+                stay right when the scale changes; the sent values are scaled back, for the
+                ``GradScaler`` to unscale like any gradient. Use powers of two (as
+                ``GradScaler`` does) and the scaling is exact.
+
+        If ``tensor`` holds a NaN or Inf, nothing is compensated, selected or remembered:
+        residual and velocity stay as they were, and the payload's header carries
+        ``FLAG_NONFINITE`` so that every rank learns of it in ``decompress``.
 
         Returns:
-            ``payload``: ``(nbytes,)`` uint8, values then indices -- the only thing that travels;
-            ``ctx``: a ``SparseContext`` that stays local.
+            ``payload``: ``(nbytes,)`` uint8, header, values, indices -- the only thing that
+            travels; ``ctx``: a ``SparseContext`` that stays local.
         """
         if name is None:
             raise RuntimeError(_ERROR_STOCK)
@@ -222,46 +271,94 @@ class TopKCompressor(Compressor):
         vdt = self.value_dtype or tensor.dtype
         idt = index_dtype(n)
         ctx = SparseContext(name, tensor.shape, tensor.dtype, k, vdt, idt)
-        if n == 0:
-            return torch.empty(0, dtype=torch.uint8, device=tensor.device), ctx
         g = tensor.detach().reshape(-1)  # (n,)
+        if not _all_finite(g):
+            # Never let a NaN/Inf into the residual: it would stay there and poison every
+            # later step. Send a flagged payload of the right size so the collective matches.
+            ctx.flags = FLAG_NONFINITE
+            zeros = torch.zeros(k, dtype=vdt, device=g.device)
+            return pack(zeros, torch.arange(k, dtype=idt, device=g.device), ctx.signature,
+                        ctx.flags), ctx
+        if n == 0:
+            return pack(g.to(vdt), torch.empty(0, dtype=idt, device=g.device), ctx.signature), ctx
+        inv = 1.0 / scale
         if self.local_clip_norm is not None:
             # DGC 3.3: clip each rank's gradient to max_norm / sqrt(P), before accumulation.
             limit = self.local_clip_norm / math.sqrt(max(1, self.world_size))
-            norm = torch.linalg.vector_norm(g.float())
+            norm = torch.linalg.vector_norm(g.float()) * inv  # of the unscaled gradient
             g = g * (limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype)
         u = None
+        alpha = inv  # what g is multiplied by as it enters the residual
         if momentum > 0:
-            u = self.velocity.decay_add(name, g, momentum)  # (n,) u = m u + g
-            g = g + momentum * u if nesterov else u
-        buf = self.memory.compensate(name, g)  # (n,) = g + e
+            u = self.velocity.decay_add(name, g, momentum, alpha=inv)  # (n,) u = m u + g/s
+            g = (g * inv + momentum * u) if nesterov else u
+            alpha = 1.0
+        buf = self.memory.compensate(name, g, alpha=alpha)  # (n,) = g/s + e
         idx = select_topk(buf, k)  # (k,) int64
-        vals = buf[idx]  # (k,)
-        sent = vals.to(vdt)
-        # e <- c - sent: zero where sent exactly, keep the rounding error of a narrower dtype.
-        buf[idx] = vals - sent.to(buf.dtype) if vdt != buf.dtype else 0
+        vals = buf[idx]  # (k,) unscaled
+        if scale != 1.0 and vals.element_size() < 4:
+            vals_scaled = vals.float() * scale  # a half-precision product could overflow
+        else:
+            vals_scaled = vals if scale == 1.0 else vals * scale
+        sent = _to_wire(vals_scaled, vdt)  # (k,) in the gradient's (loss-scaled) units
+        if vdt == buf.dtype and scale == 1.0:
+            buf[idx] = 0  # sent exactly
+        else:
+            # e <- c - sent: keep what the narrower dtype (or its clamp) did not carry.
+            back = sent.to(buf.dtype)
+            buf[idx] = vals - (back if scale == 1.0 else back * inv)
+        u_sent = None
         if u is not None and self.momentum_masking:
+            u_sent = u[idx]
             u[idx] = 0  # DGC momentum factor masking: no stale momentum on what was sent
-        return pack(sent, idx.to(idt)), ctx
+        self._pending[name] = (buf, idx, vals, u, u_sent)  # for unsend(), until step_done()
+        return pack(sent, idx.to(idt), ctx.signature), ctx
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Scatter-add every rank's (values, indices) into a dense tensor, divided by ``ctx.divisor``.
 
         ``payload`` is one rank's payload or the allgather of ``world`` of them. A ``ctx`` of
         ``None`` marks a tensor the optimizer exchanged densely; it is returned unchanged.
+
+        Every rank's header is checked against this rank's: a different signature (another
+        shape, dtype, ``k`` or wire dtype) raises ``RankMismatchError``, on every rank alike.
+        If any rank flagged its gradient non-finite, the result is all NaN (so that a
+        ``GradScaler`` skips the step, as it would in dense training) and ``(name, ranks)``
+        is appended to ``self.nonfinite``.
         """
         if ctx is None:
             return payload
-        values, indices = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype)  # (world, k) each
+        if isinstance(ctx, ComplexContext):
+            return torch.view_as_complex(payload)
+        try:
+            headers, values, indices = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype,
+                                              ctx.world)  # (world, 2), (world, k), (world, k)
+        except ValueError as e:
+            raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}. "
+                                    + _SAME_MODEL) from None
+        headers = headers.tolist()
+        others = [r for r, (sig, _) in enumerate(headers) if sig != ctx.signature]
+        if others:
+            raise RankMismatchError(
+                f"parameter {ctx.name!r}: rank(s) {others} sent a payload for something other than "
+                f"this rank's {ctx.describe()}. " + _SAME_MODEL)
         out = ctx.out
         if out is None:
             out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=payload.device)
-        else:
-            out.zero_()
+        bad = [r for r, (_, flags) in enumerate(headers) if flags & FLAG_NONFINITE]
+        if bad:
+            self.nonfinite.append((ctx.name, bad))
+            return out.fill_(float("nan")).view(ctx.shape)
+        out.zero_()
         scatter_add_(out, indices.reshape(-1), values.reshape(-1))
         if ctx.divisor != 1:
             out.div_(ctx.divisor)
         return out.view(ctx.shape)
+
+    def pop_nonfinite(self) -> List[Tuple[str, List[int]]]:
+        """The (name, ranks) recorded by ``decompress`` since the last call, and forget them."""
+        found, self.nonfinite = self.nonfinite, []
+        return found
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -271,8 +368,38 @@ class TopKCompressor(Compressor):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+        self._pending.clear()
         self.memory.load_state_dict(state["residuals"])
         self.velocity.load_state_dict(state.get("velocities", {}))
+
+
+class ComplexContext:
+    """Context of a complex gradient the optimizer allreduced as its real view (Horovod has
+    no complex dtypes); ``decompress`` turns the result back into a complex tensor."""
+
+
+_SAME_MODEL = ("Every rank must hold the same model (parameter names, shapes and dtypes) and "
+               "the same TopKCompressor settings.")
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no NaN/Inf: one cheap read (a sum), checked exactly only when the
+    sum is not finite (a NaN/Inf, or a finite overflow of the sum)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(x.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast values to the wire dtype, clamped to its range (the excess stays in the residual
+    instead of becoming an Inf)."""
+    if values.dtype == dtype:
+        return values
+    limit = torch.finfo(dtype).max
+    if torch.finfo(values.dtype).max > limit:
+        values = values.clamp(-limit, limit)
+    return values.to(dtype)
 
 
 def _check_ratio(name: str, value: float) -> float:

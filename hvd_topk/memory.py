@@ -28,19 +28,27 @@ class ResidualMemory:
     def __init__(self) -> None:
         self._residuals: Dict[str, torch.Tensor] = {}
 
-    def compensate(self, name: str, flat_grad: torch.Tensor) -> torch.Tensor:
-        """Return this name's residual buffer after adding ``flat_grad`` into it in place.
+    def compensate(self, name: str, flat_grad: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """Return this name's residual buffer after adding ``alpha * flat_grad`` into it in place.
 
-        The first time a name is seen (or when its shape changed) the buffer starts as a
-        copy of the gradient, i.e. a zero residual.
+        The first time a name is seen (or when its shape changed) the buffer starts as
+        ``alpha * flat_grad``, i.e. a zero residual. ``alpha`` is ``1 / loss_scale`` under
+        mixed precision, so residuals stay in the units of the true gradient.
         """
         buf = self._matching(name, flat_grad)
-        return self._start(name, flat_grad) if buf is None else buf.add_(flat_grad)
+        if buf is None:
+            return self._start(name, flat_grad, alpha)
+        return buf.add_(flat_grad) if alpha == 1.0 else buf.add_(flat_grad, alpha=alpha)
 
-    def decay_add(self, name: str, flat_grad: torch.Tensor, decay: float) -> torch.Tensor:
-        """``buf = decay * buf + flat_grad`` in place (a momentum buffer); starts at ``flat_grad``."""
+    def decay_add(self, name: str, flat_grad: torch.Tensor, decay: float,
+                  alpha: float = 1.0) -> torch.Tensor:
+        """``buf = decay * buf + alpha * flat_grad`` in place (a momentum buffer); starts at
+        ``alpha * flat_grad``."""
         buf = self._matching(name, flat_grad)
-        return self._start(name, flat_grad) if buf is None else buf.mul_(decay).add_(flat_grad)
+        if buf is None:
+            return self._start(name, flat_grad, alpha)
+        buf.mul_(decay)
+        return buf.add_(flat_grad) if alpha == 1.0 else buf.add_(flat_grad, alpha=alpha)
 
     def _matching(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         """This name's buffer on ``like``'s device and dtype (moved once, e.g. after a load),
@@ -52,8 +60,9 @@ class ResidualMemory:
             buf = self._residuals[name] = buf.to(device=like.device, dtype=like.dtype)
         return buf
 
-    def _start(self, name: str, flat_grad: torch.Tensor) -> torch.Tensor:
-        buf = self._residuals[name] = flat_grad.detach().clone()
+    def _start(self, name: str, flat_grad: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        buf = flat_grad.detach().clone() if alpha == 1.0 else flat_grad.detach() * alpha
+        self._residuals[name] = buf
         return buf
 
     def get(self, name: str) -> torch.Tensor | None:

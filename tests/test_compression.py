@@ -28,7 +28,7 @@ def test_exact_k_values_and_residual_identity(dtype, shape):
         n = g.numel()
         assert ctx.k == num_selected(n, 0.01) == max(1, math.ceil(0.01 * n))
         assert payload.dtype == torch.uint8 and payload.numel() == ctx.nbytes
-        values, indices = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype)
+        _, values, indices = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype)
         assert values.dtype == dtype and indices.dtype == torch.int32
         idx = indices[0].long()
         assert idx.unique().numel() == ctx.k
@@ -78,7 +78,7 @@ def test_default_warmup_starts_dense_ish():
 def test_zero_element_tensor():
     comp = TopKCompressor(0.01)
     payload, ctx = comp.compress(torch.empty(0, 5), name="e")
-    assert payload.numel() == 0 and ctx.k == 0
+    assert payload.numel() == 8 and ctx.k == 0  # the header alone
     assert comp.decompress(payload, ctx).shape == (0, 5)
 
 
@@ -87,7 +87,7 @@ def test_narrow_value_dtype_keeps_rounding_error_in_residual(value_dtype):
     comp = TopKCompressor(0.05, value_dtype=value_dtype, warmup_steps=0)
     g = torch.randn(1000, dtype=torch.float32)
     payload, ctx = comp.compress(g, name="w")
-    assert ctx.nbytes == ctx.k * (2 + 4)
+    assert ctx.nbytes == 8 + ctx.k * (2 + 4)  # header, fp16 values, int32 indices
     sent = comp.decompress(payload, ctx)
     assert sent.dtype == torch.float32
     assert torch.equal(comp.memory.get("w") + sent, g)
@@ -95,9 +95,9 @@ def test_narrow_value_dtype_keeps_rounding_error_in_residual(value_dtype):
 
 def test_decompress_sums_ranks_and_divides():
     comp = TopKCompressor(0.5)
-    p0 = pack(torch.tensor([1.0, 2.0]), torch.tensor([0, 3], dtype=torch.int32))
-    p1 = pack(torch.tensor([4.0, 8.0]), torch.tensor([3, 1], dtype=torch.int32))
     _, ctx = comp.compress(torch.zeros(4), name="x")
+    p0 = pack(torch.tensor([1.0, 2.0]), torch.tensor([0, 3], dtype=torch.int32), ctx.signature)
+    p1 = pack(torch.tensor([4.0, 8.0]), torch.tensor([3, 1], dtype=torch.int32), ctx.signature)
     ctx.divisor = 2
     out = comp.decompress(torch.cat([p0, p1]), ctx)
     assert torch.equal(out, torch.tensor([0.5, 4.0, 0.0, 3.0]))
