@@ -34,7 +34,8 @@ from models import MODELS, build_model  # noqa: E402
 import hvd_topk  # noqa: E402
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, extra=()):
+    """Flags (see ``--help``); ``extra``: ``(names, kwargs)`` pairs a variant of this script adds."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="", metavar="YAML",
@@ -77,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: this rank's GPU (local rank) when CUDA is available, else cpu")
+    for names, kwargs in extra:
+        p.add_argument(*names, **kwargs)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = p.parse_args(config_argv(argv, p) + argv)
     if args.topk < 0 or args.topk > 1:

@@ -10,7 +10,7 @@ from launch import run_ranks
 
 RUNS_THROUGH = ["nonfinite_raise", "nonfinite_skip", "nonfinite_dense_tensor",
                 "amp_overflow_skipped", "amp_scale_changes_exact", "dynamic_graph",
-                "zero_element_and_complex", "sparse_embedding", "registration_order"]
+                "zero_element_and_complex", "sparse_embedding", "registration_order", "elastic_state"]
 MISMATCHES = {
     "mismatch_shape": "'big.weight' is (64, 32) torch.float32 on rank 0 but (65, 32)",
     "mismatch_extra_param": "'extra' on rank 1 but not on rank 0",

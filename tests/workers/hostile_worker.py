@@ -283,6 +283,30 @@ def check_registration_order():
         assert torch.equal(finals[0][n], finals[1][n]), n
 
 
+def check_elastic_state():
+    """hvd.elastic.TorchState commits and restores the residuals, velocities and warm-up step
+    with the model and optimizer (a failed step's updates roll back), and sync() makes the
+    ranks agree on the step count again."""
+    model = Net()
+    comp, opt = make(model, warmup_steps=50)
+    assert isinstance(opt, hvd_topk.TopKDistributedOptimizer)
+    state = hvd.elastic.TorchState(model=model, optimizer=opt, batch=0)
+    train(model, opt, 3)
+    state.commit()
+    committed, steps = snapshot(model, comp), comp.steps
+    train(model, opt, 2, start=3)  # progress that a failure would make us lose
+    assert comp.steps == steps + 2
+    state.restore()
+    assert comp.steps == steps
+    assert_snapshot_equal(committed, snapshot(model, comp), "after restore")
+    if hvd.rank() == 1:
+        comp.steps += 7  # as if this rank had joined with another history
+    state.sync()
+    assert comp.steps == steps, comp.steps
+    train(model, opt, 2, start=3)
+    assert_same_on_all_ranks(model, "after elastic restore + sync")
+
+
 def expect_mismatch(model, what):
     comp, opt = make(model, min_numel=64)
     try:

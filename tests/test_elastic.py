@@ -1,0 +1,70 @@
+"""Horovod Elastic on localhost: a worker is killed mid-training; the survivors finish.
+
+Hosts ``localhost:2`` and ``127.0.0.1:1`` (one machine, two host names, as Horovod's own
+elastic tests do): the worker on 127.0.0.1 is SIGKILLed during epoch 3, its host is
+blacklisted, and the two survivors roll back to the last commit (model, optimizer, residuals)
+and train to the end. Checked: no hang (timeout), the reset happened, accuracy holds.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from launch import BIN, REPO
+
+TIMEOUT = 300
+
+
+def workers_on(host: str, script: str):
+    """PIDs of Horovod workers launched for ``host`` running ``script``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"HOROVOD_HOSTNAME={host}".encode() in env and script.encode() in cmd \
+                and b"python" in cmd.split(b"\0")[0]:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_killed_worker_training_completes(tmp_path):
+    discover = tmp_path / "discover_hosts.sh"
+    discover.write_text("#!/bin/bash\necho localhost:2\necho 127.0.0.1:1\n")
+    discover.chmod(0o755)
+    cmd = [str(BIN / "horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3",
+           "--host-discovery-script", str(discover),
+           sys.executable, "examples/train_elastic.py", "--topk", "0.01", "--epochs", "8",
+           "--batches-per-commit", "5", "--no-progress"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    timer = threading.Timer(TIMEOUT, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    lines, killed = [], []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not killed and re.search(r"\[0\]<stdout>:epoch +2 +ranks 3", line):
+                killed = workers_on("127.0.0.1", "train_elastic.py")
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        timer.cancel()
+    out = "".join(lines)
+    assert killed, f"no worker on 127.0.0.1 to kill:\n{out}"
+    assert proc.returncode == 0, f"exit {proc.returncode} (timeout {TIMEOUT}s?):\n{out}"
+    assert re.search(r"reset: 2 ranks now", out), out
+    assert re.search(r"epoch +8 +ranks 2", out), out
+    acc = float(re.search(r"final test accuracy: ([\d.]+)%", out).group(1))
+
+    assert acc >= 90.0, out
