@@ -6,6 +6,10 @@ For each size x ratio it times, on the same tensor:
 - ``clone``: ``x.clone()`` (a fresh allocation: on CPU its page faults often cost more than the copy);
 - ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)``, the obvious baseline;
 - ``select_topk``: ``hvd_topk.select_topk`` (exact, sampled threshold + candidates);
+- ``compensate_and_select``: ``hvd_topk.selection.compensate_and_select(buf, g, k)`` -- ``buf += g``
+  in place fused with the selection pass (steady state: ``buf`` is a warm residual);
+- ``c&s+pack``: what ``compress`` costs built on it: ``compensate_and_select``, gather the values
+  (``index_select``), zero them in the residual (``index_fill_``), ``pack`` with int32 indices;
 - ``compress``: ``TopKCompressor.compress`` -- compensate ``g + e`` in place, select, pack,
   update the residual (the residual is warm: this is a steady-state step);
 - ``pack+unpack``: ``hvd_topk.pack`` of (values, int32 indices), then ``unpack`` of two ranks' payloads;
@@ -30,8 +34,10 @@ from typing import Callable, Dict, List
 import torch
 
 import hvd_topk
+from hvd_topk.selection import compensate_and_select
 
-METHODS = ["copy", "clone", "torch.topk", "select_topk", "compress", "pack+unpack", "decompress"]
+METHODS = ["copy", "clone", "torch.topk", "select_topk", "compensate_and_select", "c&s+pack", "compress",
+           "pack+unpack", "decompress"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +82,19 @@ def bench_one(n: int, ratio: float, device: str, repeats: int, seed: int) -> Dic
         step[0] += 1
         return comp.compress(grads[step[0] % 2], name="w")
 
+    residual = grads[1].clone()  # compensate_and_select's own warm buffer
+
+    def fused():
+        step[0] += 1
+        return compensate_and_select(residual, grads[step[0] % 2], k)
+
+    def fused_compress():
+        step[0] += 1
+        sel = compensate_and_select(residual, grads[step[0] % 2], k)  # (k,) ascending
+        sent = residual.index_select(0, sel)  # (k,)
+        residual.index_fill_(0, sel, 0)
+        return hvd_topk.pack(sent, sel.to(torch.int32))
+
     payload, ctx = comp.compress(grads[0], name="w")
     gathered = torch.cat([payload, payload])  # (2 * nbytes,) what a 2-rank allgather returns
     ctx.out, ctx.divisor = torch.empty_like(x), 2
@@ -89,6 +108,8 @@ def bench_one(n: int, ratio: float, device: str, repeats: int, seed: int) -> Dic
         "clone": lambda: x.clone(),
         "torch.topk": lambda: torch.topk(x.abs(), k, sorted=False),
         "select_topk": lambda: hvd_topk.select_topk(x, k),
+        "compensate_and_select": fused,
+        "c&s+pack": fused_compress,
         "compress": compress,
         "pack+unpack": pack_unpack,
         "decompress": lambda: comp.decompress(gathered, ctx),

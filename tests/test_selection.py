@@ -5,7 +5,24 @@ import torch
 
 from hvd_topk import index_dtype, num_selected, select_topk
 from hvd_topk import selection
-from hvd_topk.selection import SAMPLED_MIN_NUMEL
+from hvd_topk.selection import SAMPLED_MIN_NUMEL, compensate_and_select
+
+
+ADVERSARIAL = [
+    lambda n: torch.arange(n, dtype=torch.float32),  # sorted: a strided sample is biased
+    lambda n: torch.cat([torch.zeros(n - 50), torch.full((50,), 3.0)]),  # k > nonzeros
+    lambda n: torch.randn(n) * (torch.arange(n) % 1000 == 0),  # mostly zeros
+    lambda n: torch.randn(n).pow(9),  # heavy tails
+]
+
+
+@pytest.fixture
+def fallbacks(monkeypatch):
+    """The k of every full-topk fallback taken during the test."""
+    calls = []
+    full = selection._full_topk
+    monkeypatch.setattr(selection, "_full_topk", lambda x, k: calls.append(k) or full(x, k))
+    return calls
 
 
 def reference(x, k):
@@ -23,12 +40,7 @@ def test_select_matches_torch_topk(n, ratio):
     assert set(idx.tolist()) == reference(x, k)
 
 
-@pytest.mark.parametrize("make", [
-    lambda n: torch.arange(n, dtype=torch.float32),  # sorted: a strided sample is biased
-    lambda n: torch.cat([torch.zeros(n - 50), torch.full((50,), 3.0)]),  # k > nonzeros
-    lambda n: torch.randn(n) * (torch.arange(n) % 1000 == 0),  # mostly zeros
-    lambda n: torch.randn(n).pow(9),  # heavy tails
-])
+@pytest.mark.parametrize("make", ADVERSARIAL)
 def test_adversarial_inputs_stay_exact(make):
     x = make(400_000)
     k = num_selected(x.numel(), 0.001)
@@ -80,19 +92,16 @@ def test_chunked_candidate_pass_is_exact_across_chunk_boundaries(monkeypatch):
         assert set(select_topk(x, k).tolist()) == reference(x, k)
 
 
-def test_unlucky_sample_falls_back_to_full_topk_and_stays_exact(monkeypatch):
+def test_unlucky_sample_falls_back_to_full_topk_and_stays_exact(fallbacks):
     # Every sampled position is large, everything else small: the sampled threshold lets
     # fewer than k entries through, so the fallback must run -- and still be exact.
-    calls = []
-    full = selection._full_topk
-    monkeypatch.setattr(selection, "_full_topk", lambda x, k: calls.append(k) or full(x, k))
     n, ratio = 1 << 20, 0.1
     k = num_selected(n, ratio)
     s = max(4096, -(-selection._SAMPLE_HITS * n // k))
     x = torch.rand(n, generator=torch.Generator().manual_seed(4))
     x[:: n // s] = 5.0
     got = select_topk(x, k)
-    assert calls == [k]
+    assert fallbacks == [k]
     assert torch.equal(x[got].sort().values, torch.topk(x, k).values.sort().values)
 
 
@@ -109,3 +118,84 @@ def test_sampled_path_returns_ascending_indices():
     x = torch.randn(500_000, generator=torch.Generator().manual_seed(6))
     idx = select_topk(x, num_selected(x.numel(), 0.01))
     assert torch.equal(idx, idx.sort().values)
+
+
+# -- compensate_and_select: buf += alpha * g in the candidate pass ----------------------------
+
+def _check_compensate(buf0, g, k, alpha=1.0):
+    """Bitwise the buf of buf.add_(g, alpha), and the top-k magnitudes of the result."""
+    want_buf = buf0.clone().add_(g) if alpha == 1.0 else buf0.clone().add_(g, alpha=alpha)
+    buf = buf0.clone()
+    idx = compensate_and_select(buf, g, k, alpha)
+    assert torch.equal(buf.view(-1).view(torch.uint8), want_buf.view(-1).view(torch.uint8))
+    assert idx.dtype == torch.int64 and idx.numel() == k and idx.unique().numel() == k
+    # Compare magnitudes (ties make index sets ambiguous): the k-th largest must agree.
+    want = torch.topk(want_buf.abs().double(), k).values
+    assert torch.equal(buf[idx].abs().double().sort().values, want.sort().values)
+    return idx
+
+
+@pytest.mark.parametrize("n,ratio", [(7, 0.5), (1000, 0.01), (300_007, 0.01), (300_007, 0.001),
+                                     (1_000_000, 0.0001), (100_000, 0.2)])
+def test_compensate_and_select_matches_add_then_topk(n, ratio):
+    gen = torch.Generator().manual_seed(n)
+    buf, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    idx = _check_compensate(buf, g, num_selected(n, ratio))
+    want_buf = buf + g
+    assert set(idx.tolist()) == reference(want_buf, idx.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2**-10, 0.3])
+def test_compensate_and_select_dtypes_and_alpha(dtype, alpha):
+    gen = torch.Generator().manual_seed(7)
+    buf = torch.randn(200_003, generator=gen).to(dtype)
+    g = (torch.randn(200_003, generator=gen) * 4).to(dtype)
+    for ratio in (0.01, 0.001):
+        _check_compensate(buf, g, num_selected(buf.numel(), ratio), alpha)
+
+
+@pytest.mark.parametrize("make", ADVERSARIAL)
+def test_compensate_and_select_adversarial_inputs(make):
+    g = make(400_000)
+    buf = torch.zeros_like(g)
+    _check_compensate(buf, g, num_selected(g.numel(), 0.001))
+    _check_compensate(make(400_000), g, num_selected(g.numel(), 0.001), alpha=0.5)
+
+
+def test_compensate_and_select_sampled_path_across_chunks_ascending(monkeypatch):
+    monkeypatch.setattr(selection, "CPU_CHUNK", 1000)
+    monkeypatch.setattr(selection.torch, "get_num_threads", lambda: 1)
+    calls = []
+    monkeypatch.setattr(selection, "_full_topk", lambda x, k: calls.append(k))
+    gen = torch.Generator().manual_seed(8)
+    buf, g = torch.randn(300_007, generator=gen), torch.randn(300_007, generator=gen)
+    for ratio in (0.01, 0.001):
+        k = num_selected(buf.numel(), ratio)
+        idx = _check_compensate(buf, g, k, alpha=0.5)
+        assert torch.equal(idx, idx.sort().values)
+    assert calls == []  # the sampled path ran, no fallback
+
+
+def test_compensate_and_select_falls_back_when_the_sample_is_unlucky(fallbacks):
+    # The sample is taken from buf + g before the update: make the sampled positions large.
+    n, ratio = 1 << 20, 0.1
+    k = num_selected(n, ratio)
+    stride, _ = selection._sample_plan(n, k)
+    g = torch.rand(n, generator=torch.Generator().manual_seed(9))
+    g[::stride] = 5.0
+    _check_compensate(torch.zeros(n), g, k)
+    assert fallbacks == [k]
+
+
+def test_compensate_and_select_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="dtype"):
+        compensate_and_select(torch.zeros(10), torch.zeros(10, dtype=torch.float64), 1)
+    with pytest.raises(ValueError, match="1-D"):
+        compensate_and_select(torch.zeros(2, 5), torch.zeros(2, 5), 1)
+
+
+def test_top_mask_keeps_exactly_k_with_ties():
+    mag = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 0.5, 2.0])
+    keep = selection._top_mask(mag, 3)
+    assert keep.sum() == 3 and keep[4] and mag[keep].sort().values.tolist() == [2.0, 2.0, 3.0]
