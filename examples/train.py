@@ -60,6 +60,9 @@ def parse_args(argv=None, extra=()):
                    help="dtype of Top-K values on the wire (auto: the gradient's)")
     p.add_argument("--local-clip-norm", type=float, default=None, help="DGC local gradient clipping")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="wrapped optimizer")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: autocast (fp16 on CUDA, bf16 on CPU) and a GradScaler, "
+                        "with Horovod's recipe (synchronize, unscale_, skip_synchronize)")
     p.add_argument("--model", default="simple_cnn", choices=sorted(MODELS), help="network")
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS),
                    help="digits is bundled with scikit-learn (offline); mnist, fashion_mnist and "
@@ -157,8 +160,14 @@ def main(args):
         base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
     compression = make_compression(args)
+    # Mixed precision: the scaler multiplies the loss; telling the optimizer keeps the Top-K
+    # residuals in unscaled units when the scale changes. (With bf16 on CPU the scale mostly
+    # stays put, but the recipe is the same as with fp16 on GPUs.)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     optimizer = hvd_topk.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                              compression=compression, log_every=0)
+                                              compression=compression, log_every=0,
+                                              grad_scaler=scaler if args.amp else None)
     start_epoch = 0
     if args.checkpoint and os.path.exists(args.checkpoint):
         start_epoch = int(hvd_topk.load_checkpoint(args.checkpoint, model, optimizer)["epoch"]) + 1
@@ -186,9 +195,20 @@ def main(args):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                loss = F.cross_entropy(model(x), y)
+            if args.amp:
+                # Horovod's AMP recipe: exchange, unscale the averaged gradients, and let the
+                # scaler skip the step (on every rank alike) when they are not finite.
+                scaler.scale(loss).backward()
+                optimizer.synchronize()
+                scaler.unscale_(optimizer)
+                with optimizer.skip_synchronize():
+                    scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             step += 1
             if writer is not None:
                 s = optimizer.comm_stats

@@ -6,10 +6,11 @@ on load, rank 0 reads it with ``torch.load(weights_only=True)`` (no arbitrary pi
 model, optimizer and per-rank states are broadcast/scattered back.
 
 World-size policy: resumed at the same world size, rank r gets back exactly its residuals, so
-training continues bit-identically. At another world size the residuals cannot be mapped to
-ranks that hold other data; they are summed over the old ranks and divided evenly over the new
-ones, which keeps the total gradient mass that was owed (nothing is lost on average), and a
-warning is logged.
+training continues bit-identically. At another world size residuals cannot be mapped to ranks
+that hold other data; every new rank gets the *mean* of the old ranks' residuals (and of their
+momentum-correction velocities). With ``hvd.Average`` the update still owed,
+``(1/P) * sum_r e_r``, is then the same before and after, so nothing is lost on average; a
+warning is logged. The warm-up step count is rank 0's (every rank had the same).
 """
 
 from __future__ import annotations
@@ -57,17 +58,19 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> Dict[str, A
         if ckpt["world_size"] == hvd.size():
             optimizer.load_topk_state_dict(states[hvd.rank()])
         else:
-            logger.warning("checkpoint from %d ranks resumed on %d: residuals are summed and "
-                           "spread evenly over the new ranks", ckpt["world_size"], hvd.size())
-            optimizer.load_topk_state_dict(_redistribute(states, hvd.size()))
+            logger.warning("checkpoint from %d ranks resumed on %d: every rank starts from the "
+                           "old ranks' mean residual", ckpt["world_size"], hvd.size())
+            optimizer.load_topk_state_dict(_redistribute(states))
     return ckpt.get("extra", {})
 
 
-def _redistribute(states, world: int) -> Dict[str, Any]:
-    merged: Dict[str, torch.Tensor] = {}
-    for s in states:
-        for name, r in s.get("residuals", {}).items():
-            merged[name] = merged[name] + r if name in merged else r.clone()
+def _redistribute(states) -> Dict[str, Any]:
+    """One hvd_topk state for every new rank: the old ranks' mean residual and velocity."""
     out = dict(states[0])
-    out["residuals"] = {n: r / world for n, r in merged.items()}
+    for key in ("residuals", "velocities"):
+        merged: Dict[str, torch.Tensor] = {}
+        for s in states:
+            for name, r in s.get(key, {}).items():
+                merged[name] = merged[name] + r if name in merged else r.clone()
+        out[key] = {n: r / len(states) for n, r in merged.items()}
     return out

@@ -385,8 +385,10 @@ _SAME_MODEL = ("Every rank must hold the same model (parameter names, shapes and
 def _all_finite(x: torch.Tensor) -> bool:
     """Whether ``x`` has no NaN/Inf: one cheap read (a sum), checked exactly only when the
     sum is not finite (a NaN/Inf, or a finite overflow of the sum)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(x.sum(dtype=acc))):
+    # sum() in the tensor's own dtype takes the fast reduction (dtype= costs ~1.6x on CPU);
+    # half types accumulate in float32 so that large finite gradients do not overflow it.
+    total = x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32)
+    if bool(torch.isfinite(total)):
         return True
     return bool(torch.isfinite(x).all())
 

@@ -9,7 +9,8 @@ TRAIN = REPO / "examples" / "train.py"
 
 
 @pytest.mark.parametrize("backend,flags", [("gloo", ["--topk", "0.01"]), ("mpi", ["--topk", "0.001"]),
-                                           ("gloo", ["--fp16"]), ("gloo", ["--topk", "0"])])
+                                           ("gloo", ["--fp16"]), ("gloo", ["--topk", "0"]),
+                                           ("gloo", ["--topk", "0.01", "--amp"])])
 def test_train_smoke(backend, flags, tmp_path):
     out = run_ranks(TRAIN, *flags, "--epochs", "1", "--max-steps", "5", "--no-progress",
                     "--log-dir", tmp_path / "tb", backend=backend, timeout=300)
