@@ -13,7 +13,8 @@ from horovod.torch.compression import Compressor
 from .exchange import scatter_add_
 from .memory import ResidualMemory
 from .packing import FLAG_NONFINITE, HEADER_BYTES, pack, payload_nbytes, unpack
-from .selection import index_dtype, num_selected, select_topk
+from .selection import (_finite_or_zeroed, compensate_and_select,
+                        compensate_finite_and_select, index_dtype, num_selected, select_topk)
 
 __all__ = ["TopKCompressor", "SparseContext", "sparse_is_cheaper", "RankMismatchError"]
 
@@ -213,9 +214,9 @@ class TopKCompressor(Compressor):
         a step will not be applied (a non-finite gradient on some rank), so nothing that was
         sent in it is lost."""
         for buf, idx, vals, u, u_sent in self._pending.values():
-            buf[idx] = vals
+            buf.index_copy_(0, idx, vals)
             if u_sent is not None:
-                u[idx] = u_sent
+                u.index_copy_(0, idx, u_sent)
         self._pending.clear()
 
     # -- decisions ------------------------------------------------------------------------
@@ -254,9 +255,10 @@ class TopKCompressor(Compressor):
                 ``GradScaler`` to unscale like any gradient. Use powers of two (as
                 ``GradScaler`` does) and the scaling is exact.
 
-        If ``tensor`` holds a NaN or Inf, nothing is compensated, selected or remembered:
-        residual and velocity stay as they were, and the payload's header carries
-        ``FLAG_NONFINITE`` so that every rank learns of it in ``decompress``.
+        If ``tensor`` holds a NaN or Inf, those entries are dropped (added as 0: residual and
+        velocity stay finite) and the payload's header carries ``FLAG_NONFINITE``, so that
+        every rank learns of it in ``decompress``; the step is then not applied and the
+        optimizer calls ``unsend()``.
 
         Returns:
             ``payload``: ``(nbytes,)`` uint8, header, values, indices -- the only thing that
@@ -272,16 +274,15 @@ class TopKCompressor(Compressor):
         idt = index_dtype(n)
         ctx = SparseContext(name, tensor.shape, tensor.dtype, k, vdt, idt)
         g = tensor.detach().reshape(-1)  # (n,)
-        if not _all_finite(g):
-            # Never let a NaN/Inf into the residual: it would stay there and poison every
-            # later step. Send a flagged payload of the right size so the collective matches.
-            ctx.flags = FLAG_NONFINITE
-            zeros = torch.zeros(k, dtype=vdt, device=g.device)
-            return pack(zeros, torch.arange(k, dtype=idt, device=g.device), ctx.signature,
-                        ctx.flags), ctx
         if n == 0:
             return pack(g.to(vdt), torch.empty(0, dtype=idt, device=g.device), ctx.signature), ctx
         inv = 1.0 / scale
+        # A NaN/Inf must never enter the residual (it would stay there and poison every later
+        # step): non-finite entries are dropped on the way in and the payload is flagged.
+        checked = self.local_clip_norm is not None or momentum > 0
+        finite = True
+        if checked:  # clipping and momentum read g in full first: check it before they do
+            g, finite = _finite_or_zeroed(g, True)
         if self.local_clip_norm is not None:
             # DGC 3.3: clip each rank's gradient to max_norm / sqrt(P), before accumulation.
             limit = self.local_clip_norm / math.sqrt(max(1, self.world_size))
@@ -293,26 +294,38 @@ class TopKCompressor(Compressor):
             u = self.velocity.decay_add(name, g, momentum, alpha=inv)  # (n,) u = m u + g/s
             g = (g * inv + momentum * u) if nesterov else u
             alpha = 1.0
-        buf = self.memory.compensate(name, g, alpha=alpha)  # (n,) = g/s + e
-        idx = select_topk(buf, k)  # (k,) int64
-        vals = buf[idx]  # (k,) unscaled
+        buf = self.memory.buffer(name, g)  # (n,) e, or None on the first step
+        if buf is None:
+            if not checked:
+                g, finite = _finite_or_zeroed(g, True)
+            buf = self.memory.compensate(name, g, alpha=alpha)  # (n,) = g/s
+            idx = select_topk(buf, k)  # (k,) int64
+        elif checked:
+            # buf = e + g/s in place, fused with the candidate pass: one walk over memory.
+            idx = compensate_and_select(buf, g.contiguous(), k, alpha)  # (k,) int64
+        else:  # the same walk also sums each chunk of g before adding it (the finite check)
+            idx, finite = compensate_finite_and_select(buf, g.contiguous(), k, alpha)
+        if not finite:
+            ctx.flags = FLAG_NONFINITE
+        vals = buf.index_select(0, idx)  # (k,) unscaled
         if scale != 1.0 and vals.element_size() < 4:
             vals_scaled = vals.float() * scale  # a half-precision product could overflow
         else:
             vals_scaled = vals if scale == 1.0 else vals * scale
         sent = _to_wire(vals_scaled, vdt)  # (k,) in the gradient's (loss-scaled) units
+        # index_select / index_fill_ / index_copy_: ~4x faster than advanced indexing on CPU.
         if vdt == buf.dtype and scale == 1.0:
-            buf[idx] = 0  # sent exactly
+            buf.index_fill_(0, idx, 0)  # sent exactly
         else:
             # e <- c - sent: keep what the narrower dtype (or its clamp) did not carry.
             back = sent.to(buf.dtype)
-            buf[idx] = vals - (back if scale == 1.0 else back * inv)
+            buf.index_copy_(0, idx, vals - (back if scale == 1.0 else back * inv))
         u_sent = None
         if u is not None and self.momentum_masking:
-            u_sent = u[idx]
-            u[idx] = 0  # DGC momentum factor masking: no stale momentum on what was sent
+            u_sent = u.index_select(0, idx)
+            u.index_fill_(0, idx, 0)  # DGC momentum factor masking: no stale momentum on what was sent
         self._pending[name] = (buf, idx, vals, u, u_sent)  # for unsend(), until step_done()
-        return pack(sent, idx.to(idt), ctx.signature), ctx
+        return pack(sent, idx.to(idt), ctx.signature, ctx.flags), ctx
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Scatter-add every rank's (values, indices) into a dense tensor, divided by ``ctx.divisor``.
@@ -382,26 +395,23 @@ _SAME_MODEL = ("Every rank must hold the same model (parameter names, shapes and
                "the same TopKCompressor settings.")
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` has no NaN/Inf: one cheap read (a sum), checked exactly only when the
-    sum is not finite (a NaN/Inf, or a finite overflow of the sum)."""
-    # sum() in the tensor's own dtype takes the fast reduction (dtype= costs ~1.6x on CPU);
-    # half types accumulate in float32 so that large finite gradients do not overflow it.
-    total = x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32)
-    if bool(torch.isfinite(total)):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
 def _to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast values to the wire dtype, clamped to its range (the excess stays in the residual
-    instead of becoming an Inf)."""
+    """Cast values to the wire dtype, clamped to the largest magnitude that the wire dtype
+    holds *and* that comes back finite in the values' dtype (fp16 <-> bf16 round past each
+    other's maximum). The excess stays in the residual instead of becoming an Inf."""
     if values.dtype == dtype:
         return values
-    limit = torch.finfo(dtype).max
-    if torch.finfo(values.dtype).max > limit:
-        values = values.clamp(-limit, limit)
-    return values.to(dtype)
+    limit = _wire_limit(values.dtype, dtype)
+    wide = values if values.dtype == torch.float64 else values.float()  # holds `limit` exactly
+    return wide.clamp(-limit, limit).to(dtype)
+
+
+def _wire_limit(src: torch.dtype, dst: torch.dtype) -> float:
+    bound = min(torch.finfo(src).max, torch.finfo(dst).max)
+    w = torch.tensor(bound, dtype=torch.float64).to(dst)
+    if float(w) > bound:  # rounded up past what src holds: one step down in dst
+        w = torch.nextafter(w, torch.zeros_like(w))
+    return float(w)
 
 
 def _check_ratio(name: str, value: float) -> float:

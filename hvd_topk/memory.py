@@ -50,6 +50,12 @@ class ResidualMemory:
         buf.mul_(decay)
         return buf.add_(flat_grad) if alpha == 1.0 else buf.add_(flat_grad, alpha=alpha)
 
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """This name's buffer, on ``like``'s device and dtype, for an in-place update by the
+        caller (e.g. ``selection.compensate_and_select``); None when there is none of
+        ``like``'s shape yet (then ``compensate`` starts one)."""
+        return self._matching(name, like)
+
     def _matching(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         """This name's buffer on ``like``'s device and dtype (moved once, e.g. after a load),
         or None when there is none of ``like``'s shape."""

@@ -23,7 +23,8 @@ from horovod.torch import optimizer as _hvd_optimizer
 from horovod.torch.functions import allgather_object, broadcast_object
 from horovod.torch.compression import Compression
 
-from .compression import ComplexContext, RankMismatchError, _all_finite
+from .compression import ComplexContext, RankMismatchError
+from .selection import all_finite
 from .exchange import sparse_allgather_async
 
 __all__ = ["DistributedOptimizer", "CommStats", "TopKDistributedOptimizer"]
@@ -242,7 +243,7 @@ class _TopKMethods:
         if pop is not None:
             found = pop()
         for p in self._dense_checked:
-            if not _all_finite(p.grad):
+            if not all_finite(p.grad):
                 found.append((self._parameter_names.get(p), None))
         self._dense_checked = []
         return found

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = ["num_selected", "index_dtype", "select_topk", "compensate_and_select",
-           "SAMPLED_MIN_NUMEL", "CPU_CHUNK"]
+           "compensate_finite_and_select", "all_finite", "SAMPLED_MIN_NUMEL", "CPU_CHUNK"]
 
 # Below this many elements a full torch.topk is already cheap; the sampled path only pays
 # for itself on large tensors.
@@ -116,22 +116,68 @@ def compensate_and_select(buf: torch.Tensor, g: torch.Tensor, k: int,
         ``torch.topk(buf.abs(), k)`` picks after the update (up to ties); ascending on the
         sampled path, in ``torch.topk``'s order otherwise.
     """
+    return _compensate_and_select(buf, g, k, alpha, check=False)[0]
+
+
+def compensate_finite_and_select(buf: torch.Tensor, g: torch.Tensor, k: int,
+                                 alpha: float = 1.0) -> Tuple[torch.Tensor, bool]:
+    """``compensate_and_select`` that never lets a NaN/Inf of ``g`` into ``buf``.
+
+    NaN/Inf entries of ``g`` are added as 0 (so ``buf`` stays finite if it was); the check
+    rides on the same walk over memory (a sum of each chunk of ``g`` before it is added,
+    exact-checked only when that sum is not finite).
+
+    Returns:
+        ``(indices, finite)``: the indices as ``compensate_and_select`` returns them, and
+        whether every entry of ``g`` was finite.
+    """
+    return _compensate_and_select(buf, g, k, alpha, check=True)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no NaN/Inf: one cheap read (a sum), checked exactly only when the
+    sum is not finite (a NaN/Inf, or a finite overflow of the sum)."""
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    # sum() in the tensor's own dtype takes the fast reduction (dtype= costs ~1.6x on CPU);
+    # half types accumulate in float32 so that large finite gradients do not overflow it.
+    total = x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32)
+    if math.isfinite(total.item()):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _finite_or_zeroed(g: torch.Tensor, check: bool) -> Tuple[torch.Tensor, bool]:
+    if not check or all_finite(g):
+        return g, True
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), False
+
+
+def _compensate_and_select(buf, g, k, alpha, check):
     if buf.dim() != 1 or g.shape != buf.shape or g.dtype != buf.dtype or g.device != buf.device:
         raise ValueError("compensate_and_select needs 1-D buf and g of one shape, dtype and device; "
                          f"got buf {tuple(buf.shape)} {buf.dtype} {buf.device}, "
                          f"g {tuple(g.shape)} {g.dtype} {g.device}")
     n = buf.numel()
     plan = _sample_plan(n, k) if 0 < k < n else None
-    if plan is None:
-        return select_topk(_add_(buf, g, alpha), k)
-    stride, m = plan
-    sample = torch.add(buf[::stride], g[::stride], alpha=alpha)  # (s,)
-    threshold = _threshold(sample, m)  # from (buf + alpha g)[::stride], before the update
-    if alpha != 1.0 and buf.dtype not in (torch.float32, torch.float64):
-        # fp16/bf16 add with a scale rounds differently in the vectorised body and the scalar
-        # tail of torch's kernel, so only one whole-tensor add_ is bitwise buf.add_(g, alpha).
-        return _select_among(buf, _candidates(_add_(buf, g, alpha), threshold), k)
-    return _select_among(buf, _candidates(buf, threshold, g, alpha), k)
+    whole = (plan is None or buf.device.type != "cpu"
+             # fp16/bf16 add with a scale rounds differently in the vectorised body and the
+             # scalar tail of torch's kernel, so only one whole-tensor add_ is bitwise
+             # buf.add_(g, alpha).
+             or (alpha != 1.0 and buf.dtype not in (torch.float32, torch.float64)))
+    if whole:
+        g, finite = _finite_or_zeroed(g, check)
+        if plan is None:
+            return select_topk(_add_(buf, g, alpha), k), finite
+    sample = torch.add(buf[::plan[0]], g[::plan[0]], alpha=alpha)  # (s,)
+    if check:
+        sample = torch.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
+    threshold = _threshold(sample, plan[1])  # from (buf + alpha g)[::stride], before the update
+    if whole:
+        return _select_among(buf, _candidates(_add_(buf, g, alpha), threshold), k), finite
+    finite = [True]
+    cand = _candidates(buf, threshold, g, alpha, finite if check else None)
+    return _select_among(buf, cand, k), finite[0]
 
 
 def _sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:
@@ -162,9 +208,11 @@ def _threshold(sample: torch.Tensor, m: int) -> float:
 
 
 def _candidates(x: torch.Tensor, threshold: float, g: Optional[torch.Tensor] = None,
-                alpha: float = 1.0) -> torch.Tensor:
+                alpha: float = 1.0, finite: Optional[list] = None) -> torch.Tensor:
     """Ascending int64 indices of the entries with ``|x| > threshold``; with ``g``, each chunk
-    of ``x`` first gets ``x += alpha * g`` (in place), so ``x`` is the updated tensor."""
+    of ``x`` first gets ``x += alpha * g`` (in place), so ``x`` is the updated tensor. With a
+    ``finite`` list (CPU), NaN/Inf chunks of ``g`` are added with those entries as 0 and
+    ``finite[0]`` is set to False."""
     n = x.numel()
     if x.device.type != "cpu":
         if g is not None:
@@ -179,6 +227,9 @@ def _candidates(x: torch.Tensor, threshold: float, g: Optional[torch.Tensor] = N
     for i, (xc, gc) in enumerate(zip(x.split(chunk), g_chunks)):
         length = xc.numel()
         if gc is not None:
+            if finite is not None:
+                gc, ok = _finite_or_zeroed(gc, True)  # the chunk's sum, then the add: one read
+                finite[0] = finite[0] and ok
             _add_(xc, gc, alpha)
         mask[:length].copy_(torch.hardshrink(xc, threshold, out=shrunk[:length]))
         hit = np.flatnonzero(mask_np[:length])  # (c_chunk,) positions within the chunk

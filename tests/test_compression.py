@@ -144,3 +144,24 @@ def test_state_dict_round_trip_weights_only(tmp_path):
     other.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert other.steps == 1
     assert torch.equal(other.memory.get("a"), comp.memory.get("a"))
+
+
+def test_nonfinite_gradient_with_momentum_correction_keeps_memory_finite():
+    """Momentum path: NaN/Inf entries are dropped before the velocity sees them; after unsend()
+    (a step that is not applied) velocity and residual are those of a step whose gradient had
+    those entries at 0."""
+    comp = TopKCompressor(0.01, warmup_steps=0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        comp.compress(torch.randn(5000, generator=gen), name="w", momentum=0.9)
+        comp.step_done()
+    u, e = comp.velocity.get("w").clone(), comp.memory.get("w").clone()
+    g = torch.randn(5000, generator=gen)
+    g[7], g[4000] = float("nan"), float("-inf")
+    payload, ctx = comp.compress(g, name="w", momentum=0.9)
+    assert ctx.flags == 1
+    comp.unsend()
+    clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    u_expected = u.mul(0.9).add(clean)
+    assert torch.equal(comp.velocity.get("w"), u_expected)
+    assert torch.equal(comp.memory.get("w"), e.add(u_expected))
