@@ -18,6 +18,8 @@ setup(
     license_files=["LICENSE"],
     author="hvd_topk contributors",
     packages=find_packages(include=["hvd_topk", "hvd_topk.*"]),
+    # The CPU kernel's source, compiled on first use (hvd_topk/_cpu_kernel.py).
+    package_data={"hvd_topk": ["csrc/*.cpp"]},
     python_requires=">=3.9",
     # Torch and Horovod are deliberately unpinned ranges: scripts/install.sh installs
     # torch==2.13.0 (CPU) and builds Horovod with the C++17 fix; an environment that already
@@ -26,6 +28,7 @@ setup(
         "torch>=1.13",
         "horovod>=0.28",
         "numpy",
+        "ninja",  # builds the optional CPU kernel (torch.utils.cpp_extension)
         "mpi4py",
         "tensorboard",
         "tqdm",

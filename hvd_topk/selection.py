@@ -38,6 +38,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from ._cpu_kernel import cpu_kernel
+
 __all__ = ["num_selected", "index_dtype", "select_topk", "compensate_and_select",
            "compensate_finite_and_select", "all_finite", "SAMPLED_MIN_NUMEL", "CPU_CHUNK"]
 
@@ -175,9 +177,36 @@ def _compensate_and_select(buf, g, k, alpha, check):
     threshold = _threshold(sample, plan[1])  # from (buf + alpha g)[::stride], before the update
     if whole:
         return _select_among(buf, _candidates(_add_(buf, g, alpha), threshold), k), finite
-    finite = [True]
-    cand = _candidates(buf, threshold, g, alpha, finite if check else None)
-    return _select_among(buf, cand, k), finite[0]
+    # The kernel multiplies and adds separately; torch may fuse them (FMA). They agree bit for
+    # bit when alpha * g is exact: alpha == 1 or a power of two (GradScaler's 1 / scale).
+    exact_alpha = math.frexp(alpha)[0] == 0.5
+    kernel = cpu_kernel() if buf.dtype == torch.float32 and exact_alpha else None
+    if kernel is not None:
+        # Expected candidates: ~ m * stride (the threshold is the sample's m-th largest).
+        cap = 2 * plan[1] * plan[0] + 4096
+        cand, count, ok = kernel.compensate_candidates(buf, g, float(alpha), threshold, cap)
+        if count > cap:  # far more than expected (a very flat tensor): scan the updated buf
+            cand = _candidates(buf, threshold)
+        finite = [ok]
+    else:
+        finite = [True]
+        cand = _candidates(buf, threshold, g, alpha, finite if check else None)
+    vals = buf.index_select(0, cand)  # (c,)
+    if check and not _finite_at(buf, cand, vals):
+        finite[0] = False  # e + g overflowed somewhere: those entries were zeroed
+    return _select_among(buf, cand, k, vals), finite[0]
+
+
+def _finite_at(buf: torch.Tensor, cand: torch.Tensor, vals: torch.Tensor) -> bool:
+    """Whether ``buf`` is finite at the candidates (``vals = buf[cand]``) -- every non-finite
+    entry is one: ``!(|x| <= t)`` holds for NaN and Inf -- zeroing those that are not, in
+    ``buf`` and ``vals`` (a sum of finite values can overflow)."""
+    bad = ~torch.isfinite(vals)
+    if not bool(bad.any()):
+        return True
+    buf.index_fill_(0, cand[bad], 0)
+    vals.masked_fill_(bad, 0)
+    return False
 
 
 def _sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:
@@ -246,15 +275,16 @@ def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(mask.numpy())).long()
 
 
-def _select_among(x: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+def _select_among(x: torch.Tensor, cand: torch.Tensor, k: int,
+                  vals: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The exact top-k of ``x`` given ascending candidates that include one (or fewer than
-    ``k`` candidates, then a full topk); ascending."""
+    ``k`` candidates, then a full topk); ascending. ``vals``: ``x[cand]`` if already read."""
     c = cand.numel()
     if c < k:
         return _full_topk(x, k)  # the sample was unlucky: stay exact
     if c == k:
         return cand
-    mag = x.index_select(0, cand).abs()  # (c,)
+    mag = (x.index_select(0, cand) if vals is None else vals).abs()  # (c,)
     if mag.dtype in (torch.float16, torch.bfloat16):
         mag = mag.float()  # exact; CPU topk on half types is slow or missing on older torch
     # Keep the candidates' ascending order (a mask, not cand[pick]): the gather and zeroing in

@@ -12,7 +12,8 @@
 #      after the last release), with PyTorch + MPI + Gloo (+ NCCL when CUDA is present).
 #      The wheel is cached in $HVD_TOPK_CACHE keyed by Python/Torch/Horovod/device;
 #   5. `horovodrun --check-build`;
-#   6. `pip install -e .` with the project's dependencies.
+#   6. `pip install -e .` with the project's dependencies;
+#   7. the optional CPU kernel (hvd_topk/csrc), compiled once and cached by torch.
 #
 # Environment knobs:
 #   HVD_TOPK_VENV     venv path (default: <repo>/.venv); "none" installs into $HVD_TOPK_PYTHON
@@ -133,8 +134,16 @@ BIN="$(dirname "$PY")"
 "$BIN/horovodrun" --check-build >&2
 
 # 6. This project -----------------------------------------------------------------------
-if ! "$PY" -c "import hvd_topk, mpi4py, sklearn, tensorboard, tqdm, pytest, pytest_timeout, ruff, hypothesis, yaml, matplotlib" >/dev/null 2>&1; then
+if ! "$PY" -c "import hvd_topk, mpi4py, ninja, sklearn, tensorboard, tqdm, pytest, pytest_timeout, ruff, hypothesis, yaml, matplotlib" >/dev/null 2>&1; then
     log "pip install -e ${REPO}[test]"
     pip_install -e "${REPO}[test]"
+fi
+
+# 7. The CPU kernel (compensate + candidate scan), built now rather than at the first step ----
+# Cached by torch in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR); a no-op once built.
+if "$PY" -c "import sys; from hvd_topk._cpu_kernel import cpu_kernel; sys.exit(cpu_kernel() is None)"; then
+    log "CPU kernel ready"
+else
+    log "WARNING: the CPU kernel did not build; hvd_topk falls back to its slower torch path"
 fi
 log "ready: $PY"

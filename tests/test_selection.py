@@ -199,3 +199,33 @@ def test_top_mask_keeps_exactly_k_with_ties():
     mag = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 0.5, 2.0])
     keep = selection._top_mask(mag, 3)
     assert keep.sum() == 3 and keep[4] and mag[keep].sort().values.tolist() == [2.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0**-7])
+@pytest.mark.parametrize("poison", [None, "nan", "inf", "overflow"])
+def test_cpu_kernel_matches_the_torch_path(monkeypatch, alpha, poison):
+    """The compiled kernel (built by scripts/install.sh) and the torch/NumPy path give the same
+    buffer bit for bit, the same indices and the same finite flag -- NaN/Inf dropped, an
+    overflowing sum zeroed."""
+    from hvd_topk import _cpu_kernel
+    assert _cpu_kernel.cpu_kernel() is not None, "CPU kernel not built (compiler, ninja?)"
+    gen = torch.Generator().manual_seed(3)
+    n, k = 300_001, 3000
+    base = torch.randn(n, generator=gen) * 0.1
+    g = torch.randn(n, generator=gen)
+    if poison == "nan":
+        g[[5, 150_000, n - 1]] = float("nan")
+    elif poison == "inf":
+        g[77] = float("-inf")
+    elif poison == "overflow":
+        base[9], g[9] = 3.4e38, 3.4e38  # e + alpha g > float max for both alphas
+    results = []
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setattr(selection, "cpu_kernel", lambda: None)
+        buf = base.clone()
+        idx, finite = selection.compensate_finite_and_select(buf, g, k, alpha)
+        results.append((buf, idx, finite))
+    (b1, i1, f1), (b2, i2, f2) = results
+    assert torch.equal(b1, b2) and torch.equal(i1, i2) and f1 == f2 == (poison is None)
+    assert bool(torch.isfinite(b1).all())

@@ -1,0 +1,100 @@
+// hvd_topk CPU kernel: error feedback's compensate + the candidate scan of Top-K, in one walk.
+//
+// For a float32 residual buffer `buf` and gradient `g` (1-D, contiguous, same length):
+//
+//   g_i'  = g_i if g_i is finite, else 0          (a NaN/Inf never enters the residual)
+//   buf_i = buf_i + alpha * g_i'                   (in place; plain add when alpha == 1)
+//   candidates = { i : !(|buf_i| <= t) }           (ascending; NaN/Inf in buf are candidates)
+//
+// Returns (candidates int64 (min(c, cap),), c, g_all_finite). The loops over a block are
+// branch-free so the compiler vectorises them; the candidate positions come from the block's
+// byte mask, 8 bytes at a time (most words are zero at Top-K densities).
+// Built on first use by hvd_topk/_cpu_kernel.py (torch.utils.cpp_extension); the pure-torch
+// path in selection.py computes the same thing and is the reference in the tests.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kBlock = 2048;  // 8 KiB of floats: the block and its mask stay in L1
+
+inline bool is_nonfinite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) == 0x7f800000u;  // exponent all ones: Inf or NaN
+}
+
+std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf, torch::Tensor g,
+                                                               double alpha, double threshold,
+                                                               int64_t cap) {
+  TORCH_CHECK(buf.device().is_cpu() && g.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(buf.scalar_type() == torch::kFloat && g.scalar_type() == torch::kFloat,
+              "float32 tensors expected");
+  TORCH_CHECK(buf.is_contiguous() && g.is_contiguous() && buf.dim() == 1 &&
+                  g.numel() == buf.numel(), "1-D contiguous tensors of one length expected");
+  const int64_t n = buf.numel();
+  float* __restrict b = buf.data_ptr<float>();
+  const float* __restrict gp = g.data_ptr<float>();
+  auto out = torch::empty({std::max<int64_t>(cap, 0)}, torch::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const float a = static_cast<float>(alpha);
+  const float t = static_cast<float>(threshold);
+  int64_t count = 0;
+  uint32_t nonfinite = 0;
+  alignas(64) uint8_t mask[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(n - start, kBlock);
+    float* __restrict bb = b + start;
+    const float* __restrict gg = gp + start;
+    uint32_t nf = 0;
+    if (a == 1.0f) {
+      for (int64_t i = 0; i < len; ++i) {
+        const bool bad = is_nonfinite(gg[i]);
+        nf |= bad;
+        const float v = bb[i] + (bad ? 0.0f : gg[i]);
+        bb[i] = v;
+        mask[i] = !(std::fabs(v) <= t);
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const bool bad = is_nonfinite(gg[i]);
+        nf |= bad;
+        const float v = bb[i] + a * (bad ? 0.0f : gg[i]);
+        bb[i] = v;
+        mask[i] = !(std::fabs(v) <= t);
+      }
+    }
+    nonfinite |= nf;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, mask + i, sizeof word);
+      while (word) {
+        const int64_t pos = start + i + (__builtin_ctzll(word) >> 3);
+        if (count < cap) o[count] = pos;
+        ++count;
+        word &= word - 1;
+      }
+    }
+    for (; i < len; ++i) {
+      if (mask[i]) {
+        if (count < cap) o[count] = start + i;
+        ++count;
+      }
+    }
+  }
+  return {out.narrow(0, 0, std::min(count, std::max<int64_t>(cap, 0))), count, nonfinite == 0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compensate_candidates", &compensate_candidates,
+        "buf += alpha * finite(g) in place; ascending indices with |buf| > t (see file header)");
+}
