@@ -328,7 +328,8 @@ class TopKCompressor(Compressor):
         return pack(sent, idx.to(idt), ctx.signature, ctx.flags), ctx
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Scatter-add every rank's (values, indices) into a dense tensor, divided by ``ctx.divisor``.
+        """Scatter-add every rank's (values, indices), each divided by ``ctx.divisor``, into a
+        dense tensor.
 
         ``payload`` is one rank's payload or the allgather of ``world`` of them. A ``ctx`` of
         ``None`` marks a tensor the optimizer exchanged densely; it is returned unchanged.
@@ -362,10 +363,13 @@ class TopKCompressor(Compressor):
         if bad:
             self.nonfinite.append((ctx.name, bad))
             return out.fill_(float("nan")).view(ctx.shape)
-        out.zero_()
-        scatter_add_(out, indices.reshape(-1), values.reshape(-1))
+        values = values.reshape(-1).to(ctx.dtype)  # (world * k,)
         if ctx.divisor != 1:
-            out.div_(ctx.divisor)
+            # Divide the world * k gathered values, not the n-element result: every rank
+            # still computes the same bits (same bytes, same order).
+            values = values.div_(ctx.divisor)
+        out.zero_()
+        scatter_add_(out, indices.reshape(-1), values)
         return out.view(ctx.shape)
 
     def pop_nonfinite(self) -> List[Tuple[str, List[int]]]:

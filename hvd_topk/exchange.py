@@ -5,8 +5,8 @@
     rank r:  grad_r ──compress──► payload_r = [vals_r | idx_r]   (k entries, ~2k*4 bytes)
                                         │  allgather (Horovod; fused with other tensors)
     every rank:  [payload_0 | payload_1 | ... | payload_{P-1}]    (P * nbytes)
-                                        │  scatter-add into zeros(n), divide by P
-                     grad = (1/P) * Σ_r  scatter(vals_r at idx_r)
+                                        │  divide the P*k values by P, scatter-add into zeros(n)
+                     grad = Σ_r  scatter(vals_r / P at idx_r)
 
 Only the payloads cross the wire; nothing dense-sized does. Every rank sums the same gathered
 buffer in the same order, so every rank ends with bit-identical gradients.
