@@ -13,8 +13,9 @@ from horovod.torch.compression import Compressor
 from .exchange import scatter_add_
 from .memory import ResidualMemory
 from .packing import FLAG_NONFINITE, HEADER_BYTES, pack, payload_nbytes, unpack
-from .selection import (_finite_or_zeroed, compensate_and_select,
-                        compensate_finite_and_select, index_dtype, num_selected, select_topk)
+from .selection import (_finite_or_zeroed, compensate_and_select, compensate_finite_and_select,
+                        index_dtype, momentum_compensate_finite_and_select, num_selected,
+                        select_topk)
 
 __all__ = ["TopKCompressor", "SparseContext", "sparse_is_cheaper", "RankMismatchError"]
 
@@ -279,32 +280,7 @@ class TopKCompressor(Compressor):
         inv = 1.0 / scale
         # A NaN/Inf must never enter the residual (it would stay there and poison every later
         # step): non-finite entries are dropped on the way in and the payload is flagged.
-        checked = self.local_clip_norm is not None or momentum > 0
-        finite = True
-        if checked:  # clipping and momentum read g in full first: check it before they do
-            g, finite = _finite_or_zeroed(g, True)
-        if self.local_clip_norm is not None:
-            # DGC 3.3: clip each rank's gradient to max_norm / sqrt(P), before accumulation.
-            limit = self.local_clip_norm / math.sqrt(max(1, self.world_size))
-            norm = torch.linalg.vector_norm(g.float()) * inv  # of the unscaled gradient
-            g = g * (limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype)
-        u = None
-        alpha = inv  # what g is multiplied by as it enters the residual
-        if momentum > 0:
-            u = self.velocity.decay_add(name, g, momentum, alpha=inv)  # (n,) u = m u + g/s
-            g = (g * inv + momentum * u) if nesterov else u
-            alpha = 1.0
-        buf = self.memory.buffer(name, g)  # (n,) e, or None on the first step
-        if buf is None:
-            if not checked:
-                g, finite = _finite_or_zeroed(g, True)
-            buf = self.memory.compensate(name, g, alpha=alpha)  # (n,) = g/s
-            idx = select_topk(buf, k)  # (k,) int64
-        elif checked:
-            # buf = e + g/s in place, fused with the candidate pass: one walk over memory.
-            idx = compensate_and_select(buf, g.contiguous(), k, alpha)  # (k,) int64
-        else:  # the same walk also sums each chunk of g before adding it (the finite check)
-            idx, finite = compensate_finite_and_select(buf, g.contiguous(), k, alpha)
+        buf, idx, u, finite = self._update_and_select(name, g, k, momentum, nesterov, inv)
         if not finite:
             ctx.flags = FLAG_NONFINITE
         vals = buf.index_select(0, idx)  # (k,) unscaled
@@ -326,6 +302,42 @@ class TopKCompressor(Compressor):
             u.index_fill_(0, idx, 0)  # DGC momentum factor masking: no stale momentum on what was sent
         self._pending[name] = (buf, idx, vals, u, u_sent)  # for unsend(), until step_done()
         return pack(sent, idx.to(idt), ctx.signature, ctx.flags), ctx
+
+    def _update_and_select(self, name: str, g: torch.Tensor, k: int, momentum: float,
+                           nesterov: bool, inv: float):
+        """Error feedback's update (and momentum correction's), then the exact top-k:
+        ``(residual buffer, indices, velocity or None, g was finite)``. The common cases run as
+        one walk over memory (``selection.py``); the first step of a name, Nesterov and local
+        clipping take separate passes."""
+        finite = True
+        if self.local_clip_norm is not None:
+            g, finite = _finite_or_zeroed(g, True)  # clipping reads g in full first
+            # DGC 3.3: clip each rank's gradient to max_norm / sqrt(P), before accumulation.
+            limit = self.local_clip_norm / math.sqrt(max(1, self.world_size))
+            norm = torch.linalg.vector_norm(g.float()) * inv  # of the unscaled gradient
+            g = g * (limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype)
+        buf = self.memory.buffer(name, g)  # (n,) e, or None on the first step
+        if momentum <= 0:
+            if buf is None:
+                g, ok = _finite_or_zeroed(g, True)
+                buf = self.memory.compensate(name, g, alpha=inv)  # (n,) = g/s
+                return buf, select_topk(buf, k), None, finite and ok
+            # buf = e + g/s in place, finite check and candidate scan: one walk.
+            idx, ok = compensate_finite_and_select(buf, g.contiguous(), k, inv)
+            return buf, idx, None, finite and ok
+        u = self.velocity.buffer(name, g)
+        if u is not None and buf is not None and not nesterov:
+            # u = m u + g/s; v += u; candidates of |v|: one walk (DGC momentum correction).
+            idx, ok = momentum_compensate_finite_and_select(buf, u, g.contiguous(), k, momentum, inv)
+            return buf, idx, u, finite and ok
+        g, ok = _finite_or_zeroed(g, True)
+        finite = finite and ok
+        u = self.velocity.decay_add(name, g, momentum, alpha=inv)  # (n,) u = m u + g/s
+        x = (g * inv + momentum * u) if nesterov else u  # what enters the residual
+        if buf is None:
+            buf = self.memory.compensate(name, x)
+            return buf, select_topk(buf, k), u, finite
+        return buf, compensate_and_select(buf, x.contiguous(), k), u, finite
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Scatter-add every rank's (values, indices), each divided by ``ctx.divisor``, into a

@@ -41,7 +41,8 @@ import torch
 from ._cpu_kernel import cpu_kernel
 
 __all__ = ["num_selected", "index_dtype", "select_topk", "compensate_and_select",
-           "compensate_finite_and_select", "all_finite", "SAMPLED_MIN_NUMEL", "CPU_CHUNK"]
+           "compensate_finite_and_select", "momentum_compensate_finite_and_select", "all_finite",
+           "SAMPLED_MIN_NUMEL", "CPU_CHUNK"]
 
 # Below this many elements a full torch.topk is already cheap; the sampled path only pays
 # for itself on large tensors.
@@ -134,6 +135,44 @@ def compensate_finite_and_select(buf: torch.Tensor, g: torch.Tensor, k: int,
         whether every entry of ``g`` was finite.
     """
     return _compensate_and_select(buf, g, k, alpha, check=True)
+
+
+def momentum_compensate_finite_and_select(v: torch.Tensor, u: torch.Tensor, g: torch.Tensor, k: int,
+                                          momentum: float, alpha: float = 1.0) -> Tuple[torch.Tensor, bool]:
+    """DGC momentum correction's update and the selection, in one walk over memory:
+    ``u = momentum * u + alpha * g``; ``v += u``; the top-k of ``|v|`` (NaN/Inf entries of
+    ``g`` added as 0).
+
+    The same bits as ``u.mul_(momentum).add_(g, alpha=alpha)`` followed by
+    ``compensate_finite_and_select(v, u, k)`` (which is what runs without the CPU kernel).
+
+    Returns:
+        ``(indices, finite)`` as ``compensate_finite_and_select``.
+    """
+    n = v.numel()
+    plan = _sample_plan(n, k) if 0 < k < n else None
+    kernel = None
+    if (plan is not None and v.device.type == "cpu" and v.dtype == torch.float32
+            and math.frexp(alpha)[0] == 0.5):
+        kernel = cpu_kernel()
+    if kernel is None:
+        g, finite = _finite_or_zeroed(g, True)
+        _add_(u.mul_(momentum), g, alpha)
+        idx, ok = _compensate_and_select(v, u, k, 1.0, check=True)
+        return idx, finite and ok
+    stride, m = plan
+    u_s = _add_(u[::stride] * momentum, torch.nan_to_num(g[::stride], nan=0.0, posinf=0.0,
+                                                           neginf=0.0), alpha)
+    threshold = _threshold(torch.nan_to_num(v[::stride] + u_s, nan=0.0, posinf=0.0, neginf=0.0), m)
+    cap = 2 * m * stride + 4096
+    cand, count, finite = kernel.momentum_candidates(v, u, g, float(momentum), float(alpha),
+                                                     threshold, cap)
+    if count > cap:
+        cand = _candidates(v, threshold)
+    vals = v.index_select(0, cand)  # (c,)
+    if not _finite_at(v, cand, vals):
+        finite = False
+    return _select_among(v, cand, k, vals), finite
 
 
 def all_finite(x: torch.Tensor) -> bool:

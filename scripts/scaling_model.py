@@ -15,9 +15,12 @@ density-aware exchange (``hvd_topk.sparse_is_cheaper``) allreduces densely from 
 Calibration (``--measured docs/performance/network.json`` from ``bench_network.py``): the floor,
 the effective bandwidth ``beta = dense bytes on the wire / (dense step - floor)`` and the
 Top-K 1% overhead ``step - floor - T_ag`` of each model and link. The 2-host rows of the other
-methods (fp16, Top-K 0.1%) are held out and printed next to the model's prediction. Run::
+methods (fp16, Top-K 0.1%) are held out and printed next to the model's prediction, and so are
+3-host runs (``--measured-3``): their communication is predicted from the 2-host calibration
+(only the compute floor is taken from the 3-host run, whose ranks share the same cores). Run::
 
-    python scripts/scaling_model.py --measured docs/performance/network.json --out-dir docs/performance
+    python scripts/scaling_model.py --measured docs/performance/network.json \
+        --measured-3 docs/performance/hosts3/network.json --out-dir docs/performance
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha-us", type=float, default=50.0, help="per-message latency (us)")
     p.add_argument("--scatter-ns", type=float, default=2.0,
                    help="decompress cost per gathered entry (ns), scatter-add on one CPU core")
+    p.add_argument("--measured-3", default=None,
+                   help="network.json of a 3-host run (bench_network.py --hosts 3): predicted from "
+                        "the 2-host calibration and its own floor, printed against the measurement")
     p.add_argument("--out-dir", default=None, help="write scaling.md and scaling.png")
     return p.parse_args(argv)
 
@@ -120,6 +126,8 @@ def build(args: argparse.Namespace) -> str:
                 checks.append(f"| {model} | {rate} | {method} | {1e3 * pred:.0f} | "
                               f"{rows[method]['step_ms']:.0f} |")
     text = "\n".join(out) + "\n"
+    if args.measured_3:
+        text += three_host_check(measured, json.loads(Path(args.measured_3).read_text()), alpha, scatter)
     if checks:
         text += ("\nHeld-out 2-host check (not used to calibrate):\n\n| model | link | method | "
                  "predicted ms | measured ms |\n|---|---|---|---:|---:|\n" + "\n".join(checks) + "\n")
@@ -132,6 +140,51 @@ def build(args: argparse.Namespace) -> str:
         (out_dir / "scaling.md").write_text(text)
         plot(curves, out_dir / "scaling.png")
     return text
+
+
+def three_host_check(measured2: List[dict], measured3: List[dict], alpha: float, scatter: float) -> str:
+    """P = 3 predicted from the P = 2 calibration (beta, compress) and the 3-host floor."""
+    lines = []
+    for model in PARAMS:
+        for rate in RATES:
+            rows3 = {r["method"]: r for r in measured3 if r["model"] == model and r["rate"] == rate}
+            if "none" not in rows3 or not any(r["model"] == model and r["rate"] == rate for r in measured2):
+                continue
+            cal = calibrate(measured2, model, rate)
+            floor3, n = rows3["none"]["step_ms"] / 1e3, cal["n"]
+            preds = {
+                "dense": floor3 + ring_allreduce_s(3, n * 4, alpha, cal["beta"]),
+                "fp16": floor3 + ring_allreduce_s(3, n * 2, alpha, cal["beta"]),
+                "topk1": predict(3, n, 0.01, floor3, cal["compress"], alpha, cal["beta"], scatter)["topk"],
+                "topk0.1": predict(3, n, 0.001, floor3, cal["compress"], alpha, cal["beta"], scatter)["topk"],
+            }
+            for method, pred in preds.items():
+                if method in rows3:
+                    got = rows3[method]["step_ms"]
+                    ring_mb = _ring_bytes(3, n, method) / 1e6
+                    # The same beta applied to the bytes the link really carried (MPI may not
+                    # run a ring), plus the calibrated compression cost for Top-K.
+                    extra = cal["compress"] if method.startswith("topk") else 0.0
+                    by_bytes = floor3 + extra + rows3[method]["bytes_per_step"] / cal["beta"]
+                    lines.append(f"| {model} | {rate} | {method} | {1e3 * pred:.0f} | "
+                                 f"{100 * (1e3 * pred - got) / got:+.0f}% | {ring_mb:.2f} | "
+                                 f"{rows3[method]['bytes_per_step'] / 1e6:.2f} | {1e3 * by_bytes:.0f} | "
+                                 f"{100 * (1e3 * by_bytes - got) / got:+.0f}% | {got:.0f} |")
+    if not lines:
+        return ""
+    return ("\n3-host check (from the 2-host calibration; only the compute floor is the 3-host "
+            "run's). *ring*: the alpha-beta model; *wire*: the same beta over the bytes rank 0's "
+            "link really carried:\n\n| model | link | method | ring ms | error | ring MB | wire MB | "
+            "wire ms | error | measured ms |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+            + "\n".join(lines) + "\n")
+
+
+def _ring_bytes(p: int, n: int, method: str) -> float:
+    """Bytes one rank sends per step in the model (ring algorithms)."""
+    if method in ("dense", "fp16"):
+        return 2 * (p - 1) / p * n * (4 if method == "dense" else 2)
+    k = hvd_topk.num_selected(n, 0.01 if method == "topk1" else 0.001)
+    return (p - 1) * k * 8
 
 
 def plot(curves, path: Path) -> None:

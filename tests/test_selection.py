@@ -229,3 +229,29 @@ def test_cpu_kernel_matches_the_torch_path(monkeypatch, alpha, poison):
     (b1, i1, f1), (b2, i2, f2) = results
     assert torch.equal(b1, b2) and torch.equal(i1, i2) and f1 == f2 == (poison is None)
     assert bool(torch.isfinite(b1).all())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0**-5])
+@pytest.mark.parametrize("poison", [None, "nan"])
+def test_momentum_kernel_matches_the_torch_path(monkeypatch, alpha, poison):
+    """DGC momentum correction fused (u = m u + alpha g; v += u; select) gives the bits of
+    the separate torch passes, velocity included."""
+    from hvd_topk import _cpu_kernel
+    assert _cpu_kernel.cpu_kernel() is not None, "CPU kernel not built (compiler, ninja?)"
+    gen = torch.Generator().manual_seed(4)
+    n, k = 200_003, 2000
+    v0, u0, g = (torch.randn(n, generator=gen) for _ in range(3))
+    if poison:
+        g[[0, 99_999]] = float("nan")
+    results = []
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setattr(selection, "cpu_kernel", lambda: None)
+        v, u = v0.clone(), u0.clone()
+        idx, finite = selection.momentum_compensate_finite_and_select(v, u, g, k, 0.9, alpha)
+        results.append((v, u, idx, finite))
+    (v1, u1, i1, f1), (v2, u2, i2, f2) = results
+    assert torch.equal(u1, u2) and torch.equal(v1, v2) and torch.equal(i1, i2)
+    assert f1 == f2 == (poison is None)
+    expected_u = u0.mul(0.9).add(torch.nan_to_num(g, nan=0.0), alpha=alpha)
+    assert torch.equal(u1, expected_u) and torch.equal(v1, v0 + expected_u)

@@ -30,6 +30,28 @@ inline bool is_nonfinite(float x) {
   return (bits & 0x7f800000u) == 0x7f800000u;  // exponent all ones: Inf or NaN
 }
 
+// Collects the positions of the nonzero bytes of mask[0, len) as start + i.
+inline void emit(const uint8_t* mask, int64_t len, int64_t start, int64_t* o, int64_t cap,
+                 int64_t& count) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, mask + i, sizeof word);
+    while (word) {
+      const int64_t pos = start + i + (__builtin_ctzll(word) >> 3);
+      if (count < cap) o[count] = pos;
+      ++count;
+      word &= word - 1;
+    }
+  }
+  for (; i < len; ++i) {
+    if (mask[i]) {
+      if (count < cap) o[count] = start + i;
+      ++count;
+    }
+  }
+}
+
 std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf, torch::Tensor g,
                                                                double alpha, double threshold,
                                                                int64_t cap) {
@@ -71,23 +93,55 @@ std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf
       }
     }
     nonfinite |= nf;
-    int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      uint64_t word;
-      std::memcpy(&word, mask + i, sizeof word);
-      while (word) {
-        const int64_t pos = start + i + (__builtin_ctzll(word) >> 3);
-        if (count < cap) o[count] = pos;
-        ++count;
-        word &= word - 1;
-      }
+    emit(mask, len, start, o, cap, count);
+  }
+  return {out.narrow(0, 0, std::min(count, std::max<int64_t>(cap, 0))), count, nonfinite == 0};
+}
+
+// DGC momentum correction fused the same way (no Nesterov):
+//   u_i = momentum * u_i + alpha * finite(g_i);   v_i = v_i + u_i;   candidates |v_i| > t.
+// The same bits as u.mul_(momentum).add_(g, alpha=alpha); v.add_(u) when alpha * g is exact.
+std::tuple<torch::Tensor, int64_t, bool> momentum_candidates(torch::Tensor v, torch::Tensor u,
+                                                             torch::Tensor g, double momentum,
+                                                             double alpha, double threshold,
+                                                             int64_t cap) {
+  TORCH_CHECK(v.device().is_cpu() && u.device().is_cpu() && g.device().is_cpu(),
+              "CPU tensors expected");
+  TORCH_CHECK(v.scalar_type() == torch::kFloat && u.scalar_type() == torch::kFloat &&
+                  g.scalar_type() == torch::kFloat, "float32 tensors expected");
+  TORCH_CHECK(v.is_contiguous() && u.is_contiguous() && g.is_contiguous() && v.dim() == 1 &&
+                  u.numel() == v.numel() && g.numel() == v.numel(),
+              "1-D contiguous tensors of one length expected");
+  const int64_t n = v.numel();
+  float* __restrict vp = v.data_ptr<float>();
+  float* __restrict up = u.data_ptr<float>();
+  const float* __restrict gp = g.data_ptr<float>();
+  auto out = torch::empty({std::max<int64_t>(cap, 0)}, torch::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const float m = static_cast<float>(momentum);
+  const float a = static_cast<float>(alpha);
+  const float t = static_cast<float>(threshold);
+  int64_t count = 0;
+  uint32_t nonfinite = 0;
+  alignas(64) uint8_t mask[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(n - start, kBlock);
+    float* __restrict vv = vp + start;
+    float* __restrict uu = up + start;
+    const float* __restrict gg = gp + start;
+    uint32_t nf = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const bool bad = is_nonfinite(gg[i]);
+      nf |= bad;
+      const float gi = bad ? 0.0f : gg[i];
+      const float ui = m * uu[i] + (a == 1.0f ? gi : a * gi);
+      uu[i] = ui;
+      const float vi = vv[i] + ui;
+      vv[i] = vi;
+      mask[i] = !(std::fabs(vi) <= t);
     }
-    for (; i < len; ++i) {
-      if (mask[i]) {
-        if (count < cap) o[count] = start + i;
-        ++count;
-      }
-    }
+    nonfinite |= nf;
+    emit(mask, len, start, o, cap, count);
   }
   return {out.narrow(0, 0, std::min(count, std::max<int64_t>(cap, 0))), count, nonfinite == 0};
 }
@@ -97,4 +151,6 @@ std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compensate_candidates", &compensate_candidates,
         "buf += alpha * finite(g) in place; ascending indices with |buf| > t (see file header)");
+  m.def("momentum_candidates", &momentum_candidates,
+        "u = m u + alpha finite(g); v += u (in place); ascending indices with |v| > t");
 }
