@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 
 namespace {
@@ -30,44 +31,62 @@ inline bool is_nonfinite(float x) {
   return (bits & 0x7f800000u) == 0x7f800000u;  // exponent all ones: Inf or NaN
 }
 
-// Collects the positions of the nonzero bytes of mask[0, len) as start + i.
-inline void emit(const uint8_t* mask, int64_t len, int64_t start, int64_t* o, int64_t cap,
-                 int64_t& count) {
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    uint64_t word;
-    std::memcpy(&word, mask + i, sizeof word);
-    while (word) {
-      const int64_t pos = start + i + (__builtin_ctzll(word) >> 3);
-      if (count < cap) o[count] = pos;
-      ++count;
-      word &= word - 1;
-    }
-  }
-  for (; i < len; ++i) {
-    if (mask[i]) {
-      if (count < cap) o[count] = start + i;
-      ++count;
-    }
+void check_vectors(std::initializer_list<torch::Tensor> tensors) {
+  const int64_t n = tensors.begin()->numel();
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() &&
+                    t.dim() == 1 && t.numel() == n,
+                "1-D contiguous float32 CPU tensors of one length expected");
   }
 }
+
+// The ascending candidate positions, at most `cap` of them stored (all counted).
+struct Candidates {
+  explicit Candidates(int64_t capacity)
+      : cap(std::max<int64_t>(capacity, 0)), out(torch::empty({cap}, torch::kLong)),
+        o(out.data_ptr<int64_t>()) {}
+
+  // Appends start + i for every nonzero byte mask[i], i < len: 8 bytes at a time.
+  void emit(const uint8_t* mask, int64_t len, int64_t start) {
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, mask + i, sizeof word);
+      while (word) {
+        push(start + i + (__builtin_ctzll(word) >> 3));
+        word &= word - 1;
+      }
+    }
+    for (; i < len; ++i) {
+      if (mask[i]) push(start + i);
+    }
+  }
+
+  std::tuple<torch::Tensor, int64_t, bool> result(bool finite) const {
+    return {out.narrow(0, 0, std::min(count, cap)), count, finite};
+  }
+
+ private:
+  void push(int64_t pos) {
+    if (count < cap) o[count] = pos;
+    ++count;
+  }
+  int64_t cap;
+  torch::Tensor out;
+  int64_t* o;
+  int64_t count = 0;
+};
 
 std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf, torch::Tensor g,
                                                                double alpha, double threshold,
                                                                int64_t cap) {
-  TORCH_CHECK(buf.device().is_cpu() && g.device().is_cpu(), "CPU tensors expected");
-  TORCH_CHECK(buf.scalar_type() == torch::kFloat && g.scalar_type() == torch::kFloat,
-              "float32 tensors expected");
-  TORCH_CHECK(buf.is_contiguous() && g.is_contiguous() && buf.dim() == 1 &&
-                  g.numel() == buf.numel(), "1-D contiguous tensors of one length expected");
+  check_vectors({buf, g});
   const int64_t n = buf.numel();
   float* __restrict b = buf.data_ptr<float>();
   const float* __restrict gp = g.data_ptr<float>();
-  auto out = torch::empty({std::max<int64_t>(cap, 0)}, torch::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
+  Candidates cands(cap);
   const float a = static_cast<float>(alpha);
   const float t = static_cast<float>(threshold);
-  int64_t count = 0;
   uint32_t nonfinite = 0;
   alignas(64) uint8_t mask[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
@@ -93,9 +112,9 @@ std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf
       }
     }
     nonfinite |= nf;
-    emit(mask, len, start, o, cap, count);
+    cands.emit(mask, len, start);
   }
-  return {out.narrow(0, 0, std::min(count, std::max<int64_t>(cap, 0))), count, nonfinite == 0};
+  return cands.result(nonfinite == 0);
 }
 
 // DGC momentum correction fused the same way (no Nesterov):
@@ -105,23 +124,15 @@ std::tuple<torch::Tensor, int64_t, bool> momentum_candidates(torch::Tensor v, to
                                                              torch::Tensor g, double momentum,
                                                              double alpha, double threshold,
                                                              int64_t cap) {
-  TORCH_CHECK(v.device().is_cpu() && u.device().is_cpu() && g.device().is_cpu(),
-              "CPU tensors expected");
-  TORCH_CHECK(v.scalar_type() == torch::kFloat && u.scalar_type() == torch::kFloat &&
-                  g.scalar_type() == torch::kFloat, "float32 tensors expected");
-  TORCH_CHECK(v.is_contiguous() && u.is_contiguous() && g.is_contiguous() && v.dim() == 1 &&
-                  u.numel() == v.numel() && g.numel() == v.numel(),
-              "1-D contiguous tensors of one length expected");
+  check_vectors({v, u, g});
   const int64_t n = v.numel();
   float* __restrict vp = v.data_ptr<float>();
   float* __restrict up = u.data_ptr<float>();
   const float* __restrict gp = g.data_ptr<float>();
-  auto out = torch::empty({std::max<int64_t>(cap, 0)}, torch::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
+  Candidates cands(cap);
   const float m = static_cast<float>(momentum);
   const float a = static_cast<float>(alpha);
   const float t = static_cast<float>(threshold);
-  int64_t count = 0;
   uint32_t nonfinite = 0;
   alignas(64) uint8_t mask[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
@@ -141,9 +152,9 @@ std::tuple<torch::Tensor, int64_t, bool> momentum_candidates(torch::Tensor v, to
       mask[i] = !(std::fabs(vi) <= t);
     }
     nonfinite |= nf;
-    emit(mask, len, start, o, cap, count);
+    cands.emit(mask, len, start);
   }
-  return {out.narrow(0, 0, std::min(count, std::max<int64_t>(cap, 0))), count, nonfinite == 0};
+  return cands.result(nonfinite == 0);
 }
 
 }  // namespace
