@@ -102,7 +102,9 @@ class TopKCompressor(Compressor):
        ``hvd_topk.DistributedOptimizer``;
     4. keep the rest: ``e[name] = c - sent``, so ``residual + sent == c`` exactly and no
        gradient is ever lost, only delayed (Lin et al. 2018, *Deep Gradient Compression*;
-       Karimireddy et al. 2019, *Error Feedback Fixes SignSGD*).
+       Karimireddy et al. 2019, *Error Feedback Fixes SignSGD*). One exception: with a
+       narrower ``value_dtype``, a value beyond its range is sent clamped and ``c - sent``
+       rounds to ``c``'s dtype.
 
     ``decompress`` scatter-adds every rank's entries into a dense tensor.
 
