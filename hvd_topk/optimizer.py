@@ -182,7 +182,14 @@ class _TopKMethods:
         t0 = time.perf_counter()
         if self._check_model and getattr(self._compression, "is_sparse", False):
             self._check_same_model()
-        _HorovodOptimizer.synchronize(self)
+        try:
+            _HorovodOptimizer.synchronize(self)
+        except RankMismatchError:
+            # Every rank finds the mismatch in the same gathered bytes, but not at the same
+            # moment: wait for this step's other collectives first, so that no rank exits
+            # while another still needs it and every rank reports the same error.
+            self._drain_handles()
+            raise
         self._scale = None
         self._nonfinite = self._find_nonfinite()
         if self._nonfinite and hasattr(self._compression, "unsend"):
@@ -204,6 +211,14 @@ class _TopKMethods:
                         "compress %.1f ms, wait %.1f ms", n, stats.bytes_sent / 1e3,
                         100 * stats.density, stats.sparse_tensors, stats.dense_tensors,
                         stats.compress_ms, stats.wait_ms)
+
+    def _drain_handles(self):
+        for handle, _ in list(self._handles.values()):
+            try:
+                handle() if callable(handle) else mpi_ops.synchronize(handle)
+            except Exception:  # already consumed, or the collective itself failed
+                pass
+        self._handles.clear()
 
     def _check_same_model(self):
         """Raise ``RankMismatchError`` on every rank unless all ranks hold the same parameters
