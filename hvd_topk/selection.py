@@ -3,7 +3,9 @@
 ``select_topk(x, k)`` returns the indices of the ``k`` entries of ``x`` with the largest
 ``|x|`` -- the same set ``torch.topk(x.abs(), k)`` picks, up to ties.
 ``compensate_and_select(buf, g, k)`` does ``buf += g`` in place and selects from the result
-in the same pass over memory (error feedback's compensate + select).
+in the same pass over memory (error feedback's compensate + select);
+``compensate_finite_and_select`` also keeps NaN/Inf out of ``buf``, and
+``momentum_compensate_finite_and_select`` adds DGC's momentum correction to the same walk.
 
 For large tensors both avoid a full ``torch.topk`` (~30-70x slower than a copy on CPU) with
 the sampled threshold of Deep Gradient Compression (Lin et al., 2018), made exact:
@@ -24,7 +26,10 @@ is ~4x slower on CPU). With ``compensate_and_select`` the chunk's ``add_`` runs 
 the chunk is in cache, so the buffer and the gradient are read once. Step 4 uses a
 histogram of the candidates' magnitudes (``_top_mask``) instead of a ``topk`` over all of
 them. On accelerators one pass over the whole tensor is best (kernel launches, not cache
-misses, are what a loop adds).
+misses, are what a loop adds). For float32 on CPU the compensate / finite check / candidate
+walk runs in a small C++ kernel when it is available (``_cpu_kernel.py``,
+``csrc/compensate_cpu.cpp``): the same bits, about twice as fast; the torch/NumPy path above
+is its fallback and its reference in the tests.
 
 ``scripts/bench_compression.py`` measures it against ``torch.topk`` and one copy.
 """
