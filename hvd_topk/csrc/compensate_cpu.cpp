@@ -3,7 +3,7 @@
 // For a float32 residual buffer `buf` and gradient `g` (1-D, contiguous, same length):
 //
 //   g_i'  = g_i if g_i is finite, else 0          (a NaN/Inf never enters the residual)
-//   buf_i = buf_i + alpha * g_i'                   (in place; plain add when alpha == 1)
+//   buf_i = buf_i + alpha * g_i'                   (in place)
 //   candidates = { i : !(|buf_i| <= t) }           (ascending; NaN/Inf in buf are candidates)
 //
 // Returns (candidates int64 (min(c, cap),), c, g_all_finite). The loops over a block are
@@ -77,44 +77,49 @@ struct Candidates {
   int64_t count = 0;
 };
 
-std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf, torch::Tensor g,
-                                                               double alpha, double threshold,
-                                                               int64_t cap) {
-  check_vectors({buf, g});
-  const int64_t n = buf.numel();
-  float* __restrict b = buf.data_ptr<float>();
-  const float* __restrict gp = g.data_ptr<float>();
+// Walks [0, n) in blocks: `block(start, len, mask)` updates its block, fills mask[0, len)
+// with 0/1 and returns nonzero if it met a non-finite gradient entry; the candidates are
+// collected from the masks. Inlined into each kernel, so its loop vectorises there.
+template <typename Block>
+std::tuple<torch::Tensor, int64_t, bool> scan_blocks(int64_t n, int64_t cap, Block block) {
   Candidates cands(cap);
-  const float a = static_cast<float>(alpha);
-  const float t = static_cast<float>(threshold);
   uint32_t nonfinite = 0;
   alignas(64) uint8_t mask[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t len = std::min(n - start, kBlock);
-    float* __restrict bb = b + start;
-    const float* __restrict gg = gp + start;
-    uint32_t nf = 0;
-    if (a == 1.0f) {
-      for (int64_t i = 0; i < len; ++i) {
-        const bool bad = is_nonfinite(gg[i]);
-        nf |= bad;
-        const float v = bb[i] + (bad ? 0.0f : gg[i]);
-        bb[i] = v;
-        mask[i] = !(std::fabs(v) <= t);
-      }
-    } else {
-      for (int64_t i = 0; i < len; ++i) {
-        const bool bad = is_nonfinite(gg[i]);
-        nf |= bad;
-        const float v = bb[i] + a * (bad ? 0.0f : gg[i]);
-        bb[i] = v;
-        mask[i] = !(std::fabs(v) <= t);
-      }
-    }
-    nonfinite |= nf;
+    nonfinite |= block(start, len, mask);
     cands.emit(mask, len, start);
   }
   return cands.result(nonfinite == 0);
+}
+
+// finite(g_i) as a value: g_i, or 0 for NaN/Inf (recorded in nf). alpha * g is exactly g for
+// alpha == 1, so one loop serves both.
+inline float finite_or_zero(float x, uint32_t& nf) {
+  const bool bad = is_nonfinite(x);
+  nf |= bad;
+  return bad ? 0.0f : x;
+}
+
+std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf, torch::Tensor g,
+                                                               double alpha, double threshold,
+                                                               int64_t cap) {
+  check_vectors({buf, g});
+  float* __restrict b = buf.data_ptr<float>();
+  const float* __restrict gp = g.data_ptr<float>();
+  const float a = static_cast<float>(alpha);
+  const float t = static_cast<float>(threshold);
+  return scan_blocks(buf.numel(), cap, [=](int64_t start, int64_t len, uint8_t* mask) {
+    float* __restrict bb = b + start;
+    const float* __restrict gg = gp + start;
+    uint32_t nf = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = bb[i] + a * finite_or_zero(gg[i], nf);
+      bb[i] = v;
+      mask[i] = !(std::fabs(v) <= t);
+    }
+    return nf;
+  });
 }
 
 // DGC momentum correction fused the same way (no Nesterov):
@@ -125,36 +130,26 @@ std::tuple<torch::Tensor, int64_t, bool> momentum_candidates(torch::Tensor v, to
                                                              double alpha, double threshold,
                                                              int64_t cap) {
   check_vectors({v, u, g});
-  const int64_t n = v.numel();
   float* __restrict vp = v.data_ptr<float>();
   float* __restrict up = u.data_ptr<float>();
   const float* __restrict gp = g.data_ptr<float>();
-  Candidates cands(cap);
   const float m = static_cast<float>(momentum);
   const float a = static_cast<float>(alpha);
   const float t = static_cast<float>(threshold);
-  uint32_t nonfinite = 0;
-  alignas(64) uint8_t mask[kBlock];
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t len = std::min(n - start, kBlock);
+  return scan_blocks(v.numel(), cap, [=](int64_t start, int64_t len, uint8_t* mask) {
     float* __restrict vv = vp + start;
     float* __restrict uu = up + start;
     const float* __restrict gg = gp + start;
     uint32_t nf = 0;
     for (int64_t i = 0; i < len; ++i) {
-      const bool bad = is_nonfinite(gg[i]);
-      nf |= bad;
-      const float gi = bad ? 0.0f : gg[i];
-      const float ui = m * uu[i] + (a == 1.0f ? gi : a * gi);
+      const float ui = m * uu[i] + a * finite_or_zero(gg[i], nf);
       uu[i] = ui;
       const float vi = vv[i] + ui;
       vv[i] = vi;
       mask[i] = !(std::fabs(vi) <= t);
     }
-    nonfinite |= nf;
-    cands.emit(mask, len, start);
-  }
-  return cands.result(nonfinite == 0);
+    return nf;
+  });
 }
 
 }  // namespace
