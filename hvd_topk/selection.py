@@ -156,10 +156,7 @@ def momentum_compensate_finite_and_select(v: torch.Tensor, u: torch.Tensor, g: t
     """
     n = v.numel()
     plan = _sample_plan(n, k) if 0 < k < n else None
-    kernel = None
-    if (plan is not None and v.device.type == "cpu" and v.dtype == torch.float32
-            and math.frexp(alpha)[0] == 0.5):
-        kernel = cpu_kernel()
+    kernel = _kernel_for(v, alpha) if plan is not None else None
     if kernel is None:
         g, finite = _finite_or_zeroed(g, True)
         _add_(u.mul_(momentum), g, alpha)
@@ -169,15 +166,10 @@ def momentum_compensate_finite_and_select(v: torch.Tensor, u: torch.Tensor, g: t
     u_s = _add_(u[::stride] * momentum, torch.nan_to_num(g[::stride], nan=0.0, posinf=0.0,
                                                            neginf=0.0), alpha)
     threshold = _threshold(torch.nan_to_num(v[::stride] + u_s, nan=0.0, posinf=0.0, neginf=0.0), m)
-    cap = 2 * m * stride + 4096
-    cand, count, finite = kernel.momentum_candidates(v, u, g, float(momentum), float(alpha),
-                                                     threshold, cap)
-    if count > cap:
-        cand = _candidates(v, threshold)
-    vals = v.index_select(0, cand)  # (c,)
-    if not _finite_at(v, cand, vals):
-        finite = False
-    return _select_among(v, cand, k, vals), finite
+    cap = _kernel_cap(plan)
+    result = kernel.momentum_candidates(v, u, g, float(momentum), float(alpha), threshold, cap)
+    cand, finite = _kernel_candidates(v, threshold, cap, result)
+    return _select_checked(v, cand, k, finite, True)
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -221,24 +213,51 @@ def _compensate_and_select(buf, g, k, alpha, check):
     threshold = _threshold(sample, plan[1])  # from (buf + alpha g)[::stride], before the update
     if whole:
         return _select_among(buf, _candidates(_add_(buf, g, alpha), threshold), k), finite
-    # The kernel multiplies and adds separately; torch may fuse them (FMA). They agree bit for
-    # bit when alpha * g is exact: alpha == 1 or a power of two (GradScaler's 1 / scale).
-    exact_alpha = math.frexp(alpha)[0] == 0.5
-    kernel = cpu_kernel() if buf.dtype == torch.float32 and exact_alpha else None
+    kernel = _kernel_for(buf, alpha)
     if kernel is not None:
-        # Expected candidates: ~ m * stride (the threshold is the sample's m-th largest).
-        cap = 2 * plan[1] * plan[0] + 4096
-        cand, count, ok = kernel.compensate_candidates(buf, g, float(alpha), threshold, cap)
-        if count > cap:  # far more than expected (a very flat tensor): scan the updated buf
-            cand = _candidates(buf, threshold)
-        finite = [ok]
+        cap = _kernel_cap(plan)
+        result = kernel.compensate_candidates(buf, g, float(alpha), threshold, cap)
+        cand, finite = _kernel_candidates(buf, threshold, cap, result)
     else:
-        finite = [True]
-        cand = _candidates(buf, threshold, g, alpha, finite if check else None)
-    vals = buf.index_select(0, cand)  # (c,)
-    if check and not _finite_at(buf, cand, vals):
-        finite[0] = False  # e + g overflowed somewhere: those entries were zeroed
-    return _select_among(buf, cand, k, vals), finite[0]
+        box = [True]
+        cand = _candidates(buf, threshold, g, alpha, box if check else None)
+        finite = box[0]
+    return _select_checked(buf, cand, k, finite, check)
+
+
+def _kernel_for(x: torch.Tensor, alpha: float):
+    """The CPU kernel when it applies to ``x``, else None. The kernel multiplies and adds
+    separately; torch may fuse them (FMA). They agree bit for bit when alpha * g is exact:
+    alpha == 1 or a power of two (GradScaler's 1 / scale)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or math.frexp(alpha)[0] != 0.5:
+        return None
+    return cpu_kernel()
+
+
+def _kernel_cap(plan: Tuple[int, int]) -> int:
+    """Candidates the kernel stores: ~ m * stride are expected (the threshold is the sample's
+    m-th largest), twice that plus slack is room enough."""
+    stride, m = plan
+    return 2 * m * stride + 4096
+
+
+def _kernel_candidates(x: torch.Tensor, threshold: float, cap: int, result) -> Tuple[torch.Tensor, bool]:
+    """The kernel's (candidates, count, finite); beyond ``cap`` (a very flat tensor) the
+    candidates are found again by scanning the updated ``x``."""
+    cand, count, finite = result
+    if count > cap:
+        cand = _candidates(x, threshold)
+    return cand, finite
+
+
+def _select_checked(x: torch.Tensor, cand: torch.Tensor, k: int, finite: bool,
+                    check: bool) -> Tuple[torch.Tensor, bool]:
+    """``_select_among`` the candidates; with ``check``, non-finite entries of ``x`` among them
+    (e + g overflowed) are zeroed first and reported."""
+    vals = x.index_select(0, cand)  # (c,)
+    if check and not _finite_at(x, cand, vals):
+        finite = False
+    return _select_among(x, cand, k, vals), finite
 
 
 def _finite_at(buf: torch.Tensor, cand: torch.Tensor, vals: torch.Tensor) -> bool:
