@@ -24,7 +24,7 @@ from horovod.torch.functions import allgather_object, broadcast_object
 from horovod.torch.compression import Compression
 
 from .compression import ComplexContext, RankMismatchError
-from .selection import all_finite
+from .selection import nonfinite_among
 from .exchange import sparse_allgather_async
 
 __all__ = ["DistributedOptimizer", "CommStats", "TopKDistributedOptimizer"]
@@ -257,10 +257,9 @@ class _TopKMethods:
         pop = getattr(self._compression, "pop_nonfinite", None)
         if pop is not None:
             found = pop()
-        for p in self._dense_checked:
-            if not all_finite(p.grad):
-                found.append((self._parameter_names.get(p), None))
-        self._dense_checked = []
+        dense, self._dense_checked = self._dense_checked, []
+        for i in nonfinite_among([p.grad for p in dense]):  # one host sync per step
+            found.append((self._parameter_names.get(dense[i]), None))
         return found
 
     def step(self, closure=None):
