@@ -50,3 +50,6 @@ def test_netem_script_parses():
     out = subprocess.run(["bash", str(SCRIPTS / "netem.sh"), "mpirun-args", "2"], check=True,
                          capture_output=True, text=True).stdout.split("\n")
     assert "10.77.0.1,10.77.0.2" in out and "tcp,self" in out
+    # Each host is pinned to its own core by the rsh agent; Open MPI must not re-bind every
+    # host's first rank to core 0.
+    assert "--bind-to" in out and out[out.index("--bind-to") + 1] == "none"
