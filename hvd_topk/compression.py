@@ -14,6 +14,7 @@ from .exchange import scatter_add_
 from .memory import ResidualMemory
 from .packing import FLAG_NONFINITE, HEADER_BYTES, pack, payload_nbytes, unpack
 from .selection import (_finite_or_zeroed, compensate_and_select, compensate_finite_and_select,
+                        fused_update_and_select,
                         index_dtype, momentum_compensate_finite_and_select, num_selected,
                         select_topk)
 
@@ -280,12 +281,23 @@ class TopKCompressor(Compressor):
         if n == 0:
             return pack(g.to(vdt), torch.empty(0, dtype=idt, device=g.device), ctx.signature), ctx
         inv = 1.0 / scale
+        exact = vdt == tensor.dtype and scale == 1.0  # the wire carries the values unchanged
         # A NaN/Inf must never enter the residual (it would stay there and poison every later
         # step): non-finite entries are dropped on the way in and the payload is flagged.
-        buf, idx, u, finite = self._update_and_select(name, g, k, momentum, nesterov, inv)
-        if not finite:
-            ctx.flags = FLAG_NONFINITE
-        vals = buf.index_select(0, idx)  # (k,) unscaled
+        fused = self._fused_update(name, g, k, momentum, nesterov, inv, exact)
+        if fused is not None:
+            buf, u, idx, vals, u_sent, finite = fused
+            if not finite:
+                ctx.flags = FLAG_NONFINITE
+            if exact:  # residual and momentum already zeroed where sent
+                self._pending[name] = (buf, idx, vals, u, u_sent)
+                return pack(vals, idx.to(idt), ctx.signature, ctx.flags), ctx
+        else:
+            buf, idx, u, finite = self._update_and_select(name, g, k, momentum, nesterov, inv)
+            if not finite:
+                ctx.flags = FLAG_NONFINITE
+            vals = buf.index_select(0, idx)  # (k,) unscaled
+            u_sent = None
         if scale != 1.0 and vals.element_size() < 4:
             vals_scaled = vals.float() * scale  # a half-precision product could overflow
         else:
@@ -298,12 +310,38 @@ class TopKCompressor(Compressor):
             # e <- c - sent: keep what the narrower dtype (or its clamp) did not carry.
             back = sent.to(buf.dtype)
             buf.index_copy_(0, idx, vals - (back if scale == 1.0 else back * inv))
-        u_sent = None
-        if u is not None and self.momentum_masking:
+        if u is not None and self.momentum_masking and u_sent is None:
             u_sent = u.index_select(0, idx)
             u.index_fill_(0, idx, 0)  # DGC momentum factor masking: no stale momentum on what was sent
         self._pending[name] = (buf, idx, vals, u, u_sent)  # for unsend(), until step_done()
         return pack(sent, idx.to(idt), ctx.signature, ctx.flags), ctx
+
+    def _fused_update(self, name: str, g: torch.Tensor, k: int, momentum: float, nesterov: bool,
+                      inv: float, exact: bool):
+        """The common case in one CPU kernel call (``selection.fused_update_and_select``):
+        ``(buf, u, idx, vals, u_sent, finite)``, or None where it does not apply (the first
+        step of a name, Nesterov, local clipping, not float32 on CPU). With ``exact`` the
+        kernel also zeroes the sent entries of the residual (otherwise ``compress`` keeps what
+        the wire did not carry there); with momentum masking it zeroes them in the velocity."""
+        if self.local_clip_norm is not None or nesterov or g.device.type != "cpu":
+            return None
+        buf = self.memory.buffer(name, g)
+        if buf is None:
+            return None
+        u = None
+        if momentum > 0:
+            u = self.velocity.buffer(name, g)
+            if u is None:
+                return None
+        mask_u = u is not None and self.momentum_masking
+        out = fused_update_and_select(buf, u, g.contiguous(), k, momentum, inv, zero_v=exact,
+                                      zero_u=mask_u)
+        if out is None:
+            return None
+        idx, vals, u_vals, finite = out
+        if u is not None and not mask_u:
+            u_vals = None
+        return buf, u, idx, vals, u_vals, finite
 
     def _update_and_select(self, name: str, g: torch.Tensor, k: int, momentum: float,
                            nesterov: bool, inv: float):

@@ -47,7 +47,7 @@ from ._cpu_kernel import cpu_kernel
 
 __all__ = ["num_selected", "index_dtype", "select_topk", "compensate_and_select",
            "compensate_finite_and_select", "momentum_compensate_finite_and_select", "all_finite",
-           "nonfinite_among",
+           "nonfinite_among", "fused_update_and_select",
            "SAMPLED_MIN_NUMEL", "CPU_CHUNK"]
 
 # Below this many elements a full torch.topk is already cheap; the sampled path only pays
@@ -56,7 +56,7 @@ SAMPLED_MIN_NUMEL = 1 << 16
 # Expected number of sampled entries above the true threshold (at most; see _sample_plan):
 # more samples make the safe threshold tighter (fewer candidates) for a longer strided read.
 _SAMPLE_HITS = 256
-_MIN_SAMPLE_HITS = 64
+_MIN_SAMPLE_HITS = 16
 # Standard deviations of margin below the sampled estimate (a fallback costs one full topk).
 _MARGIN_SIGMAS = 4.0
 # Elements per thread and step of the candidate pass on CPU (a multiple of 8): 1 MiB of fp32
@@ -147,7 +147,7 @@ def momentum_compensate_finite_and_select(v: torch.Tensor, u: torch.Tensor, g: t
                                           momentum: float, alpha: float = 1.0) -> Tuple[torch.Tensor, bool]:
     """DGC momentum correction's update and the selection, in one walk over memory:
     ``u = momentum * u + alpha * g``; ``v += u``; the top-k of ``|v|`` (NaN/Inf entries of
-    ``g`` added as 0).
+    ``g`` added as 0; an entry of ``u`` or ``v`` that overflows is reset to 0, and reported).
 
     The same bits as ``u.mul_(momentum).add_(g, alpha=alpha)`` followed by
     ``compensate_finite_and_select(v, u, k)`` (which is what runs without the CPU kernel).
@@ -161,6 +161,9 @@ def momentum_compensate_finite_and_select(v: torch.Tensor, u: torch.Tensor, g: t
     if kernel is None:
         g, finite = _finite_or_zeroed(g, True)
         _add_(u.mul_(momentum), g, alpha)
+        if not all_finite(u):  # an overflowing velocity entry is reset to 0, and reported
+            torch.nan_to_num_(u, nan=0.0, posinf=0.0, neginf=0.0)
+            finite = False
         idx, ok = _compensate_and_select(v, u, k, 1.0, check=True)
         return idx, finite and ok
     stride, m = plan
@@ -171,6 +174,51 @@ def momentum_compensate_finite_and_select(v: torch.Tensor, u: torch.Tensor, g: t
     result = kernel.momentum_candidates(v, u, g, float(momentum), float(alpha), threshold, cap)
     cand, finite = _kernel_candidates(v, threshold, cap, result)
     return _select_checked(v, cand, k, finite, True)
+
+
+def fused_update_and_select(v: torch.Tensor, u: Optional[torch.Tensor], g: torch.Tensor, k: int,
+                            momentum: float = 0.0, alpha: float = 1.0, zero_v: bool = True,
+                            zero_u: bool = True):
+    """Error feedback's whole step for one tensor in a single CPU kernel call, or ``None`` where
+    the kernel does not apply (not float32 on CPU, ``alpha`` not a power of two, no kernel, or
+    a large tensor with ``k > n / 8``): then use the functions above.
+
+    ``u is None``: ``v += alpha * g``; else DGC momentum correction ``u = momentum * u + alpha
+    * g``, ``v += u``. NaN/Inf entries of ``g`` are added as 0; an entry of ``u`` or ``v`` that
+    overflows is reset to 0 (and reported). Then the exact top-k of ``|v|``
+    (ties: the lower index) and, with ``zero_v`` / ``zero_u``, ``v[idx] = 0`` / ``u[idx] = 0``.
+    The same bits in ``v`` and ``u`` and the same index set (up to ties) as
+    ``momentum_compensate_finite_and_select`` / ``compensate_finite_and_select`` followed by
+    ``index_select`` and ``index_fill_``, without their ~40 small torch operations per tensor:
+    the candidates' values come out of the scan, the selection among them is an
+    ``nth_element``, the sample and the zeroing run in the same call.
+
+    Returns:
+        ``(idx, vals, u_vals, finite)``: ``(k,)`` ascending int64 indices, ``v`` there (before
+        zeroing), ``u`` there (before masking; ``None`` without ``u``), and whether ``g`` and
+        the updated ``v`` were finite (a non-finite ``v``, an overflow, is set to 0).
+    """
+    n = v.numel()
+    if n == 0 or not 0 < k <= n or any(t is not None and (t.dtype != torch.float32 or t.shape != v.shape)
+                                       for t in (g, u)):
+        return None
+    plan = _sample_plan(n, k)
+    if plan is None and n >= SAMPLED_MIN_NUMEL:
+        return None  # k > n / 8 of a large tensor: every entry would be a candidate
+    kernel = _kernel_for(v, alpha)
+    if kernel is None or getattr(kernel, "topk_update", None) is None:
+        return None
+    if u is None:
+        u_arg = _EMPTY
+    else:
+        u_arg = u
+    stride, m = plan if plan is not None else (0, 0)
+    idx, vals, u_vals, g_ok, v_ok = kernel.topk_update(v, u_arg, g, float(momentum), float(alpha),
+                                                       k, stride, m, zero_v, zero_u)
+    return idx, vals, (u_vals if u is not None else None), g_ok and v_ok
+
+
+_EMPTY = torch.empty(0)
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -224,13 +272,19 @@ def _compensate_and_select(buf, g, k, alpha, check):
     if whole:
         g, finite = _finite_or_zeroed(g, check)
         if plan is None:
-            return select_topk(_add_(buf, g, alpha), k), finite
+            idx = select_topk(_add_(buf, g, alpha), k)
+            if check and not bool(torch.isfinite(buf.index_select(0, idx)).all()):
+                # e + g overflowed: a non-finite entry has the largest magnitude, so it is
+                # among the picked. Zero every one and pick again.
+                torch.nan_to_num_(buf, nan=0.0, posinf=0.0, neginf=0.0)
+                idx, finite = select_topk(buf, k), False
+            return idx, finite
     sample = torch.add(buf[::plan[0]], g[::plan[0]], alpha=alpha)  # (s,)
     if check:
         sample = torch.nan_to_num(sample, nan=0.0, posinf=0.0, neginf=0.0)
     threshold = _threshold(sample, plan[1])  # from (buf + alpha g)[::stride], before the update
     if whole:
-        return _select_among(buf, _candidates(_add_(buf, g, alpha), threshold), k), finite
+        return _select_checked(buf, _candidates(_add_(buf, g, alpha), threshold), k, finite, check)
     kernel = _kernel_for(buf, alpha)
     if kernel is not None:
         cap = _kernel_cap(plan)

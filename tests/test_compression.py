@@ -165,3 +165,34 @@ def test_nonfinite_gradient_with_momentum_correction_keeps_memory_finite():
     u_expected = u.mul(0.9).add(clean)
     assert torch.equal(comp.velocity.get("w"), u_expected)
     assert torch.equal(comp.memory.get("w"), e.add(u_expected))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("scale,value_dtype", [(1.0, None), (1024.0, None), (1.0, torch.float16)])
+def test_fused_kernel_path_sends_and_keeps_what_the_reference_path_does(momentum, scale, value_dtype):
+    """compress() through the one-call CPU kernel and through the separate passes: the same
+    (index, value) pairs on the wire, the same residual and velocity bits, over several steps
+    (a small tensor, a sampled one; a NaN at step 3)."""
+    def run(fused, n):
+        comp = TopKCompressor(0.01, warmup_steps=0, value_dtype=value_dtype)
+        if not fused:
+            comp._fused_update = lambda *a, **k: None
+        gen = torch.Generator().manual_seed(1)
+        sent = []
+        for step in range(5):
+            g = torch.randn(n, generator=gen) * (1 + step) * scale
+            if step == 3:
+                g[n // 3] = float("nan")
+            payload, ctx = comp.compress(g, name="w", momentum=momentum, scale=scale)
+            headers, vals, idx = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype, 1)
+            order = idx.reshape(-1).argsort()
+            sent.append((headers, vals.reshape(-1)[order], idx.reshape(-1)[order]))
+            comp.step_done()
+        return sent, comp.memory.get("w"), comp.velocity.get("w")
+
+    for n in (5000, 300_000):
+        a, b = run(True, n), run(False, n)
+        for (h1, v1, i1), (h2, v2, i2) in zip(a[0], b[0]):
+            assert torch.equal(h1, h2) and torch.equal(v1, v2) and torch.equal(i1, i2)
+        assert torch.equal(a[1], b[1])
+        assert (a[2] is None and b[2] is None) or torch.equal(a[2], b[2])

@@ -231,8 +231,9 @@ def test_cpu_kernel_matches_the_torch_path(monkeypatch, alpha, poison):
     assert bool(torch.isfinite(b1).all())
 
 
-@pytest.mark.parametrize("alpha", [1.0, 2.0**-5])
-@pytest.mark.parametrize("poison", [None, "nan"])
+# 0.9 * max + alpha * max overflows float32 only for alpha = 1.
+@pytest.mark.parametrize("alpha,poison", [(1.0, None), (1.0, "nan"), (1.0, "overflow"),
+                                          (2.0**-5, None), (2.0**-5, "nan")])
 def test_momentum_kernel_matches_the_torch_path(monkeypatch, alpha, poison):
     """DGC momentum correction fused (u = m u + alpha g; v += u; select) gives the bits of
     the separate torch passes, velocity included."""
@@ -241,8 +242,10 @@ def test_momentum_kernel_matches_the_torch_path(monkeypatch, alpha, poison):
     gen = torch.Generator().manual_seed(4)
     n, k = 200_003, 2000
     v0, u0, g = (torch.randn(n, generator=gen) for _ in range(3))
-    if poison:
+    if poison == "nan":
         g[[0, 99_999]] = float("nan")
+    elif poison == "overflow":  # u overflows: reset to 0 (v keeps its value), reported
+        u0[3], g[3] = 3.4e38, 3.4e38
     results = []
     for use_kernel in (True, False):
         if not use_kernel:
@@ -254,4 +257,82 @@ def test_momentum_kernel_matches_the_torch_path(monkeypatch, alpha, poison):
     assert torch.equal(u1, u2) and torch.equal(v1, v2) and torch.equal(i1, i2)
     assert f1 == f2 == (poison is None)
     expected_u = u0.mul(0.9).add(torch.nan_to_num(g, nan=0.0), alpha=alpha)
+    if poison == "overflow":
+        expected_u[3] = 0
     assert torch.equal(u1, expected_u) and torch.equal(v1, v0 + expected_u)
+
+
+def _fused_reference(monkeypatch, v, u, g, k, momentum, alpha):
+    """What compress() did before the fused kernel: the torch path, then gather and zero."""
+    with monkeypatch.context() as m:
+        m.setattr(selection, "cpu_kernel", lambda: None)
+        if u is None:
+            idx, finite = selection.compensate_finite_and_select(v, g, k, alpha)
+        else:
+            idx, finite = selection.momentum_compensate_finite_and_select(v, u, g, k, momentum, alpha)
+    idx = idx.sort().values
+    vals, u_vals = v[idx].clone(), (u[idx].clone() if u is not None else None)
+    v[idx] = 0
+    if u is not None:
+        u[idx] = 0
+    return idx, vals, u_vals, finite
+
+
+@pytest.mark.parametrize("n", [1000, SAMPLED_MIN_NUMEL + 3, 300_001])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("alpha", [1.0, 2.0**-6])
+@pytest.mark.parametrize("poison", [None, "nan", "overflow"])
+def test_fused_update_matches_the_reference_path(monkeypatch, n, momentum, alpha, poison):
+    """fused_update_and_select (one kernel call: update, sample, scan, exact top-k, zeroing)
+    leaves the same bits in v and u and picks the same entries as the separate passes."""
+    from hvd_topk import _cpu_kernel
+    assert _cpu_kernel.cpu_kernel() is not None, "CPU kernel not built (compiler, ninja?)"
+    gen = torch.Generator().manual_seed(5)
+    k = max(1, n // 100)
+    v0, u0, g = (torch.randn(n, generator=gen) for _ in range(3))
+    if poison == "nan":
+        g[[0, n // 2, n - 1]] = float("nan")
+    elif poison == "overflow":
+        v0[7], g[7], u0[7] = 3.4e38, 3.4e38, 3.4e38  # the update overflows to Inf
+    out = []
+    for fused in (True, False):
+        v, u = v0.clone(), (u0.clone() if momentum else None)
+        if fused:
+            res = selection.fused_update_and_select(v, u, g, k, momentum, alpha)
+            assert res is not None
+        else:
+            res = _fused_reference(monkeypatch, v, u, g, k, momentum, alpha)
+        out.append((v, u) + tuple(res))
+    (v1, u1, i1, x1, y1, f1), (v2, u2, i2, x2, y2, f2) = out
+    assert torch.equal(v1, v2) and torch.equal(i1, i2) and torch.equal(x1, x2)
+    if momentum:
+        assert torch.equal(u1, u2) and torch.equal(y1, y2)
+    else:
+        assert y1 is None
+    assert f1 == f2 == (poison is None)
+    assert bool(torch.isfinite(v1).all()) and torch.equal(i1, i1.sort().values)
+
+
+@pytest.mark.parametrize("make", ADVERSARIAL + [lambda n: torch.ones(n)])
+def test_fused_update_stays_exact_on_adversarial_inputs(make):
+    """Biased samples, ties, mostly-zero and heavy-tailed inputs: the magnitudes picked are
+    torch.topk's, and among equal magnitudes the lowest indices are kept."""
+    n, k = 200_000, 2000
+    g = make(n).float()
+    v = torch.zeros(n)
+    want = torch.topk(g.abs(), k).values.sort().values
+    idx, vals, _, finite = selection.fused_update_and_select(v, None, g, k)
+    assert finite and idx.numel() == k and torch.equal(vals.abs().sort().values, want)
+    assert torch.equal(vals, g[idx]) and bool((v[idx] == 0).all())
+    kth = want[0]
+    ties = idx[g[idx].abs() == kth]
+    assert torch.equal(ties, (g.abs() == kth).nonzero().squeeze(1)[:ties.numel()])
+
+
+def test_fused_update_declines_what_it_does_not_cover():
+    """Other dtypes, non-power-of-two scales and dense-ish large tensors go to the other paths."""
+    v, g = torch.zeros(100_000), torch.randn(100_000)
+    assert selection.fused_update_and_select(v.double(), None, g.double(), 100) is None
+    assert selection.fused_update_and_select(v, None, g, 100, alpha=0.3) is None
+    assert selection.fused_update_and_select(v, None, g, 50_000) is None  # k > n / 8
+    assert selection.fused_update_and_select(v[:1000], None, g[:1000], 500) is not None

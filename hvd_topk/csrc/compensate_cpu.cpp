@@ -18,8 +18,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -40,26 +43,33 @@ void check_vectors(std::initializer_list<torch::Tensor> tensors) {
   }
 }
 
+// f(i) for every nonzero byte mask[i], i < len, ascending: 8 bytes at a time (most words are
+// zero at Top-K densities).
+template <typename F>
+inline void for_each_set(const uint8_t* mask, int64_t len, F f) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, mask + i, sizeof word);
+    while (word) {
+      f(i + (__builtin_ctzll(word) >> 3));
+      word &= word - 1;
+    }
+  }
+  for (; i < len; ++i) {
+    if (mask[i]) f(i);
+  }
+}
+
 // The ascending candidate positions, at most `cap` of them stored (all counted).
 struct Candidates {
   explicit Candidates(int64_t capacity)
       : cap(std::max<int64_t>(capacity, 0)), out(torch::empty({cap}, torch::kLong)),
         o(out.data_ptr<int64_t>()) {}
 
-  // Appends start + i for every nonzero byte mask[i], i < len: 8 bytes at a time.
+  // Appends start + i for every nonzero byte mask[i], i < len.
   void emit(const uint8_t* mask, int64_t len, int64_t start) {
-    int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      uint64_t word;
-      std::memcpy(&word, mask + i, sizeof word);
-      while (word) {
-        push(start + i + (__builtin_ctzll(word) >> 3));
-        word &= word - 1;
-      }
-    }
-    for (; i < len; ++i) {
-      if (mask[i]) push(start + i);
-    }
+    for_each_set(mask, len, [&](int64_t i) { push(start + i); });
   }
 
   std::tuple<torch::Tensor, int64_t, bool> result(bool finite) const {
@@ -101,6 +111,35 @@ inline float finite_or_zero(float x, uint32_t& nf) {
   return bad ? 0.0f : x;
 }
 
+// One block of error feedback: v_i += alpha finite(g_i); mask_i = !(|v_i| <= t). Returns
+// nonzero if some g_i was NaN/Inf. Branch-free, so the compiler vectorises it.
+inline uint32_t ef_block(float* __restrict v, const float* __restrict g, int64_t len, float a,
+                         float t, uint8_t* __restrict mask) {
+  uint32_t nf = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const float vi = v[i] + a * finite_or_zero(g[i], nf);
+    v[i] = vi;
+    mask[i] = !(std::fabs(vi) <= t);
+  }
+  return nf;
+}
+
+// One block of DGC momentum correction: u_i = finite(m u_i + alpha finite(g_i)) (an
+// overflowing velocity entry is reset to 0 and reported, like a NaN/Inf g_i); v_i += u_i;
+// mask_i = !(|v_i| <= t).
+inline uint32_t momentum_block(float* __restrict v, float* __restrict u, const float* __restrict g,
+                               int64_t len, float m, float a, float t, uint8_t* __restrict mask) {
+  uint32_t nf = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const float ui = finite_or_zero(m * u[i] + a * finite_or_zero(g[i], nf), nf);
+    u[i] = ui;
+    const float vi = v[i] + ui;
+    v[i] = vi;
+    mask[i] = !(std::fabs(vi) <= t);
+  }
+  return nf;
+}
+
 std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf, torch::Tensor g,
                                                                double alpha, double threshold,
                                                                int64_t cap) {
@@ -110,20 +149,13 @@ std::tuple<torch::Tensor, int64_t, bool> compensate_candidates(torch::Tensor buf
   const float a = static_cast<float>(alpha);
   const float t = static_cast<float>(threshold);
   return scan_blocks(buf.numel(), cap, [=](int64_t start, int64_t len, uint8_t* mask) {
-    float* __restrict bb = b + start;
-    const float* __restrict gg = gp + start;
-    uint32_t nf = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      const float v = bb[i] + a * finite_or_zero(gg[i], nf);
-      bb[i] = v;
-      mask[i] = !(std::fabs(v) <= t);
-    }
-    return nf;
+    return ef_block(b + start, gp + start, len, a, t, mask);
   });
 }
 
 // DGC momentum correction fused the same way (no Nesterov):
-//   u_i = momentum * u_i + alpha * finite(g_i);   v_i = v_i + u_i;   candidates |v_i| > t.
+//   u_i = finite(momentum * u_i + alpha * finite(g_i));   v_i = v_i + u_i;   candidates |v_i| > t
+// (an overflowing u_i is reset to 0 and reported as non-finite).
 // The same bits as u.mul_(momentum).add_(g, alpha=alpha); v.add_(u) when alpha * g is exact.
 std::tuple<torch::Tensor, int64_t, bool> momentum_candidates(torch::Tensor v, torch::Tensor u,
                                                              torch::Tensor g, double momentum,
@@ -137,26 +169,194 @@ std::tuple<torch::Tensor, int64_t, bool> momentum_candidates(torch::Tensor v, to
   const float a = static_cast<float>(alpha);
   const float t = static_cast<float>(threshold);
   return scan_blocks(v.numel(), cap, [=](int64_t start, int64_t len, uint8_t* mask) {
-    float* __restrict vv = vp + start;
-    float* __restrict uu = up + start;
-    const float* __restrict gg = gp + start;
-    uint32_t nf = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      const float ui = m * uu[i] + a * finite_or_zero(gg[i], nf);
-      uu[i] = ui;
-      const float vi = vv[i] + ui;
-      vv[i] = vi;
-      mask[i] = !(std::fabs(vi) <= t);
-    }
-    return nf;
+    return momentum_block(vp + start, up + start, gp + start, len, m, a, t, mask);
   });
 }
 
 }  // namespace
+
+// ------------------------------------------------------------------------------------------
+// The whole of error feedback's step for one tensor, in one call (compression.py's fast path):
+//
+//   (momentum correction, u non-empty)  u_i = finite(m u_i + alpha finite(g_i));  v_i = v_i + u_i
+//   (plain error feedback, u empty)     v_i = v_i + alpha finite(g_i)
+//   sent = the k largest |v_i| (ties: the lower index), ascending
+//   v[sent] = 0 if zero_v;  u[sent] = 0 if zero_u (DGC momentum factor masking)
+//
+// The candidates come from a threshold t: the r-th largest |x| of the strided sample
+// x[0], x[stride], ... of the *updated* values (computed ahead, from v, u and g), a few
+// sigmas below the k-th largest (selection.py's _sample_plan picks stride and r). The scan
+// keeps every entry with !(|v| <= t), with its value; if fewer than k pass, every entry is a
+// candidate. Either way the exact top-k is picked among them (nth_element), so t only decides
+// the speed. stride == 0: every entry is a candidate (small tensors). A non-finite v after the
+// update (e + g overflowed) is set to 0 and reported.
+// Returns (indices int64 (k,), v values (k,), u values before masking (k,) or empty,
+//          g was finite, v was finite).
+namespace {
+
+// Candidates with their values: position, v there, u there (momentum only). Plain arrays with
+// a count: the scan appends ~1.5 k of them, one per set mask byte.
+struct Picked {
+  Picked(bool with_u, size_t capacity) : with_u(with_u) { grow(std::max<size_t>(capacity, 64)); }
+
+  void push(int64_t p, float v, float u) {
+    if (n == cap) grow(2 * cap);
+    pos[n] = p;
+    val[n] = v;
+    if (with_u) uval[n] = u;
+    ++n;
+  }
+
+  void grow(size_t c) {
+    pos.resize(c);
+    val.resize(c);
+    if (with_u) uval.resize(c);
+    cap = c;
+  }
+
+  bool with_u;
+  size_t n = 0, cap = 0;
+  std::vector<int64_t> pos;
+  std::vector<float> val;
+  std::vector<float> uval;
+};
+
+inline uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+float sample_threshold(const float* v, const float* u, const float* g, int64_t n, int64_t stride,
+                       int64_t rank, float m, float a) {
+  std::vector<float> mags;
+  mags.reserve(n / stride + 1);
+  uint32_t nf = 0;
+  for (int64_t i = 0; i < n; i += stride) {
+    const float gi = a * finite_or_zero(g[i], nf);
+    const float x = u ? v[i] + finite_or_zero(m * u[i] + gi, nf) : v[i] + gi;
+    mags.push_back(is_nonfinite(x) ? 0.0f : std::fabs(x));
+  }
+  rank = std::min<int64_t>(std::max<int64_t>(rank, 1), static_cast<int64_t>(mags.size()));
+  std::nth_element(mags.begin(), mags.begin() + (rank - 1), mags.end(), std::greater<float>());
+  return mags[rank - 1];
+}
+
+// The magnitude T of the k-th largest of mags (0 < k <= c) and how many equal to T are kept
+// (those of lowest position). A histogram of the magnitudes' top bits (non-negative floats
+// order like their bit patterns) finds the bin holding the k-th largest; only that bin goes
+// through nth_element.
+std::pair<uint32_t, int64_t> kth_largest(const std::vector<uint32_t>& mags, int64_t k) {
+  const int64_t c = static_cast<int64_t>(mags.size());
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (uint32_t b : mags) {
+    lo = std::min(lo, b >> 16);
+    hi = std::max(hi, b >> 16);
+  }
+  std::vector<int64_t> hist(hi - lo + 1, 0);  // bins 1/128 of an octave wide
+  for (uint32_t b : mags) ++hist[(b >> 16) - lo];
+  int64_t above = 0;  // entries in bins above `bin`
+  uint32_t bin = hi - lo;
+  while (above + hist[bin] < k) above += hist[bin--];
+  std::vector<uint32_t> band;
+  band.reserve(hist[bin]);
+  for (int64_t j = 0; j < c; ++j) {
+    if ((mags[j] >> 16) - lo == bin) band.push_back(mags[j]);
+  }
+  const int64_t r = k - above;  // the r-th largest of the band is the k-th largest overall
+  std::nth_element(band.begin(), band.begin() + (r - 1), band.end(), std::greater<uint32_t>());
+  const uint32_t t = band[r - 1];
+  int64_t greater = above;
+  for (uint32_t b : band) greater += b > t;
+  return {t, k - greater};
+}
+
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
+    torch::Tensor v, torch::Tensor u, torch::Tensor g, double momentum, double alpha, int64_t k,
+    int64_t stride, int64_t rank, bool zero_v, bool zero_u) {
+  const bool mom = u.numel() > 0;
+  if (mom) {
+    check_vectors({v, u, g});
+  } else {
+    check_vectors({v, g});
+  }
+  const int64_t n = v.numel();
+  TORCH_CHECK(k >= 0 && k <= n, "k must be in [0, numel]");
+  float* __restrict vp = v.data_ptr<float>();
+  float* __restrict up = mom ? u.data_ptr<float>() : nullptr;
+  const float* __restrict gp = g.data_ptr<float>();
+  const float m = static_cast<float>(momentum);
+  const float a = static_cast<float>(alpha);
+  const float t = stride > 0 ? sample_threshold(vp, up, gp, n, stride, rank, m, a) : -1.0f;
+
+  Picked c(mom, stride > 0 ? static_cast<size_t>(2 * rank * stride + 4096) : static_cast<size_t>(n));
+  uint32_t nonfinite = 0;
+  alignas(64) uint8_t mask[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(n - start, kBlock);
+    nonfinite |= mom ? momentum_block(vp + start, up + start, gp + start, len, m, a, t, mask)
+                     : ef_block(vp + start, gp + start, len, a, t, mask);
+    for_each_set(mask, len, [&](int64_t i) {
+      const int64_t p = start + i;
+      c.push(p, vp[p], mom ? up[p] : 0.0f);
+    });
+  }
+  // Every non-finite v is a candidate (!(NaN <= t), !(Inf <= t)): zero them there.
+  bool v_finite = true;
+  for (size_t j = 0; j < c.n; ++j) {
+    if (is_nonfinite(c.val[j])) {
+      v_finite = false;
+      c.val[j] = 0.0f;
+      vp[c.pos[j]] = 0.0f;
+    }
+  }
+  if (static_cast<int64_t>(c.n) < k) {
+    // An unlucky sample: every entry is a candidate (v is already updated and finite).
+    c.n = 0;
+    for (int64_t j = 0; j < n; ++j) c.push(j, vp[j], mom ? up[j] : 0.0f);
+  }
+
+  // Keep every |x| above the k-th largest magnitude and, of those equal to it, the lowest.
+  const int64_t cn = static_cast<int64_t>(c.n);
+  auto idx = torch::empty({k}, torch::kLong);
+  auto vals = torch::empty({k}, torch::kFloat);
+  auto uvals = torch::empty({mom ? k : 0}, torch::kFloat);
+  int64_t* ip = idx.data_ptr<int64_t>();
+  float* op = vals.data_ptr<float>();
+  float* uo = mom ? uvals.data_ptr<float>() : nullptr;
+  if (k > 0) {
+    std::vector<uint32_t> mags(cn);  // |x| as bits: 0x7fffffff clears the sign
+    for (int64_t j = 0; j < cn; ++j) mags[j] = bits_of(c.val[j]) & 0x7fffffffu;
+    uint32_t kth = 0;
+    int64_t ties = cn;
+    if (k < cn) std::tie(kth, ties) = kth_largest(mags, k);
+    int64_t o = 0;
+    for (int64_t j = 0; j < cn && o < k; ++j) {
+      if (mags[j] > kth || (mags[j] == kth && ties-- > 0)) {
+        ip[o] = c.pos[j];
+        op[o] = c.val[j];
+        if (mom) uo[o] = c.uval[j];
+        ++o;
+      }
+    }
+    TORCH_CHECK(o == k, "topk_update: selected ", o, " of ", k);
+  }
+  if (zero_v) {
+    for (int64_t j = 0; j < k; ++j) vp[ip[j]] = 0.0f;
+  }
+  if (zero_u && mom) {
+    for (int64_t j = 0; j < k; ++j) up[ip[j]] = 0.0f;
+  }
+  return {idx, vals, uvals, nonfinite == 0, v_finite};
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compensate_candidates", &compensate_candidates,
         "buf += alpha * finite(g) in place; ascending indices with |buf| > t (see file header)");
   m.def("momentum_candidates", &momentum_candidates,
         "u = m u + alpha finite(g); v += u (in place); ascending indices with |v| > t");
+  m.def("topk_update", &topk_update,
+        "error feedback (+ momentum correction) and the exact top-k, in place (see above)");
 }
