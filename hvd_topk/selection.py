@@ -53,6 +53,10 @@ __all__ = ["num_selected", "index_dtype", "select_topk", "compensate_and_select"
 # Below this many elements a full torch.topk is already cheap; the sampled path only pays
 # for itself on large tensors.
 SAMPLED_MIN_NUMEL = 1 << 16
+# The same for fused_update_and_select, whose sample is a cheap loop inside the kernel (and
+# whose candidates cost more than its samples: keep the sample of a small tensor small).
+_FUSED_SAMPLED_MIN_NUMEL = 1 << 12
+_FUSED_MIN_SAMPLES = 512
 # Expected number of sampled entries above the true threshold (at most; see _sample_plan):
 # more samples make the safe threshold tighter (fewer candidates) for a longer strided read.
 _SAMPLE_HITS = 256
@@ -202,7 +206,8 @@ def fused_update_and_select(v: torch.Tensor, u: Optional[torch.Tensor], g: torch
     if n == 0 or not 0 < k <= n or any(t is not None and (t.dtype != torch.float32 or t.shape != v.shape)
                                        for t in (g, u)):
         return None
-    plan = _sample_plan(n, k)
+    # The kernel's sample costs little, so it pays from a few thousand entries on.
+    plan = _sample_plan(n, k, min_numel=_FUSED_SAMPLED_MIN_NUMEL, min_samples=_FUSED_MIN_SAMPLES)
     if plan is None and n >= SAMPLED_MIN_NUMEL:
         return None  # k > n / 8 of a large tensor: every entry would be a candidate
     kernel = _kernel_for(v, alpha)
@@ -344,16 +349,17 @@ def _finite_at(buf: torch.Tensor, cand: torch.Tensor, vals: torch.Tensor) -> boo
     return False
 
 
-def _sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:
+def _sample_plan(n: int, k: int, min_numel: int = SAMPLED_MIN_NUMEL,
+                 min_samples: int = 4096) -> Optional[Tuple[int, int]]:
     """``(stride, m)``: sample ``x[::stride]`` and threshold at its m-th largest magnitude;
     ``None`` when a full ``torch.topk`` is the better (or only safe) choice."""
-    if n < SAMPLED_MIN_NUMEL or k > n // 8:
+    if n < min_numel or k > n // 8:
         return None
     # s samples, expected hits = s*k/n of them above the true threshold. A sample costs ~2x
     # a candidate (a cache miss, then topk) and the margin adds ~4 k / sqrt(hits) candidates;
-    # balancing the two gives hits ~ (k^2 / n)^(2/3): 256 at 1% of 25M, 64 (the floor) at 0.1%.
+    # balancing the two gives hits ~ (k^2 / n)^(2/3): 256 at 1% of 25M, 16 (the floor) at 0.1%.
     hits = min(_SAMPLE_HITS, max(_MIN_SAMPLE_HITS, round((k * k / n) ** (2 / 3))))
-    s = min(n, max(4096, math.ceil(hits * n / k)))
+    s = min(n, max(min_samples, math.ceil(hits * n / k)))
     stride = max(1, n // s)
     s = -(-n // stride)  # len(x[::stride])
     mu = s * k / n

@@ -194,31 +194,27 @@ std::tuple<torch::Tensor, int64_t, bool> momentum_candidates(torch::Tensor v, to
 //          g was finite, v was finite).
 namespace {
 
-// Candidates with their values: position, v there, u there (momentum only). Plain arrays with
-// a count: the scan appends ~1.5 k of them, one per set mask byte.
+// Candidates with their values (position, v there). Plain arrays with a count: the scan
+// appends ~1.5 k of them, one per set mask byte.
 struct Picked {
-  Picked(bool with_u, size_t capacity) : with_u(with_u) { grow(std::max<size_t>(capacity, 64)); }
+  explicit Picked(size_t capacity) { grow(std::max<size_t>(capacity, 64)); }
 
-  void push(int64_t p, float v, float u) {
+  void push(int64_t p, float v) {
     if (n == cap) grow(2 * cap);
     pos[n] = p;
     val[n] = v;
-    if (with_u) uval[n] = u;
     ++n;
   }
 
   void grow(size_t c) {
     pos.resize(c);
     val.resize(c);
-    if (with_u) uval.resize(c);
     cap = c;
   }
 
-  bool with_u;
   size_t n = 0, cap = 0;
   std::vector<int64_t> pos;
   std::vector<float> val;
-  std::vector<float> uval;
 };
 
 inline uint32_t bits_of(float x) {
@@ -232,7 +228,13 @@ float sample_threshold(const float* v, const float* u, const float* g, int64_t n
   std::vector<float> mags;
   mags.reserve(n / stride + 1);
   uint32_t nf = 0;
+  const int64_t ahead = 8 * stride;  // strided reads: prefetch (the hardware stops at pages)
   for (int64_t i = 0; i < n; i += stride) {
+    if (i + ahead < n) {
+      __builtin_prefetch(v + i + ahead);
+      __builtin_prefetch(g + i + ahead);
+      if (u) __builtin_prefetch(u + i + ahead);
+    }
     const float gi = a * finite_or_zero(g[i], nf);
     const float x = u ? v[i] + finite_or_zero(m * u[i] + gi, nf) : v[i] + gi;
     mags.push_back(is_nonfinite(x) ? 0.0f : std::fabs(x));
@@ -291,7 +293,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
   const float a = static_cast<float>(alpha);
   const float t = stride > 0 ? sample_threshold(vp, up, gp, n, stride, rank, m, a) : -1.0f;
 
-  Picked c(mom, stride > 0 ? static_cast<size_t>(2 * rank * stride + 4096) : static_cast<size_t>(n));
+  Picked c(stride > 0 ? static_cast<size_t>(2 * rank * stride + 4096) : static_cast<size_t>(n));
   uint32_t nonfinite = 0;
   alignas(64) uint8_t mask[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
@@ -300,7 +302,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
                      : ef_block(vp + start, gp + start, len, a, t, mask);
     for_each_set(mask, len, [&](int64_t i) {
       const int64_t p = start + i;
-      c.push(p, vp[p], mom ? up[p] : 0.0f);
+      c.push(p, vp[p]);
     });
   }
   // Every non-finite v is a candidate (!(NaN <= t), !(Inf <= t)): zero them there.
@@ -315,7 +317,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
   if (static_cast<int64_t>(c.n) < k) {
     // An unlucky sample: every entry is a candidate (v is already updated and finite).
     c.n = 0;
-    for (int64_t j = 0; j < n; ++j) c.push(j, vp[j], mom ? up[j] : 0.0f);
+    for (int64_t j = 0; j < n; ++j) c.push(j, vp[j]);
   }
 
   // Keep every |x| above the k-th largest magnitude and, of those equal to it, the lowest.
@@ -337,17 +339,26 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
       if (mags[j] > kth || (mags[j] == kth && ties-- > 0)) {
         ip[o] = c.pos[j];
         op[o] = c.val[j];
-        if (mom) uo[o] = c.uval[j];
         ++o;
       }
     }
     TORCH_CHECK(o == k, "topk_update: selected ", o, " of ", k);
   }
+  // The sent entries are ~1/ratio apart: one cache miss each, which the hardware prefetcher
+  // does not foresee; ask for the lines kAhead entries early.
+  constexpr int64_t kAhead = 16;
   if (zero_v) {
-    for (int64_t j = 0; j < k; ++j) vp[ip[j]] = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      if (j + kAhead < k) __builtin_prefetch(vp + ip[j + kAhead], 1);
+      vp[ip[j]] = 0.0f;
+    }
   }
-  if (zero_u && mom) {
-    for (int64_t j = 0; j < k; ++j) up[ip[j]] = 0.0f;
+  if (mom) {  // u where sent, read (and masked) in the same touch of its cache line
+    for (int64_t j = 0; j < k; ++j) {
+      if (j + kAhead < k) __builtin_prefetch(up + ip[j + kAhead], 1);
+      uo[j] = up[ip[j]];
+      if (zero_u) up[ip[j]] = 0.0f;
+    }
   }
   return {idx, vals, uvals, nonfinite == 0, v_finite};
 }
