@@ -45,14 +45,18 @@ MASTER = "10.77.0.1"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default="resnet18,mlp")
+    p.add_argument("--models", default="resnet18,mlp,mlp10m", help=f"of {sorted(MODELS)}")
     p.add_argument("--rates", default="1gbit,10gbit")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--hosts", type=int, default=2)
     p.add_argument("--delay", default="", help="one-way netem delay per link, e.g. 100us")
-    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per rank (default: the model's, see MODELS)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="timed steps")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every method this many times, round-robin (so that slow spells "
+                        "of the machine hit every method alike); report the median")
     p.add_argument("--out-dir", default=None, help="write results.json, network.md, network.png")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--mpirun-extra", default="",
@@ -70,11 +74,22 @@ def tx_bytes() -> int:
         return int(f.read())
 
 
+# name -> (description, per-rank batch). The batch sets how much compute hides the exchange:
+# `mlp` is the communication-bound extreme (16 ms of compute against 21 MB of gradient),
+# `mlp10m` is shaped like the issue's reference workload (a 10M-parameter model whose
+# compute is a fraction of a dense exchange at 1 Gbit/s), ResNet-18 is compute-heavy.
+MODELS = {"resnet18": ("ResNet-18, 11.2M parameters", 16),
+          "mlp": ("MLP 3072-1024-1024-1024-10, 5.3M parameters", 16),
+          "mlp10m": ("MLP 3072-1600-1600-1600-10, 10.1M parameters", 128)}
+
+
 def build_model(name: str):
     sys.path.insert(0, str(REPO / "examples"))
     from models import MLP, ResNet18  # examples/models.py
 
-    return ResNet18(3, 10) if name == "resnet18" else MLP(3 * 32 * 32, 10)
+    if name == "resnet18":
+        return ResNet18(3, 10)
+    return MLP(3 * 32 * 32, 10, hidden=1600 if name == "mlp10m" else 1024)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -94,7 +109,10 @@ def worker(args: argparse.Namespace) -> None:
 
         port = int(os.environ.get("BENCH_PORT", "29512"))
         dist.init_process_group("gloo", init_method=f"tcp://{MASTER}:{port}", rank=rank, world_size=world)
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        # An explicit bucket cap also makes the first bucket 25 MB instead of DDP's 1 MB: with
+        # two small early buckets PyTorch's PowerSGD hook on Gloo raced its own collectives
+        # ("Received data size doesn't match expected size", pytorch/pytorch#58467).
+        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
         state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
                                    start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
         model.register_comm_hook(state, psgd.powerSGD_hook)
@@ -133,6 +151,13 @@ def worker(args: argparse.Namespace) -> None:
         step()
         times.append(time.perf_counter() - t0)
     sent = tx_bytes() - b0
+    # No rank leaves while another still reads its last collective (a rank that exits first
+    # resets the connection under the other: PowerSGD's Gloo hook then fails).
+    barrier()
+    if args.method == "powersgd4":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print("RESULT " + json.dumps({"step_ms": 1e3 * statistics.median(times),
@@ -152,7 +177,8 @@ def run_one(args, model: str, method: str) -> dict:
            "-x", "BENCH_PORT", *shlex.split(args.mpirun_extra),
            "-x", f"GLOO_SOCKET_IFNAME={IFACE}", "-x", f"HOROVOD_GLOO_IFACE={IFACE}",
            sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model,
-           "--method", method, "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+           "--method", method, "--batch-size", str(args.batch_size or MODELS[model][1]),
+           "--warmup", str(args.warmup),
            "--steps", str(args.steps)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for attempt in range(2):  # a concurrent mpirun on the machine can collide at start-up
@@ -168,23 +194,41 @@ def run_one(args, model: str, method: str) -> dict:
                        f"{proc.stderr[-3000:]}")
 
 
+def summarize(runs: list) -> list:
+    """One row per (model, rate, method): the median over the repeats of each run's median
+    step time, the range of those, and the median bytes per step."""
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["model"], r["rate"], r["method"]), []).append(r)
+    out = []
+    for (model, rate, method), rs in rows.items():
+        steps = [r["step_ms"] for r in rs]
+        out.append({"model": model, "rate": rate, "method": method, "params": rs[0]["params"],
+                    "step_ms": statistics.median(steps), "step_ms_runs": steps,
+                    "bytes_per_step": statistics.median(r["bytes_per_step"] for r in rs)})
+    return out
+
+
 def markdown(results: list) -> str:
-    lines = ["| model | link | method | step ms | x floor | MB on the wire per step | % of dense bytes |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    def find(r, method):
+        return next((q for q in results if q["model"] == r["model"] and q["rate"] == r["rate"]
+                     and q["method"] == method), None)
+
+    lines = ["| model | link | method | step ms | runs (ms) | x floor | MB on the wire per step "
+             "| % of dense bytes |",
+             "|---|---|---|---:|---|---:|---:|---:|"]
     for r in results:
-        floor = next(q["step_ms"] for q in results if q["model"] == r["model"]
-                     and q["rate"] == r["rate"] and q["method"] == "none") if any(
-            q["method"] == "none" and q["model"] == r["model"] and q["rate"] == r["rate"]
-            for q in results) else float("nan")
-        dense = [q["bytes_per_step"] for q in results if q["model"] == r["model"]
-                 and q["rate"] == r["rate"] and q["method"] == "dense"]
-        share = f"{100 * r['bytes_per_step'] / dense[0]:.2f}%" if dense and r["method"] != "none" else "-"
+        floor, dense = find(r, "none"), find(r, "dense")
+        x_floor = f"{r['step_ms'] / floor['step_ms']:.2f}" if floor else "-"
+        share = (f"{100 * r['bytes_per_step'] / dense['bytes_per_step']:.2f}%"
+                 if dense and r["method"] != "none" else "-")
+        runs = ", ".join(f"{t:.0f}" for t in r["step_ms_runs"])
         lines.append(f"| {r['model']} | {r['rate']} | {LABELS[r['method']]} | {r['step_ms']:.0f} | "
-                     f"{r['step_ms'] / floor:.2f} | {r['bytes_per_step'] / 1e6:.3f} | {share} |")
+                     f"{runs} | {x_floor} | {r['bytes_per_step'] / 1e6:.3f} | {share} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list, path: Path) -> None:
+def plot(results: list, path: Path, hosts: int = 2) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,9 +239,11 @@ def plot(results: list, path: Path) -> None:
     for ax, (model, rate) in zip(axes[0], panels):
         rows = [r for r in results if r["model"] == model and r["rate"] == rate]
         ax.bar([LABELS[r["method"]] for r in rows], [r["step_ms"] for r in rows],
+               yerr=[[r["step_ms"] - min(r["step_ms_runs"]) for r in rows],
+                     [max(r["step_ms_runs"]) - r["step_ms"] for r in rows]], capsize=3,
                color=["0.6" if r["method"] == "none" else "C0" if r["method"].startswith("topk")
                       else "C1" for r in rows])
-        ax.set_title(f"{model}, 2 hosts, {rate}")
+        ax.set_title(f"{model}, {hosts} hosts, {rate}")
         ax.set_ylabel("median step time (ms)")
         ax.tick_params(axis="x", rotation=60)
     fig.tight_layout()
@@ -208,33 +254,38 @@ def main(args: argparse.Namespace) -> list:
     if args.worker:
         worker(args)
         return []
-    results = []
+    for model in args.models.split(","):
+        if model not in MODELS:
+            raise SystemExit(f"--models: {model!r} is not one of {sorted(MODELS)}")
+    runs = []
     try:
         for rate in args.rates.split(","):
             netem("up", str(args.hosts), rate, *([args.delay] if args.delay else []))
             for model in args.models.split(","):
-                for method in args.methods.split(","):
-                    t0 = time.time()
-                    try:
-                        r = run_one(args, model, method)
-                    except (RuntimeError, subprocess.TimeoutExpired) as e:
-                        print(f"{model} {rate} {method} FAILED: {str(e)[-2000:]}", flush=True)
-                        continue
-                    r.update(model=model, rate=rate, method=method)
-                    results.append(r)
-                    print(f"{model:9s} {rate:7s} {method:10s} {r['step_ms']:8.1f} ms/step "
-                          f"{r['bytes_per_step'] / 1e6:9.3f} MB/step  ({time.time() - t0:.0f} s)",
-                          flush=True)
+                for rep in range(args.repeats):
+                    for method in args.methods.split(","):
+                        t0 = time.time()
+                        try:
+                            r = run_one(args, model, method)
+                        except (RuntimeError, subprocess.TimeoutExpired) as e:
+                            print(f"{model} {rate} {method} FAILED: {str(e)[-2000:]}", flush=True)
+                            continue
+                        r.update(model=model, rate=rate, method=method, repeat=rep)
+                        runs.append(r)
+                        print(f"{model:9s} {rate:7s} {method:10s} run {rep + 1}/{args.repeats} "
+                              f"{r['step_ms']:8.1f} ms/step {r['bytes_per_step'] / 1e6:9.3f} MB/step "
+                              f"({time.time() - t0:.0f} s)", flush=True)
     finally:
         netem("down")
+    results = summarize(runs)
     table = markdown(results)
     print("\n" + table)
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "network.json").write_text(json.dumps(results, indent=1))
+        (out / "network.json").write_text(json.dumps({"results": results, "runs": runs}, indent=1))
         (out / "network.md").write_text(table)
-        plot(results, out / "network.png")
+        plot(results, out / "network.png", args.hosts)
     return results
 
 

@@ -25,6 +25,9 @@
 # (i-1) mod <cores> (taskset) and Open MPI is told not to bind (--bind-to none). Without this,
 # Open MPI sees every "host" as a fresh node and binds each one's first rank to core 0, so
 # all hosts would share one core (measured: MLP floor 31 ms instead of 22 ms on 2 cores).
+# --mca rtc_hwloc_vmhole none: the orted of an emulated host otherwise shares its hwloc
+# topology through a shared-memory segment mapped at a guessed address, and segfaulted there
+# in 2-4 of 20 launches (hwloc_shmem_topology_write); without the segment, 0 of 20.
 set -euo pipefail
 
 PREFIX="${HVD_NETEM_PREFIX:-hvdn}"
@@ -146,7 +149,7 @@ mpirun_args() {  # one option per line
     local n="$1"
     printf '%s\n' --allow-run-as-root --mca plm_rsh_agent "$AGENT" -H "$(hosts_csv "$n")" \
         --mca btl tcp,self --mca btl_tcp_if_include "$SUBNET.0/24" --mca mpi_yield_when_idle 1 \
-        --bind-to none \
+        --bind-to none --mca rtc_hwloc_vmhole none \
         --mca oob_tcp_if_include "$SUBNET.0/24" -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH
 }
 

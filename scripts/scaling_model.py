@@ -80,6 +80,13 @@ def predict(p: int, n: int, ratio: float, floor_s: float, compress_s: float, alp
     return {"dense": dense, "topk": sparse, "aware": aware, "sparse_chosen": float(cheaper)}
 
 
+def load_results(path: str) -> List[dict]:
+    """bench_network.py's network.json: ``{"results": [...], "runs": [...]}`` (or, from older
+    runs, the list of results itself)."""
+    data = json.loads(Path(path).read_text())
+    return data["results"] if isinstance(data, dict) else data
+
+
 def calibrate(measured: List[dict], model: str, rate: str) -> Dict[str, float]:
     rows = {r["method"]: r for r in measured if r["model"] == model and r["rate"] == rate}
     floor = rows["none"]["step_ms"] / 1e3
@@ -93,7 +100,7 @@ def calibrate(measured: List[dict], model: str, rate: str) -> Dict[str, float]:
 
 
 def build(args: argparse.Namespace) -> str:
-    measured = json.loads(Path(args.measured).read_text()) if args.measured else []
+    measured = load_results(args.measured) if args.measured else []
     alpha, scatter = args.alpha_us * 1e-6, args.scatter_ns * 1e-9
     out = ["| model | link | P | dense ms | Top-K 1% allgather ms | Top-K 1% density-aware ms | "
            "exchange picked | Top-K 0.1% ms |", "|---|---|---:|---:|---:|---:|---|---:|"]
@@ -127,7 +134,7 @@ def build(args: argparse.Namespace) -> str:
                               f"{rows[method]['step_ms']:.0f} |")
     text = "\n".join(out) + "\n"
     if args.measured_3:
-        text += three_host_check(measured, json.loads(Path(args.measured_3).read_text()), alpha, scatter)
+        text += three_host_check(measured, load_results(args.measured_3), alpha, scatter)
     if checks:
         text += ("\nHeld-out 2-host check (not used to calibrate):\n\n| model | link | method | "
                  "predicted ms | measured ms |\n|---|---|---|---:|---:|\n" + "\n".join(checks) + "\n")
