@@ -336,3 +336,27 @@ def test_fused_update_declines_what_it_does_not_cover():
     assert selection.fused_update_and_select(v, None, g, 100, alpha=0.3) is None
     assert selection.fused_update_and_select(v, None, g, 50_000) is None  # k > n / 8
     assert selection.fused_update_and_select(v[:1000], None, g[:1000], 500) is not None
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fused_update_is_the_same_on_one_thread_and_several(momentum):
+    """The kernel scans ranges of a large tensor on torch's intra-op threads; the residual,
+    velocity, picked entries and finite flag are those of a single thread."""
+    gen = torch.Generator().manual_seed(6)
+    n, k = 1_200_007, 12_000
+    v0, u0, g = (torch.randn(n, generator=gen) for _ in range(3))
+    g[[3, 700_000]] = float("nan")
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            v, u = v0.clone(), (u0.clone() if momentum else None)
+            idx, vals, u_vals, finite = selection.fused_update_and_select(v, u, g, k, momentum)
+            out.append((v, u, idx, vals, u_vals, finite))
+    finally:
+        torch.set_num_threads(before)
+    (v1, u1, i1, x1, y1, f1), (v2, u2, i2, x2, y2, f2) = out
+    assert torch.equal(v1, v2) and torch.equal(i1, i2) and torch.equal(x1, x2) and f1 == f2 is False
+    if momentum:
+        assert torch.equal(u1, u2) and torch.equal(y1, y2)

@@ -27,6 +27,7 @@
 namespace {
 
 constexpr int64_t kBlock = 2048;  // 8 KiB of floats: the block and its mask stay in L1
+constexpr int64_t kMinRange = 1 << 18;  // elements per thread, at least, in topk_update's scan
 
 inline bool is_nonfinite(float x) {
   uint32_t bits;
@@ -293,18 +294,37 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
   const float a = static_cast<float>(alpha);
   const float t = stride > 0 ? sample_threshold(vp, up, gp, n, stride, rank, m, a) : -1.0f;
 
-  Picked c(stride > 0 ? static_cast<size_t>(2 * rank * stride + 4096) : static_cast<size_t>(n));
-  uint32_t nonfinite = 0;
-  alignas(64) uint8_t mask[kBlock];
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t len = std::min(n - start, kBlock);
-    nonfinite |= mom ? momentum_block(vp + start, up + start, gp + start, len, m, a, t, mask)
-                     : ef_block(vp + start, gp + start, len, a, t, mask);
-    for_each_set(mask, len, [&](int64_t i) {
-      const int64_t p = start + i;
-      c.push(p, vp[p]);
-    });
+  // The scan, over ranges of the tensor on torch's intra-op threads: every element is
+  // independent and each range keeps its candidates in order, so joining them in range
+  // order gives what one thread gives.
+  const size_t expect = stride > 0 ? static_cast<size_t>(2 * rank * stride + 4096) : static_cast<size_t>(n);
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kMinRange));
+  const int64_t per = (n / ranges + kBlock - 1) / kBlock * kBlock;
+  std::vector<Picked> parts;
+  parts.reserve(ranges);
+  for (int64_t r = 0; r < ranges; ++r) parts.emplace_back(expect / ranges + 64);
+  std::vector<uint32_t> nonfinite(ranges, 0);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    alignas(64) uint8_t mask[kBlock];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t end = std::min(n, (r + 1) * per);
+      for (int64_t start = r * per; start < end; start += kBlock) {
+        const int64_t len = std::min(end - start, kBlock);
+        nonfinite[r] |= mom ? momentum_block(vp + start, up + start, gp + start, len, m, a, t, mask)
+                            : ef_block(vp + start, gp + start, len, a, t, mask);
+        Picked& c = parts[r];
+        for_each_set(mask, len, [&](int64_t i) {
+          const int64_t p = start + i;
+          c.push(p, vp[p]);
+        });
+      }
+    }
+  });
+  Picked c = std::move(parts[0]);
+  for (int64_t r = 1; r < ranges; ++r) {
+    for (size_t j = 0; j < parts[r].n; ++j) c.push(parts[r].pos[j], parts[r].val[j]);
   }
+  const bool g_finite = std::all_of(nonfinite.begin(), nonfinite.end(), [](uint32_t f) { return f == 0; });
   // Every non-finite v is a candidate (!(NaN <= t), !(Inf <= t)): zero them there.
   bool v_finite = true;
   for (size_t j = 0; j < c.n; ++j) {
@@ -360,7 +380,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
       if (zero_u) up[ip[j]] = 0.0f;
     }
   }
-  return {idx, vals, uvals, nonfinite == 0, v_finite};
+  return {idx, vals, uvals, g_finite, v_finite};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
