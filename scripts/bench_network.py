@@ -80,7 +80,7 @@ def tx_bytes() -> int:
 # compute is a fraction of a dense exchange at 1 Gbit/s), ResNet-18 is compute-heavy.
 MODELS = {"resnet18": ("ResNet-18, 11.2M parameters", 16),
           "mlp": ("MLP 3072-1024-1024-1024-10, 5.3M parameters", 16),
-          "mlp10m": ("MLP 3072-1600-1600-1600-10, 10.1M parameters", 128)}
+          "mlp10m": ("MLP 3072-1600-1600-1600-10, 10.1M parameters", 384)}
 
 
 def build_model(name: str):

@@ -129,9 +129,15 @@ cmd_up() {
 }
 
 cmd_down() {
-    local ns
+    local ns link
+    # Delete the veth pairs from the root side first: a deleted namespace frees its end (and
+    # so the pair) asynchronously, and an `up` right after a `down` then found the old link.
+    for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
+                  | grep "^${PREFIX}v[0-9]*$" || true); do
+        ip link del "$link" 2>/dev/null || true
+    done
     for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${PREFIX}-h[0-9]*$" || true); do
-        ip netns del "$ns"  # also removes its veth pair
+        ip netns del "$ns"
     done
     if ip link show "$BRIDGE" > /dev/null 2>&1; then
         ip link del "$BRIDGE"
