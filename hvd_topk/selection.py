@@ -29,7 +29,9 @@ them. On accelerators one pass over the whole tensor is best (kernel launches, n
 misses, are what a loop adds). For float32 on CPU the compensate / finite check / candidate
 walk runs in a small C++ kernel when it is available (``_cpu_kernel.py``,
 ``csrc/compensate_cpu.cpp``): the same bits, about twice as fast; the torch/NumPy path above
-is its fallback and its reference in the tests.
+is its fallback and its reference in the tests. ``fused_update_and_select`` goes further and
+runs steps 1-4 and the zeroing of the sent entries in one kernel call, with the candidates'
+values kept by the scan (what ``TopKCompressor.compress`` uses on CPU).
 
 ``scripts/bench_compression.py`` measures it against ``torch.topk`` and one copy.
 """

@@ -9,11 +9,17 @@ Two hosts (network namespaces, one rank each, one CPU thread per rank), links sh
 - ``topk1`` / ``topk0.1``: ``hvd_topk.DistributedOptimizer`` with ``TopKCompressor(0.01 / 0.001)``;
 - ``powersgd4``: PyTorch DDP (gloo backend) with the PowerSGD comm hook, rank 4.
 
-Step time is the median over the timed steps of rank 0 (after warm-up); bytes per step are
+Models: ResNet-18, ``mlp`` (5.3M parameters, batch 16: the communication-bound extreme) and
+``mlp10m`` (10.1M parameters, batch 384: shaped like the issue's reference workload). Each
+host is pinned to its own core (netem.sh).
+
+Step time is the median over the timed steps of rank 0 (after warm-up); with ``--repeats N``
+the methods run N times round-robin and the table shows the median of the runs' medians and
+every run's. Bytes per step are
 what rank 0's link (``/sys/class/net/hvd0/statistics/tx_bytes`` inside its namespace) carried
 during the timed steps, TCP/IP headers included, divided by the steps. Needs root. Run::
 
-    python scripts/bench_network.py --out-dir docs/performance     # ~10-15 min on 2 cores
+    python scripts/bench_network.py --repeats 3 --out-dir docs/performance  # ~25 min on 2 cores
     python scripts/bench_network.py --models mlp --rates 1gbit --methods none,dense,topk1
 
 Each rank is launched by ``mpirun`` through netem.sh's rsh agent; the script re-runs itself

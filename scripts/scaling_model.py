@@ -34,7 +34,7 @@ from typing import Dict, List
 import hvd_topk
 
 RATES = {"1gbit": 1e9 / 8, "10gbit": 10e9 / 8}  # bytes/s
-PARAMS = {"resnet18": 11_173_962, "mlp": 5_256_202}  # examples/models.py, 10 classes
+PARAMS = {"resnet18": 11_173_962, "mlp": 5_256_202, "mlp10m": 10_056_010}  # examples/models.py, 10 classes
 WORLDS = [2, 8, 16, 32, 64, 128, 256]
 
 
