@@ -213,15 +213,12 @@ def fused_update_and_select(v: torch.Tensor, u: Optional[torch.Tensor], g: torch
     if plan is None and n >= SAMPLED_MIN_NUMEL:
         return None  # k > n / 8 of a large tensor: every entry would be a candidate
     kernel = _kernel_for(v, alpha)
-    if kernel is None or getattr(kernel, "topk_update", None) is None:
+    if kernel is None:
         return None
-    if u is None:
-        u_arg = _EMPTY
-    else:
-        u_arg = u
-    stride, m = plan if plan is not None else (0, 0)
-    idx, vals, u_vals, g_ok, v_ok = kernel.topk_update(v, u_arg, g, float(momentum), float(alpha),
-                                                       k, stride, m, zero_v, zero_u)
+    stride, m = plan if plan is not None else (0, 0)  # stride 0: every entry is a candidate
+    idx, vals, u_vals, g_ok, v_ok = kernel.topk_update(v, _EMPTY if u is None else u, g,
+                                                       float(momentum), float(alpha), k, stride,
+                                                       m, zero_v, zero_u)
     return idx, vals, (u_vals if u is not None else None), g_ok and v_ok
 
 

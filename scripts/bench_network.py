@@ -98,6 +98,21 @@ def build_model(name: str):
     return MLP(3 * 32 * 32, 10, hidden=1600 if name == "mlp10m" else 1024)
 
 
+def horovod_optimizer(method: str, model, opt):
+    """``opt`` wrapped for ``method``: ``dense`` / ``fp16`` (Horovod's DistributedOptimizer)
+    or ``topk<percent>`` (hvd_topk's, steady state: no warm-up). Call ``hvd.init()`` first."""
+    import horovod.torch as hvd
+
+    import hvd_topk
+
+    named = model.named_parameters()
+    if method.startswith("topk"):
+        comp = hvd_topk.TopKCompressor(float(method[4:]) / 100, warmup_steps=0)
+        return hvd_topk.DistributedOptimizer(opt, named_parameters=named, compression=comp, log_every=0)
+    comp = hvd.Compression.fp16 if method == "fp16" else hvd.Compression.none
+    return hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
@@ -126,17 +141,8 @@ def worker(args: argparse.Namespace) -> None:
     elif args.method != "none":
         import horovod.torch as hvd
 
-        import hvd_topk
-
         hvd.init()
-        named = model.named_parameters()
-        if args.method.startswith("topk"):
-            ratio = float(args.method[4:]) / 100
-            opt = hvd_topk.DistributedOptimizer(opt, named_parameters=named, log_every=0,
-                                                compression=hvd_topk.TopKCompressor(ratio, warmup_steps=0))
-        else:
-            comp = hvd.Compression.fp16 if args.method == "fp16" else hvd.Compression.none
-            opt = hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
+        opt = horovod_optimizer(args.method, model, opt)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         barrier = lambda: hvd.allreduce(torch.zeros(1), name="barrier")  # noqa: E731
     gen = torch.Generator().manual_seed(rank)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_network import MODELS, build_model  # noqa: E402
+from bench_network import MODELS, build_model, horovod_optimizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,16 +41,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     import horovod.torch as hvd
 
-    import hvd_topk
-
     torch.set_num_threads(1)
     hvd.init()
     torch.manual_seed(0)
     model = build_model(args.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     decompress_s = [0.0]
+    if args.method != "none":
+        opt = horovod_optimizer(args.method, model, opt)
     if args.method.startswith("topk"):
-        comp = hvd_topk.TopKCompressor(float(args.method[4:]) / 100, warmup_steps=0)
+        comp = opt._compression
         plain = comp.decompress
 
         def timed(payload, ctx):
@@ -60,12 +60,6 @@ def main(args: argparse.Namespace) -> dict:
             return out
 
         comp.decompress = timed
-        opt = hvd_topk.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                            compression=comp, log_every=0)
-    elif args.method != "none":
-        compression = hvd.Compression.fp16 if args.method == "fp16" else hvd.Compression.none
-        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                       compression=compression)
     batch = args.batch_size or MODELS[args.model][1]
     x = torch.randn(batch, 3, 32, 32)  # (B, C, H, W)
     y = torch.randint(0, 10, (batch,))
