@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import abc
 import math
 import zlib
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from horovod.torch.compression import Compressor
 
 from .exchange import scatter_add_
 from .memory import ResidualMemory
-from .packing import FLAG_NONFINITE, HEADER_BYTES, pack, payload_nbytes, unpack
-from .selection import (_finite_or_zeroed, compensate_and_select, compensate_finite_and_select,
-                        fused_update_and_select,
-                        index_dtype, momentum_compensate_finite_and_select, num_selected,
-                        select_topk)
+from .packing import FLAG_INEXACT, FLAG_NONFINITE, pack_header, payload_nbytes, unpack
+from .selection import (GroupLayout, exact_topk_fallback, fused_update_and_select, index_dtype,
+                        num_selected, segment_views, select_group, update_)
 
-__all__ = ["TopKCompressor", "SparseContext", "sparse_is_cheaper", "RankMismatchError"]
+__all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "sparse_is_cheaper",
+           "RankMismatchError"]
 
 _ERROR_STOCK = (
     "TopKCompressor.compress() was called without a parameter name, which is what the stock "
@@ -32,50 +32,92 @@ class RankMismatchError(RuntimeError):
     compressor settings). Raised on every rank, by the same check on the same gathered data."""
 
 
+def _crc(key: str) -> int:
+    """A signed int32 digest (zlib.crc32, not ``hash()``: the same in every process)."""
+    crc = zlib.crc32(key.encode())
+    return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+
 @dataclass
 class SparseContext:
-    """What stays local between ``compress`` and ``decompress`` (never sent).
+    """What stays local between ``compress`` and ``decompress`` (never sent), for a group of
+    one or more gradients exchanged as one payload.
 
-    ``out`` is an optional flat buffer to scatter into (the optimizer passes the gradient's
-    own storage, so decompression allocates nothing); ``divisor`` is what the sum over ranks
-    is divided by (the world size for ``hvd.Average``); ``world`` is the number of ranks
-    whose payloads the gathered buffer holds (``None``: inferred from its size); ``flags`` are
-    this rank's header flags (``FLAG_NONFINITE``).
+    ``names`` / ``shapes``: the group's parameters, in buffer order; ``layout``: where each
+    lives in the group's flat buffer and its ``k``; ``divisor``: what the sum over ranks is
+    divided by (the world size for ``hvd.Average``); ``world``: the number of ranks whose
+    payloads the gathered buffer holds (``None``: inferred from its size). ``header`` is this
+    rank's header (device int32); after ``scatter``, ``headers`` holds every rank's and
+    ``out`` the dense result, both still on the device.
     """
 
-    name: str
-    shape: torch.Size
+    names: Tuple[str, ...]
+    shapes: Tuple[torch.Size, ...]
     dtype: torch.dtype
-    k: int
+    layout: GroupLayout
     value_dtype: torch.dtype
     index_dtype: torch.dtype
-    out: Optional[torch.Tensor] = None
     divisor: float = 1.0
     world: Optional[int] = None
-    flags: int = 0
+    header: Optional[torch.Tensor] = field(default=None, repr=False)
+    payload: Optional[torch.Tensor] = field(default=None, repr=False)
+    headers: Optional[torch.Tensor] = field(default=None, repr=False)
+    out: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The parameter's name (a group: its first name and how many follow)."""
+        if len(self.names) == 1:
+            return self.names[0]
+        return f"{self.names[0]}+{len(self.names) - 1}"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.shapes[0] if len(self.shapes) == 1 else torch.Size([self.layout.numel])
+
+    @property
+    def k(self) -> int:
+        return self.layout.k
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return self.layout.numel
+
+    @property
+    def header_words(self) -> int:
+        """int32 words of the header: signature and flags, plus one flag word per tensor of a
+        group (a single tensor's header is the two words alone)."""
+        return 2 if len(self.names) == 1 else 2 + len(self.names)
+
+    def segment_signature(self, i: int) -> int:
+        return _crc(f"{tuple(self.shapes[i])}|{self.dtype}|{self.layout.ks[i]}|{self.value_dtype}"
+                    f"|{self.index_dtype}")
 
     @property
     def signature(self) -> int:
-        """A signed int32 digest of what is being exchanged (shape, dtype, k, wire dtypes).
-
-        zlib.crc32, not ``hash()``: it must be the same in every process.
-        """
-        key = f"{tuple(self.shape)}|{self.dtype}|{self.k}|{self.value_dtype}|{self.index_dtype}"
-        crc = zlib.crc32(key.encode())
-        return crc - (1 << 32) if crc >= 1 << 31 else crc
+        """A signed int32 digest of what is being exchanged (names' count, shapes, dtype, k's,
+        wire dtypes); a single tensor's is its own segment signature."""
+        if len(self.names) == 1:
+            return self.segment_signature(0)
+        return _crc("|".join(str(self.segment_signature(i)) for i in range(len(self.names))))
 
     def describe(self) -> str:
-        return (f"shape {tuple(self.shape)}, {self.dtype}, k={self.k}, values {self.value_dtype}, "
-                f"indices {self.index_dtype}")
+        if len(self.names) == 1:
+            return (f"shape {tuple(self.shapes[0])}, {self.dtype}, k={self.k}, values {self.value_dtype}, "
+                    f"indices {self.index_dtype}")
+        return (f"a group of {len(self.names)} tensors ({', '.join(map(repr, self.names[:4]))}"
+                f"{', ...' if len(self.names) > 4 else ''}), {self.dtype}, k={self.k}")
 
     @property
     def nbytes(self) -> int:
-        """Bytes this rank sends for the tensor."""
-        return payload_nbytes(self.k, self.value_dtype, self.index_dtype)
+        """Bytes this rank sends for the group."""
+        return payload_nbytes(self.k, self.value_dtype, self.index_dtype, self.header_words)
+
+    @property
+    def flags(self) -> int:
+        """This rank's header flags (``FLAG_NONFINITE``, ``FLAG_INEXACT``). Reading it copies
+        the header to the host: for tests and single-process use, not inside a step."""
+        return int(self.header[1]) if self.header is not None else 0
 
 
 def sparse_is_cheaper(numel: int, k: int, world: int, grad_bytes: int, payload_bytes: int) -> bool:
@@ -90,10 +132,80 @@ def sparse_is_cheaper(numel: int, k: int, world: int, grad_bytes: int, payload_b
     return p * k * payload_bytes < 2 * numel * grad_bytes
 
 
-class TopKCompressor(Compressor):
+class SparseCompressor(Compressor, abc.ABC):
+    """The interface between ``hvd_topk.DistributedOptimizer`` and a sparse compressor.
+
+    Per step, the optimizer:
+
+    1. asks ``wants_sparse(grad, world)`` for each gradient (dense allreduce otherwise) and
+       ``group_bytes(device)`` for how many bytes of gradients to compress together;
+    2. calls ``compress_group(grads, names, ...)`` for each group once its gradients are
+       ready (in the backward hooks: no host sync allowed), and allgathers the payload;
+    3. calls ``scatter(gathered, ctx)`` for each group (no host sync), then ``check(ctxs,
+       extra)`` once: the step's one host sync, which raises ``RankMismatchError``, records
+       non-finite gradients, and returns the groups to exchange again (``redo``);
+    4. calls ``unsend()`` if the step will not be applied, then ``step_done()``.
+    """
+
+    @abc.abstractmethod
+    def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def group_bytes(self, device: torch.device) -> int:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def compress_group(self, tensors: Sequence[torch.Tensor], names: Sequence[str], *,
+                       momentum: float = 0.0, nesterov: bool = False, scale: float = 1.0,
+                       world: int = 1) -> Tuple[torch.Tensor, SparseContext]:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def scatter(self, gathered: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def check(self, ctxs: Sequence[SparseContext], extra: Optional[torch.Tensor] = None):
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def redo(self, ctx: SparseContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def unsend(self) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def step_done(self) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def pop_nonfinite(self) -> List[Tuple[str, List[int]]]:
+        raise NotImplementedError
+
+
+@dataclass
+class _Pending:
+    """One group's selection this step, kept until ``step_done()`` for ``unsend``/``redo``."""
+
+    v: torch.Tensor  # (n,) residual buffer
+    u: Optional[torch.Tensor]  # (n,) velocity, or None
+    sel: torch.Tensor  # (K,) positions sent
+    vals: torch.Tensor  # (K,) v there before the residual write (unscaled)
+    u_vals: Optional[torch.Tensor]  # (K,) u there before masking
+    bad: torch.Tensor  # (S,) bool: segments whose gradient held a NaN/Inf
+    scale: float
+    zeroed: bool = False  # the residual write of an exact wire is done already (CPU kernel)
+    masked: bool = False  # the velocity is masked already (CPU kernel)
+
+
+class TopKCompressor(SparseCompressor):
     """Top-K sparsification with error feedback (a Horovod ``Compressor``).
 
-    For each gradient tensor ``g`` of a parameter ``name``, every step:
+    For each gradient tensor ``g`` of a parameter ``name`` (tensors are compressed in groups,
+    see ``group_bytes``, each with its own ``k``), every step:
 
     1. compensate: ``c = g + e[name]``, where ``e`` is the error-feedback residual (in place);
     2. select the ``k = max(1, ceil(ratio * numel))`` entries of largest ``|c|`` -- exactly
@@ -144,6 +256,16 @@ class TopKCompressor(Compressor):
             entries were sent, so stale momentum does not push them again.
         local_clip_norm: DGC's local gradient clipping (section 3.3): each rank's gradient
             is clipped to ``local_clip_norm / sqrt(world)`` before accumulation. ``None``: off.
+        group_bytes: gradients compressed together as one group (one selection pipeline
+            run, one payload, one allgather), up to about this many bytes: groups cut the
+            per-tensor kernel launches that dominate small tensors on a GPU (Cupcake, MLSys'23,
+            compresses fused buckets for the same reason). ``k`` stays per tensor (DGC's
+            semantics). ``None`` (default): 32 MiB on accelerators, 0 on CPU (each tensor on
+            its own: the CPU kernel runs per tensor anyway, and sends start sooner).
+
+    Step by step, for a group of gradients ``g_s``: ``selection.py``'s pipeline (update ->
+    threshold -> candidates -> exact top-k) then the residual write below; nothing is read
+    back to the host until the optimizer's one ``check`` per step.
 
     Example::
 
@@ -155,14 +277,11 @@ class TopKCompressor(Compressor):
             optimizer, named_parameters=model.named_parameters(), compression=compression)
     """
 
-    #: Tells ``hvd_topk.DistributedOptimizer`` to exchange this compressor's payload by allgather.
-    is_sparse = True
-
     def __init__(self, ratio: float = 0.01, *, value_dtype: Optional[torch.dtype] = None,
                  min_numel: int = 4096, density_aware: bool = True,
                  warmup_steps: int = 100, warmup_ratio: float = 0.25,
                  momentum_correction: Optional[bool] = None, momentum_masking: bool = True,
-                 local_clip_norm: Optional[float] = None) -> None:
+                 local_clip_norm: Optional[float] = None, group_bytes: Optional[int] = None) -> None:
         self.ratio = _check_ratio("ratio", ratio)
         if value_dtype is not None and not (isinstance(value_dtype, torch.dtype)
                                             and value_dtype.is_floating_point):
@@ -184,20 +303,26 @@ class TopKCompressor(Compressor):
         if local_clip_norm is not None and not (float(local_clip_norm) > 0):
             raise ValueError(f"local_clip_norm must be > 0 or None, got {local_clip_norm!r}")
         self.local_clip_norm = None if local_clip_norm is None else float(local_clip_norm)
-        self.world_size = 1  # set by the optimizer; scales local clipping
+        if group_bytes is not None and (int(group_bytes) != group_bytes or group_bytes < 0):
+            raise ValueError(f"group_bytes must be an integer >= 0 or None (auto), got {group_bytes!r}")
+        self._group_bytes = None if group_bytes is None else int(group_bytes)
+        self.world_size = 1  # the default for compress_group(world=None); scales local clipping
         self.memory = ResidualMemory()  # error feedback: v (accumulated, not yet sent)
         self.velocity = ResidualMemory()  # momentum correction: u (local momentum)
         self.steps = 0  # optimizer steps completed; drives the warm-up
         # (name, ranks) of tensors some rank found non-finite since the optimizer last asked
         self.nonfinite: List[Tuple[str, List[int]]] = []
-        self._pending: Dict[str, Tuple] = {}  # this step's selections, see unsend()
+        self._pending: Dict[Tuple[str, ...], _Pending] = {}  # this step's selections, see unsend()
+        self._layouts: Dict[Tuple, GroupLayout] = {}  # (sizes, ratio) -> layout
+        self._signatures: Dict[Tuple, torch.Tensor] = {}  # (signature, device) -> (1,) int32
 
     def __repr__(self) -> str:
         return (f"TopKCompressor(ratio={self.ratio}, value_dtype={self.value_dtype}, "
                 f"min_numel={self.min_numel}, density_aware={self.density_aware}, "
                 f"warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio}, "
                 f"momentum_correction={self.momentum_correction}, "
-                f"momentum_masking={self.momentum_masking}, local_clip_norm={self.local_clip_norm})")
+                f"momentum_masking={self.momentum_masking}, local_clip_norm={self.local_clip_norm}, "
+                f"group_bytes={self._group_bytes})")
 
     # -- schedule -------------------------------------------------------------------------
     def current_ratio(self) -> float:
@@ -216,12 +341,19 @@ class TopKCompressor(Compressor):
         """Take back this step's selections: each residual becomes ``e + g`` again (what was
         about to be sent stays owed) and masked momentum returns. Called by the optimizer when
         a step will not be applied (a non-finite gradient on some rank), so nothing that was
-        sent in it is lost."""
-        for buf, idx, vals, u, u_sent in self._pending.values():
-            buf.index_copy_(0, idx, vals)
-            if u_sent is not None:
-                u.index_copy_(0, idx, u_sent)
+        sent in it is lost. A velocity or residual entry that overflowed is reset to 0."""
+        for pend in self._pending.values():
+            self._restore(pend)
+            torch.nan_to_num_(pend.v, nan=0.0, posinf=0.0, neginf=0.0)
+            if pend.u is not None:
+                torch.nan_to_num_(pend.u, nan=0.0, posinf=0.0, neginf=0.0)
         self._pending.clear()
+
+    @staticmethod
+    def _restore(pend: _Pending) -> None:
+        pend.v.index_copy_(0, pend.sel, pend.vals)
+        if pend.u is not None and pend.u_vals is not None:
+            pend.u.index_copy_(0, pend.sel, pend.u_vals)
 
     # -- decisions ------------------------------------------------------------------------
     def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
@@ -235,194 +367,340 @@ class TopKCompressor(Compressor):
         k = num_selected(n, self.current_ratio())
         if self.density_aware:
             vdt = self.value_dtype or tensor.dtype
-            pbytes = payload_nbytes(1, vdt, index_dtype(n)) - HEADER_BYTES  # per entry
+            pbytes = payload_nbytes(1, vdt, index_dtype(n)) - payload_nbytes(0, vdt, index_dtype(n))
             return sparse_is_cheaper(n, k, world, tensor.element_size(), pbytes)
         return True
 
-    # -- Horovod's Compressor contract ----------------------------------------------------
+    def group_bytes(self, device: torch.device) -> int:
+        """Gradient bytes compressed together on ``device`` (``group_bytes`` resolved)."""
+        if self._group_bytes is not None:
+            return self._group_bytes
+        return 0 if torch.device(device).type == "cpu" else 32 << 20
+
+    def _layout(self, sizes: Tuple[int, ...]) -> GroupLayout:
+        ratio = self.current_ratio()
+        key = (sizes, ratio)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 256:  # the warm-up makes a new k every step
+                self._layouts.clear()
+            layout = self._layouts[key] = GroupLayout(sizes, tuple(num_selected(n, ratio) for n in sizes))
+        return layout
+
+    def _header_base(self, ctx: SparseContext, device: torch.device) -> torch.Tensor:
+        """``(1,)`` int32 signature on ``device``, cached (no host-to-device copy per step)."""
+        key = (ctx.signature, device)
+        t = self._signatures.get(key)
+        if t is None:
+            t = self._signatures[key] = torch.tensor([ctx.signature], dtype=torch.int32, device=device)
+        return t
+
+    # -- compress -------------------------------------------------------------------------
     def compress(self, tensor: torch.Tensor, name: Optional[str] = None, *,
                  momentum: float = 0.0, nesterov: bool = False,
                  scale: float = 1.0) -> Tuple[torch.Tensor, SparseContext]:
-        """Compensate, select, pack; update the residual of ``name``.
+        """Horovod's ``Compressor.compress`` for one gradient, for use on its own: ``compress_group``
+        of a group of one (see there), made exact at once when its sample was unlucky (reading
+        that flag is a host sync; ``hvd_topk.DistributedOptimizer`` calls ``compress_group``,
+        which never syncs, and redoes such groups after the step's one sync instead).
+        ``payload`` is ``(nbytes,)`` uint8: header, values, indices -- the only thing that
+        travels; ``ctx`` stays local."""
+        if name is None:
+            raise RuntimeError(_ERROR_STOCK)
+        payload, ctx = self.compress_group([tensor], [name], momentum=momentum, nesterov=nesterov,
+                                           scale=scale)
+        if ctx.flags & FLAG_INEXACT:
+            payload = self.redo(ctx)
+        return payload, ctx
+
+    def compress_group(self, tensors: Sequence[torch.Tensor], names: Sequence[str], *,
+                       momentum: float = 0.0, nesterov: bool = False, scale: float = 1.0,
+                       world: Optional[int] = None) -> Tuple[torch.Tensor, SparseContext]:
+        """Compensate, select, pack a group of gradients as one payload; update their residuals.
+
+        No value is read back to the host: the selection's flags (non-finite gradient, an
+        inexact sample) travel in the payload's header, resolved by ``check`` after the
+        exchange.
 
         Arguments:
-            tensor: the gradient (any shape, floating dtype). Not modified.
-            name: the parameter's name, the key of its residual.
+            tensors: the gradients (any shapes; one floating dtype and device). Not modified.
+            names: their parameters' names, the keys of their residuals.
             momentum: > 0 applies DGC's momentum correction (the optimizer passes SGD's
                 momentum): ``u = m u + g``; ``v += u`` (Nesterov: ``v += g + m u``); select
                 from ``v``; with ``momentum_masking`` also ``u[sent] = 0``. The sent values are
                 then an *update* to apply without further momentum.
             nesterov: Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``.
-            scale: the loss scale ``tensor`` carries (mixed precision: ``GradScaler``'s scale).
-                Residuals and velocities are kept in unscaled units (``g / scale``), so they
-                stay right when the scale changes; the sent values are scaled back, for the
-                ``GradScaler`` to unscale like any gradient. Use powers of two (as
+            scale: the loss scale the gradients carry (mixed precision: ``GradScaler``'s
+                scale). Residuals and velocities are kept in unscaled units (``g / scale``),
+                so they stay right when the scale changes; the sent values are scaled back,
+                for the ``GradScaler`` to unscale like any gradient. Use powers of two (as
                 ``GradScaler`` does) and the scaling is exact.
+            world: ranks exchanging (scales local clipping); default ``self.world_size``.
 
-        If ``tensor`` holds a NaN or Inf, those entries are dropped (added as 0: residual and
-        velocity stay finite) and the payload's header carries ``FLAG_NONFINITE``, so that
-        every rank learns of it in ``decompress``; the step is then not applied and the
-        optimizer calls ``unsend()``.
+        If a gradient holds a NaN or Inf, those entries are added as 0 (residual and velocity
+        stay finite) and the header flags it, so every rank learns of it after the exchange;
+        the step is then not applied and the optimizer calls ``unsend()``.
 
         Returns:
-            ``payload``: ``(nbytes,)`` uint8, header, values, indices -- the only thing that
-            travels; ``ctx``: a ``SparseContext`` that stays local.
+            ``(payload, ctx)``: ``(nbytes,)`` uint8 and a ``SparseContext``.
         """
-        if name is None:
+        if not tensors or len(tensors) != len(names):
+            raise ValueError(f"compress_group needs one name per tensor, got {len(tensors)} tensors "
+                             f"and {len(names)} names")
+        if any(n is None for n in names):
             raise RuntimeError(_ERROR_STOCK)
-        if not tensor.dtype.is_floating_point:
-            raise TypeError(f"TopKCompressor compresses floating gradients; {name!r} is {tensor.dtype}")
-        n = tensor.numel()
-        k = num_selected(n, self.current_ratio())
-        vdt = self.value_dtype or tensor.dtype
-        idt = index_dtype(n)
-        ctx = SparseContext(name, tensor.shape, tensor.dtype, k, vdt, idt)
-        g = tensor.detach().reshape(-1)  # (n,)
-        if n == 0:
-            return pack(g.to(vdt), torch.empty(0, dtype=idt, device=g.device), ctx.signature), ctx
+        dtype, device = tensors[0].dtype, tensors[0].device
+        for t, n in zip(tensors, names):
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"TopKCompressor compresses floating gradients; {n!r} is {t.dtype}")
+            if t.dtype != dtype or t.device != device:
+                raise ValueError(f"a group holds one dtype and device: {n!r} is {t.dtype} on {t.device}, "
+                                 f"{names[0]!r} is {dtype} on {device}")
+        layout = self._layout(tuple(t.numel() for t in tensors))
+        vdt = self.value_dtype or dtype
+        idt = index_dtype(max(layout.sizes))
+        ctx = SparseContext(tuple(names), tuple(t.shape for t in tensors), dtype, layout, vdt, idt)
+        g = (tensors[0].detach().reshape(-1) if len(tensors) == 1
+             else torch.cat([t.detach().reshape(-1) for t in tensors]))  # (n,)
+        v = self.memory.group_buffer(names, layout.sizes, g)  # (n,) residual e
+        u = self.velocity.group_buffer(names, layout.sizes, g) if momentum > 0 else None
         inv = 1.0 / scale
-        exact = vdt == tensor.dtype and scale == 1.0  # the wire carries the values unchanged
-        # A NaN/Inf must never enter the residual (it would stay there and poison every later
-        # step): non-finite entries are dropped on the way in and the payload is flagged.
-        fused = self._fused_update(name, g, k, momentum, nesterov, inv, exact)
-        if fused is not None:
-            buf, u, idx, vals, u_sent, finite = fused  # with `exact`, buf is zeroed where sent
+        exact = vdt == dtype and scale == 1.0  # the wire carries the values unchanged
+        if self.local_clip_norm is not None:
+            g = self._clip(g, layout, inv, world)
+        pend = None
+        if self.local_clip_norm is None and not nesterov:
+            pend = self._kernel_update(v, u, g, layout, momentum, inv, exact, scale)
+        if pend is None:
+            bad = update_(v, g, layout, alpha=inv, u=u, momentum=momentum, nesterov=nesterov)  # 1.
+            sel, inexact = select_group(v, layout)  # 2.-4.
+            pend = self._selected(v, u, sel, bad, scale, layout)
         else:
-            buf, idx, u, finite = self._update_and_select(name, g, k, momentum, nesterov, inv)
-            vals = buf.index_select(0, idx)  # (k,) unscaled
-            u_sent = None
-        if not finite:
-            ctx.flags = FLAG_NONFINITE
+            inexact = torch.zeros((), dtype=torch.bool, device=device)
+        self._pending[ctx.names] = pend
+        sent = self._write_residual(pend, vdt, exact)  # 5.
+        ctx.header = self._header(ctx, pend.bad, inexact)
+        ctx.world = world
+        ctx.payload = pack_header(ctx.header, sent, self._local_indices(pend.sel, layout, idt))
+        return ctx.payload, ctx
+
+    def _kernel_update(self, v, u, g, layout, momentum, inv, exact, scale) -> Optional[_Pending]:
+        """Steps 1-4 (and the zeroing of 5 when ``exact``) through the fused CPU kernel, one
+        call per segment; ``None`` where it does not apply (then the torch steps run)."""
+        if v.device.type != "cpu" or v.dtype != torch.float32:
+            return None
+        mask_u = u is not None and self.momentum_masking
+        parts = []
+        for s, (vs, gs) in enumerate(zip(segment_views(v, layout), segment_views(g, layout))):
+            if layout.ks[s] == 0:
+                continue
+            us = None if u is None else u[layout.offsets[s]:layout.offsets[s + 1]]
+            out = fused_update_and_select(vs, us, gs, layout.ks[s], momentum, inv, zero_v=exact,
+                                          zero_u=mask_u)
+            if out is None:
+                if parts:  # the kernel's conditions are the same for every segment of a group
+                    raise AssertionError("CPU kernel declined a segment after accepting another")
+                return None
+            parts.append((s, out))
+        if not parts:
+            return None
+        sel = torch.cat([idx + layout.offsets[s] for s, (idx, _, _, _) in parts])
+        vals = torch.cat([p[1] for _, p in parts])
+        u_vals = torch.cat([p[2] for _, p in parts]) if u is not None else None
+        bad = torch.zeros(layout.segments, dtype=torch.bool)
+        for s, (_, _, _, finite) in parts:
+            bad[s] = not finite
+        # The kernel already zeroed the residual (exact wire) and masked the velocity there.
+        return _Pending(v, u, sel, vals, u_vals, bad, scale, zeroed=exact, masked=mask_u)
+
+    @staticmethod
+    def _selected(v, u, sel, bad, scale, layout: GroupLayout) -> _Pending:
+        """Read the selected values; an entry of ``v`` that overflowed (e + g beyond the
+        dtype) has the largest magnitude, so it is among them: send 0 there and flag it."""
+        vals = v.index_select(0, sel)  # (K,)
+        overflow = ~torch.isfinite(vals)
+        vals = vals.masked_fill(overflow, 0)
+        if layout.segments == 1:
+            bad = bad | overflow.any()
+        else:
+            per_seg = torch.zeros(layout.segments, dtype=torch.int32, device=v.device)
+            per_seg.index_add_(0, layout.tensors(v.device)["slot_seg"], overflow.to(torch.int32))
+            bad = bad | (per_seg > 0)
+        u_vals = u.index_select(0, sel) if u is not None else None
+        pend = _Pending(v, u, sel, vals, u_vals, bad, scale)
+        return pend
+
+    def _write_residual(self, pend: _Pending, vdt: torch.dtype, exact: bool) -> torch.Tensor:
+        """Step 5: ``v[sent] = c - sent`` (0 when the wire carries the values exactly), and
+        DGC's momentum factor masking ``u[sent] = 0``. Returns the values as they travel."""
+        v, sel, vals, scale = pend.v, pend.sel, pend.vals, pend.scale
         if exact:
+            if not pend.zeroed:
+                v.index_fill_(0, sel, 0)
             sent = vals
-            if fused is None:
-                # index_select / index_fill_ / index_copy_: ~4x faster than advanced indexing on CPU.
-                buf.index_fill_(0, idx, 0)  # sent exactly
         else:
             if scale != 1.0 and vals.element_size() < 4:
                 vals_scaled = vals.float() * scale  # a half-precision product could overflow
             else:
                 vals_scaled = vals if scale == 1.0 else vals * scale
-            sent = _to_wire(vals_scaled, vdt)  # (k,) in the gradient's (loss-scaled) units
+            sent = _to_wire(vals_scaled, vdt)  # (K,) in the gradient's (loss-scaled) units
             # e <- c - sent: keep what the narrower dtype (or its clamp) did not carry.
-            back = sent.to(buf.dtype)
-            buf.index_copy_(0, idx, vals - (back if scale == 1.0 else back * inv))
-        if u is not None and self.momentum_masking and u_sent is None:
-            u_sent = u.index_select(0, idx)
-            u.index_fill_(0, idx, 0)  # DGC momentum factor masking: no stale momentum on what was sent
-        self._pending[name] = (buf, idx, vals, u, u_sent)  # for unsend(), until step_done()
-        return pack(sent, idx.to(idt), ctx.signature, ctx.flags), ctx
+            back = sent.to(v.dtype)
+            v.index_copy_(0, sel, vals - (back if scale == 1.0 else back * (1.0 / scale)))
+        if pend.u is not None and self.momentum_masking and not pend.masked:
+            pend.u.index_fill_(0, sel, 0)  # no stale momentum on what was sent
+        if pend.u is not None and not self.momentum_masking:
+            pend.u_vals = None  # nothing to give back
+        return sent
 
-    def _fused_update(self, name: str, g: torch.Tensor, k: int, momentum: float, nesterov: bool,
-                      inv: float, exact: bool):
-        """The common case in one CPU kernel call (``selection.fused_update_and_select``):
-        ``(buf, u, idx, vals, u_sent, finite)``, or None where it does not apply (the first
-        step of a name, Nesterov, local clipping, not float32 on CPU). With ``exact`` the
-        kernel also zeroes the sent entries of the residual (otherwise ``compress`` keeps what
-        the wire did not carry there); with momentum masking it zeroes them in the velocity."""
-        if self.local_clip_norm is not None or nesterov or g.device.type != "cpu":
-            return None
-        buf = self.memory.buffer(name, g)
-        if buf is None:
-            return None
-        u = None
-        if momentum > 0:
-            u = self.velocity.buffer(name, g)
-            if u is None:
-                return None
-        mask_u = u is not None and self.momentum_masking
-        out = fused_update_and_select(buf, u, g.contiguous(), k, momentum, inv, zero_v=exact,
-                                      zero_u=mask_u)
-        if out is None:
-            return None
-        idx, vals, u_vals, finite = out
-        if u is not None and not mask_u:
-            u_vals = None
-        return buf, u, idx, vals, u_vals, finite
+    @staticmethod
+    def _local_indices(sel: torch.Tensor, layout: GroupLayout, idt: torch.dtype) -> torch.Tensor:
+        """``(K,)`` each slot's index within its own tensor, in the wire's index dtype."""
+        if layout.segments == 1:
+            return sel.to(idt)
+        return (sel - layout.tensors(sel.device)["slot_start"]).to(idt)
 
-    def _update_and_select(self, name: str, g: torch.Tensor, k: int, momentum: float,
-                           nesterov: bool, inv: float):
-        """Error feedback's update (and momentum correction's), then the exact top-k:
-        ``(residual buffer, indices, velocity or None, g was finite)``. The common cases run as
-        one walk over memory (``selection.py``); the first step of a name, Nesterov and local
-        clipping take separate passes."""
-        finite = True
-        if self.local_clip_norm is not None:
-            g, finite = _finite_or_zeroed(g, True)  # clipping reads g in full first
-            # DGC 3.3: clip each rank's gradient to max_norm / sqrt(P), before accumulation.
-            limit = self.local_clip_norm / math.sqrt(max(1, self.world_size))
-            norm = torch.linalg.vector_norm(g.float()) * inv  # of the unscaled gradient
-            g = g * (limit / (norm + 1e-6)).clamp(max=1.0).to(g.dtype)
-        buf = self.memory.buffer(name, g)  # (n,) e, or None on the first step
-        if momentum <= 0:
-            if buf is None:
-                g, ok = _finite_or_zeroed(g, True)
-                buf = self.memory.compensate(name, g, alpha=inv)  # (n,) = g/s
-                return buf, select_topk(buf, k), None, finite and ok
-            # buf = e + g/s in place, finite check and candidate scan: one walk.
-            idx, ok = compensate_finite_and_select(buf, g.contiguous(), k, inv)
-            return buf, idx, None, finite and ok
-        u = self.velocity.buffer(name, g)
-        if u is not None and buf is not None and not nesterov:
-            # u = m u + g/s; v += u; candidates of |v|: one walk (DGC momentum correction).
-            idx, ok = momentum_compensate_finite_and_select(buf, u, g.contiguous(), k, momentum, inv)
-            return buf, idx, u, finite and ok
-        g, ok = _finite_or_zeroed(g, True)
-        finite = finite and ok
-        u = self.velocity.decay_add(name, g, momentum, alpha=inv)  # (n,) u = m u + g/s
-        x = (g * inv + momentum * u) if nesterov else u  # what enters the residual
-        if buf is None:
-            buf = self.memory.compensate(name, x)
-            return buf, select_topk(buf, k), u, finite
-        return buf, compensate_and_select(buf, x.contiguous(), k), u, finite
+    def _header(self, ctx: SparseContext, bad: torch.Tensor, inexact: torch.Tensor) -> torch.Tensor:
+        """``(header_words,)`` int32 on the device: signature, flags (, per-tensor flags)."""
+        device = bad.device if bad.device == inexact.device else inexact.device
+        bad = bad.to(device)
+        flags = (bad.any().to(torch.int32) * FLAG_NONFINITE
+                 + inexact.to(torch.int32) * FLAG_INEXACT).reshape(1)
+        parts = [self._header_base(ctx, device), flags]
+        if ctx.header_words > 2:
+            parts.append(bad.to(torch.int32) * FLAG_NONFINITE)
+        return torch.cat(parts)
+
+    def _clip(self, g: torch.Tensor, layout: GroupLayout, inv: float, world: Optional[int]) -> torch.Tensor:
+        """DGC 3.3: each tensor's gradient clipped to ``local_clip_norm / sqrt(P)`` before
+        accumulation (its norm taken of the unscaled, finite gradient)."""
+        p = max(1, world if world is not None else self.world_size)
+        limit = self.local_clip_norm / math.sqrt(p)
+        clean = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        if layout.segments == 1:
+            sq = clean.square().sum().reshape(1)
+        else:
+            sq = torch.segment_reduce(clean.square(), "sum", lengths=layout.tensors(g.device)["lengths"],
+                                      unsafe=True)  # see selection.finite_probe
+        factor = (limit / (sq.sqrt() * inv + 1e-6)).clamp(max=1.0).to(g.dtype)  # (S,)
+        if layout.segments > 1:
+            factor = torch.repeat_interleave(factor, layout.tensors(g.device)["lengths"],
+                                             output_size=layout.numel)
+        return g * factor
+
+    # -- decompress -----------------------------------------------------------------------
+    def scatter(self, gathered: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
+        """Scatter-add every rank's (values, indices), each divided by ``ctx.divisor``, into a
+        new dense ``(n,)`` buffer (``ctx.out``); every rank's header goes to ``ctx.headers``.
+        Reads nothing back to the host; ``check`` then resolves the headers."""
+        try:
+            headers, values, indices = unpack(gathered, ctx.k, ctx.value_dtype, ctx.index_dtype,
+                                              ctx.world, ctx.header_words)  # (P, H), (P, K), (P, K)
+        except ValueError as e:
+            raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}. "
+                                    + _SAME_MODEL) from None
+        ctx.headers = headers
+        out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=gathered.device)
+        if ctx.k:
+            t = ctx.layout.tensors(gathered.device)
+            # A rank that disagrees on the layout is caught by check(); clamp its indices
+            # into each slot's own tensor so that the scatter never writes out of bounds.
+            pos = torch.minimum(indices.long().clamp(min=0), t["slot_max"]) + t["slot_start"]  # (P, K)
+            vals = values.reshape(-1).to(ctx.dtype)  # (P * K,)
+            if ctx.divisor != 1:
+                # Divide the P * K gathered values, not the n-element result: every rank
+                # still computes the same bits (same bytes, same order).
+                vals = vals.div_(ctx.divisor)
+            scatter_add_(out, pos.reshape(-1), vals)
+        ctx.out = out
+        return out
+
+    def check(self, ctxs: Sequence[SparseContext], extra: Optional[torch.Tensor] = None):
+        """Resolve the flags of every exchanged group at once -- the step's one host sync.
+
+        Raises ``RankMismatchError`` (on every rank alike) if some rank sent a payload for
+        another shape, dtype, ``k`` or wire dtype. A tensor some rank flagged non-finite
+        becomes all NaN (so that a ``GradScaler`` skips the step, as it would in dense
+        training) and ``(name, ranks)`` goes to ``self.nonfinite``.
+
+        Arguments:
+            ctxs: contexts after ``scatter``.
+            extra: an optional 1-D int/bool device tensor read back in the same copy (the
+                optimizer's probe of its dense tensors).
+
+        Returns:
+            ``(redo, extra)``: the contexts some rank selected inexactly (exchange them again
+            with ``redo(ctx)``), and ``extra`` as a list.
+        """
+        parts = [c.headers.reshape(-1) for c in ctxs]
+        if extra is not None:
+            parts.append(extra.reshape(-1).to(torch.int32))
+        if not parts:
+            return [], []
+        device = parts[0].device
+        flat = torch.cat([p.to(device) for p in parts]).tolist()  # the one host sync
+        redo, at = [], 0
+        for ctx in ctxs:
+            h = ctx.header_words
+            rows = [flat[at + r * h: at + (r + 1) * h] for r in range(ctx.headers.shape[0])]
+            at += h * len(rows)
+            others = [r for r, row in enumerate(rows) if row[0] != ctx.signature]
+            if others:
+                raise RankMismatchError(
+                    f"parameter {ctx.name!r}: rank(s) {others} sent a payload for something other than "
+                    f"this rank's {ctx.describe()}. " + _SAME_MODEL)
+            if any(row[1] & FLAG_INEXACT for row in rows):
+                redo.append(ctx)
+                continue
+            if any(row[1] & FLAG_NONFINITE for row in rows):
+                self._mark_nonfinite(ctx, rows)
+        return redo, flat[at:]
+
+    def _mark_nonfinite(self, ctx: SparseContext, rows: List[List[int]]) -> None:
+        views = segment_views(ctx.out, ctx.layout)
+        for s, name in enumerate(ctx.names):
+            if len(ctx.names) == 1:
+                ranks = [r for r, row in enumerate(rows) if row[1] & FLAG_NONFINITE]
+            else:
+                ranks = [r for r, row in enumerate(rows) if row[2 + s] & FLAG_NONFINITE]
+            if ranks:
+                self.nonfinite.append((name, ranks))
+                views[s].fill_(float("nan"))
+
+    def redo(self, ctx: SparseContext) -> torch.Tensor:
+        """This rank's payload for a group ``check`` returned: unchanged if this rank's own
+        selection was exact, else its exact selection (``torch.topk`` per tensor) replaces the
+        sampled one. Every rank then exchanges the group again."""
+        if not ctx.flags & FLAG_INEXACT:
+            return ctx.payload
+        pend = self._pending[ctx.names]
+        self._restore(pend)
+        if pend.u is not None and self.momentum_masking:
+            pend.u.index_copy_(0, pend.sel, pend.u_vals)
+        sel = exact_topk_fallback(pend.v, ctx.layout)
+        fresh = self._selected(pend.v, pend.u, sel, pend.bad, pend.scale, ctx.layout)
+        self._pending[ctx.names] = fresh
+        exact = ctx.value_dtype == ctx.dtype and pend.scale == 1.0
+        sent = self._write_residual(fresh, ctx.value_dtype, exact)
+        ctx.header = self._header(ctx, fresh.bad, torch.zeros((), dtype=torch.bool, device=sel.device))
+        ctx.payload = pack_header(ctx.header, sent, self._local_indices(sel, ctx.layout, ctx.index_dtype))
+        return ctx.payload
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Scatter-add every rank's (values, indices), each divided by ``ctx.divisor``, into a
-        dense tensor.
-
-        ``payload`` is one rank's payload or the allgather of ``world`` of them. A ``ctx`` of
-        ``None`` marks a tensor the optimizer exchanged densely; it is returned unchanged.
-
-        Every rank's header is checked against this rank's: a different signature (another
-        shape, dtype, ``k`` or wire dtype) raises ``RankMismatchError``, on every rank alike.
-        If any rank flagged its gradient non-finite, the result is all NaN (so that a
-        ``GradScaler`` skips the step, as it would in dense training) and ``(name, ranks)``
-        is appended to ``self.nonfinite``.
-        """
+        """Horovod's ``Compressor.decompress``: ``scatter`` then ``check`` (one host sync) for
+        one payload or the allgather of ``ctx.world`` of them. A ``ctx`` of ``None`` marks a
+        tensor the optimizer exchanged densely; it is returned unchanged. A single tensor
+        comes back in its shape, a group as its flat ``(n,)`` buffer."""
         if ctx is None:
             return payload
         if isinstance(ctx, ComplexContext):
             return torch.view_as_complex(payload)
-        try:
-            headers, values, indices = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype,
-                                              ctx.world)  # (world, 2), (world, k), (world, k)
-        except ValueError as e:
-            raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}. "
-                                    + _SAME_MODEL) from None
-        headers = headers.tolist()
-        others = [r for r, (sig, _) in enumerate(headers) if sig != ctx.signature]
-        if others:
-            raise RankMismatchError(
-                f"parameter {ctx.name!r}: rank(s) {others} sent a payload for something other than "
-                f"this rank's {ctx.describe()}. " + _SAME_MODEL)
-        out = ctx.out
-        if out is None:
-            out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=payload.device)
-        bad = [r for r, (_, flags) in enumerate(headers) if flags & FLAG_NONFINITE]
-        if bad:
-            self.nonfinite.append((ctx.name, bad))
-            return out.fill_(float("nan")).view(ctx.shape)
-        values = values.reshape(-1).to(ctx.dtype)  # (world * k,)
-        if ctx.divisor != 1:
-            # Divide the world * k gathered values, not the n-element result: every rank
-            # still computes the same bits (same bytes, same order).
-            values = values.div_(ctx.divisor)
-        out.zero_()
-        scatter_add_(out, indices.reshape(-1), values)
-        return out.view(ctx.shape)
+        out = self.scatter(payload, ctx)
+        self.check([ctx])  # an inexact selection is still a valid sparse update: kept here
+        return out.view(ctx.shapes[0]) if len(ctx.names) == 1 else out
 
     def pop_nonfinite(self) -> List[Tuple[str, List[int]]]:
-        """The (name, ranks) recorded by ``decompress`` since the last call, and forget them."""
+        """The (name, ranks) recorded by ``check`` since the last call, and forget them."""
         found, self.nonfinite = self.nonfinite, []
         return found
 
@@ -459,12 +737,21 @@ def _to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return wide.clamp(-limit, limit).to(dtype)
 
 
-def _wire_limit(src: torch.dtype, dst: torch.dtype) -> float:
+def _limit(src: torch.dtype, dst: torch.dtype) -> float:
     bound = min(torch.finfo(src).max, torch.finfo(dst).max)
     w = torch.tensor(bound, dtype=torch.float64).to(dst)
     if float(w) > bound:  # rounded up past what src holds: one step down in dst
         w = torch.nextafter(w, torch.zeros_like(w))
     return float(w)
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Computed once at import: a step then reads no tensor value on the host.
+_WIRE_LIMITS = {(s, d): _limit(s, d) for s in _FLOATS for d in _FLOATS}
+
+
+def _wire_limit(src: torch.dtype, dst: torch.dtype) -> float:
+    return _WIRE_LIMITS.get((src, dst)) or _limit(src, dst)
 
 
 def _check_ratio(name: str, value: float) -> float:

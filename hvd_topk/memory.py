@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -13,63 +13,52 @@ class ResidualMemory:
     """Residuals of error feedback, keyed by parameter *name*.
 
     Names, not ``id()``: ids differ between ranks and between runs, names survive a restart.
-    Each residual is a flat tensor in the gradient's dtype and device. The compressor adds
-    the gradient into the residual *in place* (``compensate``), selects from it, then zeroes
-    the sent entries -- so the buffer goes gradient+residual -> new residual without a copy.
+    Each residual is a flat tensor in the gradient's dtype and device, a view of its group's
+    buffer (``group_buffer``). The compressor adds the gradient into the buffer *in place*,
+    selects from it, then zeroes the sent entries -- so the buffer goes gradient+residual ->
+    new residual without a copy.
 
     Example::
 
         memory = ResidualMemory()
-        buf = memory.compensate("fc.weight", grad.view(-1))  # buf = grad + old residual
-        ...  # send some entries of buf, then zero them in buf
+        flat = memory.group_buffer(["fc.weight", "fc2.weight"], [5120, 100], grad)
+        ...  # flat += grads; send some entries; zero them in flat
         torch.save(memory.state_dict(), "residuals.pt")
     """
 
     def __init__(self) -> None:
         self._residuals: Dict[str, torch.Tensor] = {}
+        self._groups: Dict[Tuple[str, ...], torch.Tensor] = {}  # names -> their flat buffer
+        self._views: Dict[Tuple[str, ...], List[torch.Tensor]] = {}
 
-    def compensate(self, name: str, flat_grad: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """Return this name's residual buffer after adding ``alpha * flat_grad`` into it in place.
+    def group_buffer(self, names: Sequence[str], sizes: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """One flat buffer holding the residuals of ``names`` back to back (``sizes`` entries
+        each), on ``like``'s device and dtype, for the group pipeline to update in place.
 
-        The first time a name is seen (or when its shape changed) the buffer starts as
-        ``alpha * flat_grad``, i.e. a zero residual. ``alpha`` is ``1 / loss_scale`` under
-        mixed precision, so residuals stay in the units of the true gradient.
+        Each name's residual is a view of that buffer, so ``get(name)`` and ``state_dict()``
+        still see one tensor per parameter. Built once per group: a name seen for the first
+        time (or with another size) starts at zero (-0.0); a residual that existed (loaded from a
+        checkpoint, or in another group before) is copied in.
         """
-        buf = self._matching(name, flat_grad)
-        if buf is None:
-            return self._start(name, flat_grad, alpha)
-        return buf.add_(flat_grad) if alpha == 1.0 else buf.add_(flat_grad, alpha=alpha)
-
-    def decay_add(self, name: str, flat_grad: torch.Tensor, decay: float,
-                  alpha: float = 1.0) -> torch.Tensor:
-        """``buf = decay * buf + alpha * flat_grad`` in place (a momentum buffer); starts at
-        ``alpha * flat_grad``."""
-        buf = self._matching(name, flat_grad)
-        if buf is None:
-            return self._start(name, flat_grad, alpha)
-        buf.mul_(decay)
-        return buf.add_(flat_grad) if alpha == 1.0 else buf.add_(flat_grad, alpha=alpha)
-
-    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """This name's buffer, on ``like``'s device and dtype, for an in-place update by the
-        caller (e.g. ``selection.compensate_and_select``); None when there is none of
-        ``like``'s shape yet (then ``compensate`` starts one)."""
-        return self._matching(name, like)
-
-    def _matching(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """This name's buffer on ``like``'s device and dtype (moved once, e.g. after a load),
-        or None when there is none of ``like``'s shape."""
-        buf = self._residuals.get(name)
-        if buf is None or buf.shape != like.shape:
-            return None
-        if buf.device != like.device or buf.dtype != like.dtype:
-            buf = self._residuals[name] = buf.to(device=like.device, dtype=like.dtype)
-        return buf
-
-    def _start(self, name: str, flat_grad: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        buf = flat_grad.detach().clone() if alpha == 1.0 else flat_grad.detach() * alpha
-        self._residuals[name] = buf
-        return buf
+        key = tuple(names)
+        flat = self._groups.get(key)
+        if flat is not None and flat.device == like.device and flat.dtype == like.dtype and all(
+                self._residuals.get(n) is v for n, v in zip(names, self._views[key])):
+            return flat
+        # -0.0, not 0.0: the additive identity for every float, -0.0 included, so the first
+        # update leaves exactly the gradient (bit for bit) in a new residual.
+        flat = torch.full((sum(sizes),), -0.0, dtype=like.dtype, device=like.device)
+        views, off = [], 0
+        for name, n in zip(names, sizes):
+            view = flat[off:off + n]
+            old = self._residuals.get(name)
+            if old is not None and old.numel() == n:
+                view.copy_(old.reshape(-1))
+            self._residuals[name] = view
+            views.append(view)
+            off += n
+        self._groups[key], self._views[key] = flat, views
+        return flat
 
     def get(self, name: str) -> torch.Tensor | None:
         return self._residuals.get(name)
@@ -85,6 +74,8 @@ class ResidualMemory:
 
     def clear(self) -> None:
         self._residuals.clear()
+        self._groups.clear()
+        self._views.clear()
 
     def norms(self) -> Dict[str, float]:
         """L2 norm of every residual (for monitoring that error feedback stays bounded)."""
@@ -97,3 +88,5 @@ class ResidualMemory:
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Replace the residuals; each moves to its gradient's device on first use."""
         self._residuals = {n: t.detach().clone().reshape(-1) for n, t in state.items()}
+        self._groups.clear()  # rebuilt (and the loaded residuals copied in) at the next step
+        self._views.clear()

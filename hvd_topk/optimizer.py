@@ -23,9 +23,9 @@ from horovod.torch import optimizer as _hvd_optimizer
 from horovod.torch.functions import allgather_object, broadcast_object
 from horovod.torch.compression import Compression
 
-from .compression import ComplexContext, RankMismatchError
-from .selection import nonfinite_among
+from .compression import ComplexContext, RankMismatchError, SparseCompressor
 from .exchange import sparse_allgather_async
+from .selection import segment_views, stacked_probe
 
 __all__ = ["DistributedOptimizer", "CommStats", "TopKDistributedOptimizer"]
 
@@ -81,6 +81,38 @@ class TopKDistributedOptimizer:
     """
 
 
+class _Group:
+    """Gradients compressed and exchanged together in one step (see ``TopKCompressor``'s
+    ``group_bytes``): the group is compressed in the backward hook of its last gradient."""
+
+    def __init__(self, key):
+        self.key = key  # (device, dtype, momentum, nesterov): one pipeline run needs one of each
+        self.params = []
+        self.names = []
+        self.nbytes = 0
+        self.ready = {}  # param -> the gradient to compress (this step)
+        self.handle = None  # the allgather's wait(), once launched
+        self.ctx = None
+
+    def add(self, p, name):
+        self.params.append(p)
+        self.names.append(name)
+        self.nbytes += p.numel() * p.element_size()
+
+    def drop(self, p):
+        i = self.params.index(p)
+        del self.params[i], self.names[i]
+
+
+class _InGroup:
+    """The handle Horovod's hook stores for a gradient that travels in a group."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group):
+        self.group = group
+
+
 class _TopKMethods:
     """Methods layered over Horovod's ``_DistributedOptimizer`` (see module docstring)."""
 
@@ -97,14 +129,43 @@ class _TopKMethods:
         self._dense_checked = []  # params a sparse compressor left dense this step
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         self._check_model = True  # compare the ranks' parameters at the next synchronize()
+        self._sparse = isinstance(compression, SparseCompressor)
+        self._plan = None  # param -> _Group for this step's sparse gradients
+        self._plan_key = None
         _HorovodOptimizer.__init__(self, params, named_parameters, compression,
                                    backward_passes_per_step, op, gradient_predivide_factor,
                                    None, False, process_set)
         self._corrected = set()  # params whose synchronized grad is a momentum-corrected update
         self._momentum_group = {}  # param -> its param group, where momentum correction applies
-        if getattr(compression, "is_sparse", False):
-            compression.world_size = process_set.size()
+        if self._sparse:
             self._momentum_group = _momentum_correction_groups(self, compression)
+
+    def _groups_of_step(self):
+        """Param -> ``_Group`` for the gradients sent sparsely this step. The same on every
+        rank: it depends on the parameters, the ratio in force and the world size. Params are
+        taken in reverse registration order (about the order backward produces them) and cut
+        into groups of ``group_bytes`` of one device, dtype and momentum setting."""
+        comp = self._compression
+        world = self.process_set.size()
+        key = (world, comp.current_ratio())
+        if self._plan is not None and self._plan_key == key:
+            return self._plan
+        params = [p for g in self.param_groups for p in g["params"] if p in self._requires_update]
+        groups, current = [], None
+        for p in reversed(params):
+            if p.is_complex() or not comp.wants_sparse(p, world):
+                continue
+            mg = self._momentum_group.get(p)
+            gkey = (p.device, p.dtype, mg["momentum"] if mg else 0.0, bool(mg and mg["nesterov"]))
+            nbytes = p.numel() * p.element_size()
+            if (current is None or current.key != gkey
+                    or current.nbytes + nbytes > comp.group_bytes(p.device)):
+                current = _Group(gkey)
+                groups.append(current)
+            current.add(p, self._parameter_names.get(p))
+        self._plan = {p: g for g in groups for p in g.params}
+        self._plan_key = key
+        return self._plan
 
     def _allreduce_grad_async(self, p):
         comp = self._compression
@@ -116,17 +177,19 @@ class _TopKMethods:
         stats = self._step_stats
         dense_bytes = grad.numel() * grad.element_size()
         stats.dense_bytes += dense_bytes
-        sparse_comp = getattr(comp, "is_sparse", False)
         name = self._parameter_names.get(p)
-        world = self.process_set.size()
-        if not sparse_comp or grad.is_sparse or not comp.wants_sparse(grad, world):
+        group = self._groups_of_step().get(p) if self._sparse else None
+        if group is not None and (grad.is_sparse or grad.dtype != p.dtype):
+            group.drop(p)  # a sparse (embedding) gradient takes Horovod's own path
+            self._plan[p] = group = None
+        if group is None:
             sent = dense_bytes
             if comp is Compression.fp16 and grad.dtype.is_floating_point:
                 sent = grad.numel() * 2
             stats.dense_tensors += 1
             stats.bytes_sent += sent
             stats.bytes_received += sent
-            if not sparse_comp or grad.is_sparse:
+            if not self._sparse or grad.is_sparse:
                 # Horovod's own path: its compressors, or its allgather for sparse gradients
                 # (which never calls compress()).
                 return _HorovodOptimizer._allreduce_grad_async(self, p)
@@ -135,31 +198,42 @@ class _TopKMethods:
                 # Horovod has no complex dtypes; the mean of the (re, im) view is the mean.
                 return self._dense_allreduce_async(torch.view_as_real(grad), name), ComplexContext()
             return self._dense_allreduce_async(grad, name), None
+        mg = self._momentum_group.get(p)
+        if mg is not None and mg["weight_decay"]:
+            # DGC momentum correction applies weight decay locally, in the grad's scaled units.
+            grad = grad + (mg["weight_decay"] * self._loss_scale()) * p.detach()
+        group.ready[p] = grad
+        self._launch_if_complete(group)
+        return _InGroup(group), None
 
+    def _launch_if_complete(self, group):
+        if group.handle is not None or len(group.ready) < len(group.params):
+            return
         t0 = time.perf_counter()
-        comp.world_size = world  # may change under Horovod Elastic
-        scale = self._loss_scale()
-        group = self._momentum_group.get(p)
-        if group is not None:
-            # DGC momentum correction: momentum (and weight decay) applied locally before
-            # sparsification; step() then applies the averaged update without momentum.
-            wd = group["weight_decay"]
-            g = grad if not wd else grad + (wd * scale) * p.detach()  # in the grad's scaled units
-            payload, ctx = comp.compress(g, name=name, momentum=group["momentum"],
-                                         nesterov=group["nesterov"], scale=scale)
-            self._corrected.add(p)
-        else:
-            payload, ctx = comp.compress(grad, name=name, scale=scale)  # (nbytes,) uint8
-        if grad.is_contiguous():
-            ctx.out = grad.view(-1)  # scatter straight into the gradient's storage
+        comp = self._compression
+        world = self.process_set.size()
+        _, _, momentum, nesterov = group.key
+        payload, ctx = comp.compress_group([group.ready[p] for p in group.params], group.names,
+                                           momentum=momentum, nesterov=nesterov,
+                                           scale=self._loss_scale(), world=world)  # (nbytes,) uint8
         ctx.divisor = world if self.op == mpi_ops.Average else 1
         ctx.world = world
-        handle = sparse_allgather_async(payload, name=f"{name}.topk", process_set=self.process_set)
+        group.ctx = ctx
+        group.handle = sparse_allgather_async(payload, name=self._group_name(group),
+                                              process_set=self.process_set)
+        if momentum > 0:
+            self._corrected.update(group.params)
+        stats = self._step_stats
         stats.compress_ms += (time.perf_counter() - t0) * 1e3
-        stats.sparse_tensors += 1
+        stats.sparse_tensors += len(group.params)
         stats.bytes_sent += payload.numel()
         stats.bytes_received += payload.numel() * world
-        return handle, ctx
+
+    @staticmethod
+    def _group_name(group, suffix=""):
+        if len(group.names) == 1:
+            return f"{group.names[0]}.topk{suffix}"
+        return f"{group.names[0]}+{len(group.names) - 1}.topk{suffix}"
 
     def _loss_scale(self):
         """The GradScaler's current scale (1.0 without one), read once per step."""
@@ -179,32 +253,91 @@ class _TopKMethods:
                                         postscale_factor=postscale, process_set=self.process_set)
 
     def synchronize(self):
+        if not self._sparse:
+            t0 = time.perf_counter()
+            _HorovodOptimizer.synchronize(self)
+            return self._finish_step(time.perf_counter() - t0)
+        if not self.process_set.included():
+            self._synchronized = True
+            return
         t0 = time.perf_counter()
-        if self._check_model and getattr(self._compression, "is_sparse", False):
+        if self._check_model:
             self._check_same_model()
         try:
-            _HorovodOptimizer.synchronize(self)
+            self._exchange()
         except RankMismatchError:
             # Every rank finds the mismatch in the same gathered bytes, but not at the same
             # moment: wait for this step's other collectives first, so that no rank exits
             # while another still needs it and every rank reports the same error.
             self._drain_handles()
             raise
+        finally:
+            self._plan_reset()
+        self._finish_step(time.perf_counter() - t0)
+
+    def _plan_reset(self):
+        for group in set(g for g in (self._plan or {}).values() if g is not None):
+            group.ready.clear()
+            group.handle = group.ctx = None
+
+    def _exchange(self):
+        """Horovod's synchronize() for a sparse compressor: start what backward did not, wait
+        for every collective, scatter each group (no host sync), then one ``check`` of every
+        flag of the step -- its one host sync -- and the rare redo of an inexact selection."""
+        comp = self._compression
+        handles = self._handles
+        done = {p for p, (h, _) in handles.items() if h is not None}
+        for p in [p for p in self._parameter_order() if p in self._requires_update and p not in done]:
+            handles[p] = self._allreduce_grad_async(p)
+        groups = []
+        for p, (handle, ctx) in list(handles.items()):
+            self._allreduce_delay[p] = self.backward_passes_per_step
+            if isinstance(handle, _InGroup):
+                if handle.group not in groups:
+                    groups.append(handle.group)
+                continue
+            output = handle() if callable(handle) else mpi_ops.synchronize(handle)
+            if p.grad.is_sparse:
+                p.grad.zero_().add_(comp.decompress(output, ctx))
+            else:
+                p.grad.set_(comp.decompress(output, ctx))  # dense: no check, no sync
+        for group in groups:
+            comp.scatter(group.handle(), group.ctx)
+        handles.clear()
+        dense, self._dense_checked = self._dense_checked, []
+        probe = stacked_probe([p.grad for p in dense])
+        redo, dense_bad = comp.check([g.ctx for g in groups], probe)  # the step's one host sync
+        while redo:  # an unlucky sample somewhere (rare): exchange those groups again, exactly
+            by_ctx = {id(g.ctx): g for g in groups}
+            for ctx in redo:
+                gathered = mpi_ops.allgather(comp.redo(ctx), name=self._group_name(by_ctx[id(ctx)], ".redo"),
+                                             process_set=self.process_set)
+                comp.scatter(gathered, ctx)
+            redo, _ = comp.check(redo)
+        for group in groups:
+            for p, view in zip(group.params, segment_views(group.ctx.out, group.ctx.layout)):
+                p.grad.set_(view.view(p.grad.shape))
+        self._nonfinite = comp.pop_nonfinite()
+        self._nonfinite += [(self._parameter_names.get(p), None) for p, bad in zip(dense, dense_bad) if bad]
+        self._synchronized = True
+
+    def _parameter_order(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _finish_step(self, waited_s):
         self._scale = None
-        self._nonfinite = self._find_nonfinite()
-        if self._nonfinite and hasattr(self._compression, "unsend"):
+        if self._nonfinite and self._sparse:
             # The step will not be applied (step() raises or skips, a GradScaler skips it):
             # what the other tensors were about to send stays in their residuals.
             self._compression.unsend()
         stats = self._step_stats
-        stats.wait_ms += (time.perf_counter() - t0) * 1e3
+        stats.wait_ms += waited_s * 1e3
         stats.steps = 1
         self.comm_stats = stats
         self.comm_totals.add(stats)
         self._step_stats = CommStats()
-        step_done = getattr(self._compression, "step_done", None)
-        if step_done is not None:
-            step_done()
+        if self._sparse:
+            self._compression.step_done()
         n = self.comm_totals.steps
         if self._log_every and n % self._log_every == 0 and logger.isEnabledFor(logging.INFO):
             logger.info("step %d: sent %.1f KB (%.2f%% of dense), %d sparse / %d dense tensors, "
@@ -213,7 +346,10 @@ class _TopKMethods:
                         stats.compress_ms, stats.wait_ms)
 
     def _drain_handles(self):
-        for handle, _ in list(self._handles.values()):
+        waits = [h for h, _ in self._handles.values() if not isinstance(h, _InGroup)]
+        groups = set(g for g in (self._plan or {}).values() if g is not None)
+        waits += [g.handle for g in groups if g.handle is not None]
+        for handle in waits:
             try:
                 handle() if callable(handle) else mpi_ops.synchronize(handle)
             except Exception:  # already consumed, or the collective itself failed
@@ -249,18 +385,6 @@ class _TopKMethods:
             f"hvd_topk: the ranks' models differ: {shown}. Every rank must build the same model "
             "and pass the same named_parameters (without names, Horovod names parameters by "
             "position, so the order must match too).")
-
-    def _find_nonfinite(self):
-        """(name, ranks) of this step's non-finite gradients: flagged by a rank's sparse payload
-        (ranks known), or non-finite after a dense allreduce (ranks unknown: None)."""
-        found = []
-        pop = getattr(self._compression, "pop_nonfinite", None)
-        if pop is not None:
-            found = pop()
-        dense, self._dense_checked = self._dense_checked, []
-        for i in nonfinite_among([p.grad for p in dense]):  # one host sync per step
-            found.append((self._parameter_names.get(dense[i]), None))
-        return found
 
     def step(self, closure=None):
         if self._should_synchronize:
@@ -313,6 +437,7 @@ class _TopKMethods:
         self._dense_checked = []
         self._scale = None
         self._step_stats = CommStats()
+        self._plan_reset()
         return _HorovodOptimizer.load_state_dict(self, *args, **kwargs)
 
     def topk_state_dict(self):
@@ -320,8 +445,7 @@ class _TopKMethods:
         dense training. Per rank: ``optimizer.state_dict()`` does not include it (rank 0's
         residuals loaded on every rank would be counted ``world`` times); use
         ``hvd_topk.save_checkpoint`` or ``hvd.elastic.TorchState``."""
-        sd = getattr(self._compression, "state_dict", None)
-        return sd() if sd is not None else {}
+        return self._compression.state_dict() if self._sparse else {}
 
     def load_topk_state_dict(self, state):
         if state:
@@ -332,7 +456,7 @@ class _TopKMethods:
         (it sets the warm-up ratio, hence ``k``) comes from ``root_rank``. Residuals stay per
         rank: a rank that joins starts with none, a rank that left takes its own with it."""
         comp = self._compression
-        if getattr(comp, "is_sparse", False):
+        if self._sparse:
             comp.steps = broadcast_object(comp.steps, root_rank=root_rank, name="hvd_topk.sync.steps")
             comp.world_size = self.process_set.size()
             self._check_model = True  # a new rank may have joined: compare models again
@@ -340,7 +464,7 @@ class _TopKMethods:
 
 def _momentum_correction_groups(opt, comp):
     """Param -> group for the params that get DGC momentum correction (see TopKCompressor)."""
-    want = getattr(comp, "momentum_correction", False)
+    want = comp.momentum_correction
     if want is False or (want is None and comp.ratio >= 1.0):
         return {}  # auto: nothing to correct when everything is sent
     applicable = isinstance(opt, torch.optim.SGD)
@@ -412,7 +536,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
             named_parameters=model.named_parameters(),
             compression=hvd_topk.TopKCompressor(ratio=0.01))
     """
-    sparse = getattr(compression, "is_sparse", False)
+    sparse = isinstance(compression, SparseCompressor)
     if gradient_predivide_factor != 1.0 and op != mpi_ops.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
     if backward_passes_per_step <= 0:

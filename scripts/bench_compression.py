@@ -6,10 +6,11 @@ For each size x ratio it times, on the same tensor:
 - ``clone``: ``x.clone()`` (a fresh allocation: on CPU its page faults often cost more than the copy);
 - ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)``, the obvious baseline;
 - ``select_topk``: ``hvd_topk.select_topk`` (exact, sampled threshold + candidates);
-- ``compensate_and_select``: ``hvd_topk.selection.compensate_and_select(buf, g, k)`` -- ``buf += g``
-  in place fused with the selection pass (steady state: ``buf`` is a warm residual);
-- ``c&s+pack``: what ``compress`` costs built on it: ``compensate_and_select``, gather the values
-  (``index_select``), zero them in the residual (``index_fill_``), ``pack`` with int32 indices;
+- ``select_group``: the pipeline's threshold, candidates and exact top-k steps
+  (``hvd_topk.selection.select_group``: no host sync; on CPU this is the torch path, which the
+  C++ kernel replaces inside ``compress`` for float32);
+- ``naive``: what a plain implementation does per tensor: ``residual += g``, ``torch.topk``,
+  gather the values, zero them in the residual;
 - ``compress``: ``TopKCompressor.compress`` -- compensate ``g + e`` in place, select, pack,
   update the residual (the residual is warm: this is a steady-state step);
 - ``pack+unpack``: ``hvd_topk.pack`` of (values, int32 indices), then ``unpack`` of two ranks' payloads;
@@ -34,9 +35,9 @@ from typing import Callable, Dict, List
 import torch
 
 import hvd_topk
-from hvd_topk.selection import compensate_and_select
+from hvd_topk.selection import GroupLayout, select_group
 
-METHODS = ["copy", "clone", "torch.topk", "select_topk", "compensate_and_select", "c&s+pack", "compress",
+METHODS = ["copy", "clone", "torch.topk", "select_topk", "select_group", "naive", "compress",
            "pack+unpack", "decompress"]
 
 
@@ -82,22 +83,20 @@ def bench_one(n: int, ratio: float, device: str, repeats: int, seed: int) -> Dic
         step[0] += 1
         return comp.compress(grads[step[0] % 2], name="w")
 
-    residual = grads[1].clone()  # compensate_and_select's own warm buffer
+    residual = grads[1].clone()  # the naive loop's own warm buffer
+    layout = GroupLayout((n,), (k,))
 
-    def fused():
+    def naive():
         step[0] += 1
-        return compensate_and_select(residual, grads[step[0] % 2], k)
-
-    def fused_compress():
-        step[0] += 1
-        sel = compensate_and_select(residual, grads[step[0] % 2], k)  # (k,) ascending
-        sent = residual.index_select(0, sel)  # (k,)
-        residual.index_fill_(0, sel, 0)
-        return hvd_topk.pack(sent, sel.to(torch.int32))
+        c = residual.add_(grads[step[0] % 2])
+        idx = torch.topk(c.abs(), k, sorted=False).indices  # (k,)
+        sent = c.index_select(0, idx)
+        c.index_fill_(0, idx, 0)
+        return sent, idx
 
     payload, ctx = comp.compress(grads[0], name="w")
     gathered = torch.cat([payload, payload])  # (2 * nbytes,) what a 2-rank allgather returns
-    ctx.out, ctx.divisor = torch.empty_like(x), 2
+    ctx.divisor, ctx.world = 2, 2
     vals, idx = x[:k].clone(), torch.arange(k, dtype=torch.int32, device=device)
 
     def pack_unpack():
@@ -108,8 +107,8 @@ def bench_one(n: int, ratio: float, device: str, repeats: int, seed: int) -> Dic
         "clone": lambda: x.clone(),
         "torch.topk": lambda: torch.topk(x.abs(), k, sorted=False),
         "select_topk": lambda: hvd_topk.select_topk(x, k),
-        "compensate_and_select": fused,
-        "c&s+pack": fused_compress,
+        "select_group": lambda: select_group(x, layout),
+        "naive": naive,
         "compress": compress,
         "pack+unpack": pack_unpack,
         "decompress": lambda: comp.decompress(gathered, ctx),

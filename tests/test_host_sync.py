@@ -1,0 +1,79 @@
+"""No host-device synchronisation in the backward hooks, at most one per optimizer step.
+
+The generic torch path (what CUDA tensors take) runs here on CPU with the C++ kernel off; a
+TorchDispatchMode records every op that would force a sync on CUDA (``sync_ops.py``).
+"""
+
+import ast
+
+import pytest
+import torch
+from launch import run_ranks
+from sync_ops import recording
+
+import hvd_topk
+from hvd_topk import _cpu_kernel
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    monkeypatch.setitem(_cpu_kernel._state, "module", None)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("scale,value_dtype", [(1.0, None), (8.0, torch.float16)])
+def test_compress_group_makes_no_sync(no_kernel, momentum, scale, value_dtype):
+    comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, value_dtype=value_dtype, local_clip_norm=None)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n in (300_000, 5000, 70_000)]
+    names = ["a", "b", "c"]
+    for _ in range(2):
+        with recording() as rec:
+            payload, ctx = comp.compress_group(grads, names, momentum=momentum, scale=scale)
+            ctx.world = 1
+            comp.scatter(payload, ctx)
+        assert rec.syncs == []
+        with recording() as rec:
+            comp.check([ctx])
+        assert [op for op, _ in rec.syncs] == ["Tensor.tolist"]  # the one allowed point
+        comp.step_done()
+
+
+def test_clipping_and_nesterov_make_no_sync(no_kernel):
+    comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, local_clip_norm=1.0)
+    grads = [torch.randn(100_000), torch.randn(9000)]
+    with recording() as rec:
+        comp.compress_group(grads, ["a", "b"], momentum=0.9, nesterov=True, world=4)
+    assert rec.syncs == []
+
+
+def test_recorder_sees_syncs():
+    """The recorder is not blind: .item(), nonzero and boolean masks are caught."""
+    x = torch.randn(100)
+    with recording() as rec:
+        x.sum().item()
+        torch.nonzero(x > 0)
+        x[x > 0]
+        x.tolist()
+    ops = [op for op, _ in rec.syncs]
+    assert "aten::_local_scalar_dense" in ops and "aten::nonzero" in ops and "Tensor.tolist" in ops
+    assert any(op.startswith("aten::index") for op in ops)
+
+
+@pytest.mark.parametrize("momentum,group_bytes", [(0.0, None), (0.9, 1 << 30)])
+def test_a_training_step_syncs_once(momentum, group_bytes):
+    """Whole steps on one rank with hooks: nothing in the hooks, one sync in step()."""
+    out = run_ranks("sync_worker.py", momentum, group_bytes or 0, backend="mpi", np=1, timeout=240,
+                    env={"HOROVOD_ELASTIC": "1", "HVD_TOPK_CPU_KERNEL": "0"})
+    lines = [ln for ln in out.splitlines() if ln.startswith("STEP ")]
+    assert len(lines) == 4, out
+    for ln in lines:
+        _, hooks, step = ln.split("|")
+        hooks, step = ast.literal_eval(hooks), ast.literal_eval(step)
+        assert hooks == [], ln
+        # The first step also compares the ranks' models: an allgather of pickled host bytes
+        # (CPU tensors whatever the model's device), not a device sync.
+        step = [(op, where) for op, where in step if not where.endswith(":_check_same_model")]
+        assert [op for op, _ in step] == ["Tensor.tolist"], ln
+        assert step[0][1].endswith(":check"), ln
+    assert "SPARSE 3 DENSE 3" in out, out

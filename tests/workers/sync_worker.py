@@ -1,0 +1,34 @@
+"""One rank (HOROVOD_ELASTIC=1: hooks registered) counts the sync-forcing ops of training
+steps on the generic torch path (HVD_TOPK_CPU_KERNEL=0). Prints ``SYNCS <where> ...`` per
+step: at most the one allowed point (``check``) may appear."""
+
+import os
+import sys
+
+import horovod.torch as hvd
+import torch
+import torch.nn as nn
+from sync_ops import recording
+
+import hvd_topk
+
+assert os.environ.get("HVD_TOPK_CPU_KERNEL") == "0"
+hvd.init()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+momentum = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+group_bytes = int(sys.argv[2]) if len(sys.argv) > 2 else None
+comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, group_bytes=group_bytes)
+opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum),
+                                    named_parameters=model.named_parameters(), compression=comp)
+x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+for step in range(4):
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    with recording() as rec:
+        loss.backward()  # the hooks: compress_group + allgather launch
+    hooks = list(rec.syncs)
+    with recording() as rec:
+        opt.step()
+    print(f"STEP {step}|{hooks}|{rec.syncs}", flush=True)
+    print(f"SPARSE {opt.comm_stats.sparse_tensors} DENSE {opt.comm_stats.dense_tensors}", flush=True)
