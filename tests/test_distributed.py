@@ -4,7 +4,8 @@ import pytest
 from launch import run_ranks
 
 BACKENDS = ["gloo", "mpi"]
-CHECKS = ["exact", "exact_fp16_values", "ratio_one", "dense_compressors", "defaults",
+CHECKS = ["exact", "exact_fp16_values", "exact_grouped", "unlucky_sample_redone",
+          "ratio_one", "dense_compressors", "defaults",
           "stock_refuses", "accumulation", "dgc_all_options", "momentum_correction_linear"]
 
 

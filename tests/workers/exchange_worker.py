@@ -50,11 +50,32 @@ def assert_same_on_all_ranks(model, what):
         assert torch.equal(g, g[:1].expand_as(g)), f"{what}: {name} differs between ranks"
 
 
-def check_exact_topk(ratio, value_dtype=None, steps=3):
-    """After synchronize(), grad == mean over ranks of each rank's own top-k (with residuals)."""
+def check_exact_topk(ratio, value_dtype=None, steps=3, group_bytes=None, unlucky=False, torch_path=False):
+    """After synchronize(), grad == mean over ranks of each rank's own top-k (with residuals).
+    ``group_bytes``: all six tensors in one group; ``torch_path``: without the CPU kernel (the
+    path CUDA tensors take); ``unlucky``: rank 0's sampled selection is made wrong and flagged
+    inexact, so every rank must exchange the group again, exactly."""
+    from hvd_topk import _cpu_kernel, selection
+    kernel, exact_topk = _cpu_kernel.cpu_kernel(), selection.exact_topk
+    try:
+        if torch_path or unlucky:
+            _cpu_kernel._state["module"] = None
+        _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky)
+    finally:
+        _cpu_kernel._state["module"], selection.exact_topk = kernel, exact_topk
+
+
+def _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky):
     model = make_model()
     comp = hvd_topk.TopKCompressor(ratio, min_numel=0, density_aware=False, value_dtype=value_dtype,
-                                   warmup_steps=0)
+                                   warmup_steps=0, group_bytes=group_bytes)
+    if unlucky and hvd.rank() == 0:
+        from hvd_topk import selection
+
+        def wrong(mag, cand, count, layout):  # the first k_s entries of each tensor, flagged
+            t = layout.tensors(mag.device)
+            return t["slot_start"] + t["slot_rank"], torch.ones((), dtype=torch.bool, device=mag.device)
+        selection.exact_topk = wrong
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(),
                                         compression=comp)
@@ -217,6 +238,9 @@ CHECKS = {
     "momentum_correction_linear": check_momentum_correction_unmasked_ratio_one_is_momentum_sgd,
     "exact": lambda: [check_exact_topk(r) for r in (0.01, 0.1, 0.5)],
     "exact_fp16_values": lambda: check_exact_topk(0.05, value_dtype=torch.float16),
+    "exact_grouped": lambda: [check_exact_topk(r, group_bytes=1 << 30, torch_path=t)
+                              for r in (0.01, 0.1) for t in (False, True)],
+    "unlucky_sample_redone": lambda: check_exact_topk(0.01, group_bytes=1 << 30, unlucky=True),
     "ratio_one": check_ratio_one_matches_horovod,
     "dense_compressors": check_none_and_fp16_match_horovod_exactly,
     "defaults": check_defaults_train_consistently,
