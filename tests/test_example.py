@@ -1,4 +1,4 @@
-"""Smoke runs of examples/train.py on 2 ranks, a few steps each."""
+"""Runs of examples/train.py on 2 ranks, one epoch of digits each (about 23 steps)."""
 
 import re
 
@@ -11,12 +11,13 @@ TRAIN = REPO / "examples" / "train.py"
 @pytest.mark.parametrize("backend,flags", [("gloo", ["--topk", "0.01"]), ("mpi", ["--topk", "0.001"]),
                                            ("gloo", ["--fp16"]), ("gloo", ["--topk", "0"]),
                                            ("gloo", ["--topk", "0.01", "--amp"])])
-def test_train_smoke(backend, flags, tmp_path):
-    out = run_ranks(TRAIN, *flags, "--epochs", "1", "--max-steps", "5", "--no-progress",
+def test_train_learns(backend, flags, tmp_path):
+    out = run_ranks(TRAIN, *flags, "--epochs", "1", "--no-progress",
                     "--log-dir", tmp_path / "tb", backend=backend, timeout=300)
     m = re.search(r"final test accuracy: ([\d.]+)%", out)
     assert m, out
-    assert 0 <= float(m.group(1)) <= 100
+    # Chance is 10%; one epoch reached 44-61% in every configuration here (Top-K 0.1%: 44.7%).
+    assert float(m.group(1)) > 30, out
     assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard events written"
 
 

@@ -38,7 +38,6 @@ def test_plain_mpirun_trains(mpirun_run):
     assert re.search(r"on digits .*, 2 ranks, compression: TopKCompressor\(ratio=0\.01\b", out), out
     m = re.search(r"final test accuracy: ([\d.]+)%", out)
     assert m, out
-    assert 0 <= float(m.group(1)) <= 100
 
 
 def test_tensorboard_tags(mpirun_run):
@@ -55,6 +54,10 @@ def test_tensorboard_tags(mpirun_run):
     assert all(0 < e.value <= 1 for e in acc.Scalars("comm/density"))
     assert all(e.value > 0 for e in acc.Scalars("comm/bytes_sent"))
     assert len(acc.Scalars("test/accuracy")) == 1
+    # What rank 0 printed is what it logged (a plumbing check: 6 steps learn too little to test).
+    out, _ = mpirun_run
+    printed = float(re.search(r"final test accuracy: ([\d.]+)%", out).group(1))
+    assert printed == pytest.approx(100 * acc.Scalars("test/accuracy")[0].value, abs=0.006)
 
 
 def test_hvd_init_from_mpi4py_comm():
