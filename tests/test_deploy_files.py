@@ -16,7 +16,7 @@ from launch import REPO, WORKERS, mpirun_prefix
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SHELL_SCRIPTS = ["scripts/slurm_train.sbatch", "scripts/mpirun_hostfile.sh", "scripts/gpu_check.sh",
-                 "scripts/install.sh", "scripts/test.sh", "horovodrun.sh"]
+                 "scripts/install.sh", "scripts/patch_horovod_sdist.sh", "scripts/test.sh", "horovodrun.sh"]
 BIN = shutil.which("hadolint", path=str(REPO / ".venv" / "bin")) or shutil.which("hadolint")
 
 
@@ -35,20 +35,29 @@ def test_dockerfile_structure():
     ins = instructions(DOCKERFILE)
     args = dict(re.match(r"(\w+)(?:=(.*))?", text).groups() for kw, text in ins if kw == "ARG")
     assert args["BASE_IMAGE"].startswith("pytorch/pytorch:") and "devel" in args["BASE_IMAGE"]
+    # a current CUDA: 12.8 or 13.x, the toolchains install.sh was fixed for
+    assert re.search(r"-cuda(12\.8|13\.\d+)-", args["BASE_IMAGE"]), args["BASE_IMAGE"]
     assert ins[0] == ("ARG", f"BASE_IMAGE={args['BASE_IMAGE']}") and ins[1] == ("FROM", "${BASE_IMAGE}")
     assert args["HOROVOD_VERSION"] == "0.28.1"
-    for name in ("BASE_IMAGE", "HOROVOD_VERSION", "TORCH_VERSION", "DEVICE"):
+    for name in ("BASE_IMAGE", "HOROVOD_VERSION", "TORCH_VERSION", "DEVICE", "CUDA_CC_LIST"):
         assert args.get(name), f"ARG {name} must have a pinned default"
     assert ":latest" not in args["BASE_IMAGE"]
     assert ("SHELL", '["/bin/bash", "-o", "pipefail", "-c"]') in ins
     runs = [text for kw, text in ins if kw == "RUN"]
     install = [r for r in runs if "./scripts/install.sh" in r]
     assert install and "HVD_TOPK_VENV=none" in install[0] and "HOROVOD_GPU_OPERATIONS=NCCL" in install[0]
+    assert 'HOROVOD_BUILD_CUDA_CC_LIST="${CUDA_CC_LIST}"' in install[0]
+    assert re.fullmatch(r"\d+(,\d+)*", args["CUDA_CC_LIST"]), args["CUDA_CC_LIST"]
+    # the image builds through the same steps as the GPU machine: nothing of the build is redone
+    # by hand in the Dockerfile (no sed on Horovod's files, no pip install horovod)
+    assert not any("CMAKE_CXX_STANDARD" in r or "pip install horovod" in r for r in runs)
     assert all("set -euo pipefail" in r for r in runs if "&&" in r and "apt-get" not in r)
     assert any("sshd" in r and "StrictHostKeyChecking no" in r for r in runs)
     last = runs[-1]  # the build ends by checking what it built
     assert "horovodrun --check-build" in last
     assert re.search(r"grep -Eq '\^\\s\*\\\[X\\\] NCCL'", last), "NCCL must be required for cuda"
+    for what in ("PyTorch", "MPI", "Gloo"):
+        assert f"[X\\] {what}'" in last, what
     assert "import horovod.torch as hvd, hvd_topk" in last
     assert runs.index(install[0]) < runs.index(last)
 
