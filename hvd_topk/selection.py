@@ -129,7 +129,7 @@ class GroupLayout:
             # ~ m * stride candidates are expected (the threshold is the sample's m-th
             # largest); twice that plus slack is room enough. Unsampled: all of them.
             cap += n if plan is None else min(n, 2 * plan[0] * plan[1] + 64)
-        self.capacity = max(1, cap)
+        self.capacity = max(1, min(cap, self.numel))
 
     @property
     def segments(self) -> int:
@@ -249,25 +249,28 @@ def thresholds(mag: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
 def candidates(mag: torch.Tensor, thr: torch.Tensor,
                layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 3: ascending positions with ``|v| > t_s``, in a ``(capacity,)`` buffer padded with
-    ``numel``, and the number that passed (0-dim; more than ``capacity`` means some were cut)."""
+    ``numel``, and a 0-dim bool: True when the buffer is full, so some may have been cut (no
+    count is taken: a full last slot says as much, and costs nothing)."""
     t = layout.tensors(mag.device)
     if layout.segments == 1:
         passed = mag > thr
     else:
         passed = mag > torch.repeat_interleave(thr, t["lengths"], output_size=layout.numel)  # (n,)
     cand = torch.nonzero_static(passed, size=layout.capacity, fill_value=layout.numel).squeeze(1)
-    return cand, passed.sum()
+    if layout.capacity >= layout.numel:  # room for every entry: nothing can be cut
+        return cand, torch.zeros((), dtype=torch.bool, device=mag.device)
+    return cand, cand[-1] < layout.numel
 
 
-def exact_topk(mag: torch.Tensor, cand: torch.Tensor, count: torch.Tensor,
+def exact_topk(mag: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
                layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 4: the ``k_s`` largest of each segment among the candidates.
 
     Returns:
         ``(sel, inexact)``: ``(K,)`` int64 positions in the group, segment by segment, largest
         first (ties: the lower position); and a 0-dim bool, True when some segment had fewer
-        than ``k_s`` candidates or the capacity cut candidates off -- then ``sel`` is a valid
-        but not the exact selection, and ``exact_topk_fallback`` must replace it.
+        than ``k_s`` candidates or the candidate buffer was full (``full``) -- then ``sel`` is a
+        valid but maybe not the exact selection, and ``exact_topk_fallback`` must replace it.
     """
     t = layout.tensors(mag.device)
     n = layout.numel
@@ -281,7 +284,7 @@ def exact_topk(mag: torch.Tensor, cand: torch.Tensor, count: torch.Tensor,
     have = first[1:] - first[:-1]  # (S,) candidates per segment
     take = (first.index_select(0, t["slot_seg"]) + t["slot_rank"]).clamp(max=layout.capacity - 1)
     sel = pos.index_select(0, order.index_select(0, take))  # (K,)
-    inexact = (have < t["ks"]).any() | (count > layout.capacity)
+    inexact = (have < t["ks"]).any() | full
     return sel, inexact
 
 
@@ -305,8 +308,8 @@ def select_group(v: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, to
         return none, torch.zeros((), dtype=torch.bool, device=v.device)
     mag = _magnitude(v)  # (n,)
     thr = thresholds(mag, layout)
-    cand, count = candidates(mag, thr, layout)
-    return exact_topk(mag, cand, count, layout)
+    cand, full = candidates(mag, thr, layout)
+    return exact_topk(mag, cand, full, layout)
 
 
 def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -72,7 +72,7 @@ def _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky):
     if unlucky and hvd.rank() == 0:
         from hvd_topk import selection
 
-        def wrong(mag, cand, count, layout):  # the first k_s entries of each tensor, flagged
+        def wrong(mag, cand, full, layout):  # the first k_s entries of each tensor, flagged
             t = layout.tensors(mag.device)
             return t["slot_start"] + t["slot_rank"], torch.ones((), dtype=torch.bool, device=mag.device)
         selection.exact_topk = wrong
