@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from horovod.torch.compression import Compressor
 
+from ._cpu_kernel import cpu_kernel
 from .exchange import scatter_add_
 from .memory import ResidualMemory
 from .packing import FLAG_INEXACT, FLAG_NONFINITE, pack_header, payload_nbytes, unpack
@@ -434,7 +435,9 @@ class TopKCompressor(SparseCompressor):
                 scale). Residuals and velocities are kept in unscaled units (``g / scale``),
                 so they stay right when the scale changes; the sent values are scaled back,
                 for the ``GradScaler`` to unscale like any gradient. Use powers of two (as
-                ``GradScaler`` does) and the scaling is exact.
+                ``GradScaler`` does) and the scaling is exact. A float, or a 0-dim tensor on
+                the device (the optimizer passes ``GradScaler``'s own, so that nothing is read
+                back to the host).
             world: ranks exchanging (scales local clipping); default ``self.world_size``.
 
         If a gradient holds a NaN or Inf, those entries are added as 0 (residual and velocity
@@ -464,12 +467,16 @@ class TopKCompressor(SparseCompressor):
              else torch.cat([t.detach().reshape(-1) for t in tensors]))  # (n,)
         v = self.memory.group_buffer(names, layout.sizes, g)  # (n,) residual e
         u = self.velocity.group_buffer(names, layout.sizes, g) if momentum > 0 else None
-        inv = 1.0 / scale
-        exact = vdt == dtype and scale == 1.0  # the wire carries the values unchanged
+        if isinstance(scale, torch.Tensor):  # GradScaler's scale, left on the device: no sync
+            scale = scale.to(device=device, dtype=torch.float32)
+            inv = scale.reciprocal()
+        else:
+            inv = 1.0 / scale
+        exact = vdt == dtype and _is_one(scale)  # the wire carries the values unchanged
         if self.local_clip_norm is not None:
             g = self._clip(g, layout, inv, world)
         pend = None
-        if self.local_clip_norm is None and not nesterov:
+        if self.local_clip_norm is None and not nesterov and v.device.type == "cpu":
             pend = self._kernel_update(v, u, g, layout, momentum, inv, exact, scale)
         if pend is None:
             bad = update_(v, g, layout, alpha=inv, u=u, momentum=momentum, nesterov=nesterov)  # 1.
@@ -487,8 +494,9 @@ class TopKCompressor(SparseCompressor):
     def _kernel_update(self, v, u, g, layout, momentum, inv, exact, scale) -> Optional[_Pending]:
         """Steps 1-4 (and the zeroing of 5 when ``exact``) through the fused CPU kernel, one
         call per segment; ``None`` where it does not apply (then the torch steps run)."""
-        if v.device.type != "cpu" or v.dtype != torch.float32:
+        if v.device.type != "cpu" or v.dtype != torch.float32 or cpu_kernel() is None:
             return None
+        inv = float(inv)  # a CPU tensor scale: read on the host, no device involved
         mask_u = u is not None and self.momentum_masking
         parts = []
         for s, (vs, gs) in enumerate(zip(segment_views(v, layout), segment_views(g, layout))):
@@ -539,14 +547,14 @@ class TopKCompressor(SparseCompressor):
                 v.index_fill_(0, sel, 0)
             sent = vals
         else:
-            if scale != 1.0 and vals.element_size() < 4:
+            if not _is_one(scale) and vals.element_size() < 4:
                 vals_scaled = vals.float() * scale  # a half-precision product could overflow
             else:
-                vals_scaled = vals if scale == 1.0 else vals * scale
+                vals_scaled = vals if _is_one(scale) else vals * scale
             sent = _to_wire(vals_scaled, vdt)  # (K,) in the gradient's (loss-scaled) units
             # e <- c - sent: keep what the narrower dtype (or its clamp) did not carry.
             back = sent.to(v.dtype)
-            v.index_copy_(0, sel, vals - (back if scale == 1.0 else back * (1.0 / scale)))
+            v.index_copy_(0, sel, vals - (back if _is_one(scale) else back * (1.0 / scale)))
         if pend.u is not None and self.momentum_masking and not pend.masked:
             pend.u.index_fill_(0, sel, 0)  # no stale momentum on what was sent
         if pend.u is not None and not self.momentum_masking:
@@ -571,7 +579,7 @@ class TopKCompressor(SparseCompressor):
             parts.append(bad.to(torch.int32) * FLAG_NONFINITE)
         return torch.cat(parts)
 
-    def _clip(self, g: torch.Tensor, layout: GroupLayout, inv: float, world: Optional[int]) -> torch.Tensor:
+    def _clip(self, g: torch.Tensor, layout: GroupLayout, inv, world: Optional[int]) -> torch.Tensor:
         """DGC 3.3: each tensor's gradient clipped to ``local_clip_norm / sqrt(P)`` before
         accumulation (its norm taken of the unscaled, finite gradient)."""
         p = max(1, world if world is not None else self.world_size)
@@ -680,7 +688,7 @@ class TopKCompressor(SparseCompressor):
         sel = exact_topk_fallback(pend.v, ctx.layout)
         fresh = self._selected(pend.v, pend.u, sel, pend.bad, pend.scale, ctx.layout)
         self._pending[ctx.names] = fresh
-        exact = ctx.value_dtype == ctx.dtype and pend.scale == 1.0
+        exact = ctx.value_dtype == ctx.dtype and _is_one(pend.scale)
         sent = self._write_residual(fresh, ctx.value_dtype, exact)
         ctx.header = self._header(ctx, fresh.bad, torch.zeros((), dtype=torch.bool, device=sel.device))
         ctx.payload = pack_header(ctx.header, sent, self._local_indices(sel, ctx.layout, ctx.index_dtype))
@@ -724,6 +732,11 @@ class ComplexContext:
 
 _SAME_MODEL = ("Every rank must hold the same model (parameter names, shapes and dtypes) and "
                "the same TopKCompressor settings.")
+
+
+def _is_one(scale) -> bool:
+    """Whether a loss scale is the plain 1.0 (a device tensor scale never is: it is not read)."""
+    return not isinstance(scale, torch.Tensor) and scale == 1.0
 
 
 def _to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

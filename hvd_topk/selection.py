@@ -192,7 +192,7 @@ def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     return torch.isnan(sums)
 
 
-def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha: float = 1.0,
+def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
             u: Optional[torch.Tensor] = None, momentum: float = 0.0,
             nesterov: bool = False) -> torch.Tensor:
     """Step 1, in place: ``v += alpha g`` -- or, with a velocity ``u``, DGC momentum
@@ -204,6 +204,8 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha: flo
     """
     bad = finite_probe(g, layout)
     g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(alpha, torch.Tensor):  # a loss scale's inverse on the device (not read)
+        g, alpha = g.mul_(alpha), 1.0
     if u is None:
         v.add_(g, alpha=alpha)
         return bad

@@ -39,6 +39,23 @@ def test_compress_group_makes_no_sync(no_kernel, momentum, scale, value_dtype):
         comp.step_done()
 
 
+def test_a_device_loss_scale_makes_no_sync(no_kernel):
+    """GradScaler's scale stays a tensor: the residual is kept unscaled without reading it."""
+    comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0)
+    ref = hvd_topk.TopKCompressor(0.01, warmup_steps=0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        grads = [torch.randn(n, generator=gen) * 1024 for n in (300_000, 5000)]
+        with recording() as rec:
+            payload, _ = comp.compress_group(grads, ["a", "b"], momentum=0.9, scale=torch.tensor(1024.0))
+        assert rec.syncs == []
+        want, _ = ref.compress_group(grads, ["a", "b"], momentum=0.9, scale=1024.0)
+        assert torch.equal(payload, want)  # a power-of-two scale: the same bits either way
+        assert torch.equal(comp.memory.get("a"), ref.memory.get("a"))
+        comp.step_done()
+        ref.step_done()
+
+
 def test_clipping_and_nesterov_make_no_sync(no_kernel):
     comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, local_clip_norm=1.0)
     grads = [torch.randn(100_000), torch.randn(9000)]
