@@ -136,44 +136,53 @@ class GroupLayout:
         return len(self.sizes)
 
     def tensors(self, device: torch.device) -> Dict[str, torch.Tensor]:
-        """The layout's index tensors on ``device`` (built once per device)."""
+        """The layout's index tensors on ``device``, built once per device *on* the device
+        from per-segment numbers (a few hundred bytes cross from the host, not the ``(K,)``
+        and sample-sized arrays: a new ``k`` every warm-up step stays cheap on a GPU)."""
         device = torch.device(device)
         cached = self._device.get(device)
         if cached is not None:
             return cached
-        S = self.segments
-        sample_pos, sample_seg, m_pos = [], [], []
-        taken = 0  # samples of the segments before this one
-        for s, (off, n, plan) in enumerate(zip(self.offsets, self.sizes, self.plans)):
-            if plan is None:
-                m_pos.append(-1)  # no sample: threshold -1, every entry is a candidate
-                continue
-            stride, m = plan
-            pos = torch.arange(off, off + n, stride, dtype=torch.long)
-            m_pos.append(taken + m - 1)  # the m-th largest of this segment's samples, once sorted
-            taken += pos.numel()
-            sample_pos.append(pos)
-            sample_seg.append(torch.full((pos.numel(),), s, dtype=torch.long))
-        ks = torch.tensor(self.ks, dtype=torch.long)
-        slot_seg = torch.repeat_interleave(torch.arange(S), ks)  # (K,) segment of each slot
-        starts = torch.tensor(self.offsets[:-1], dtype=torch.long)
+        S, K = self.segments, self.k
+        sampled = [s for s, plan in enumerate(self.plans) if plan is not None]
+        counts = [-(-self.sizes[s] // self.plans[s][0]) for s in sampled]  # len(x[::stride])
+        m_pos, taken = [-1] * S, 0  # -1: no sample, threshold -1, every entry is a candidate
+        for s, c in zip(sampled, counts):
+            m_pos[s] = taken + self.plans[s][1] - 1  # the m-th largest of its samples, once sorted
+            taken += c
+
+        def host(values):  # small per-segment numbers, one copy each
+            return torch.tensor(values, dtype=torch.long).to(device)
+
+        ks, lengths, offsets = host(self.ks), host(self.sizes), host(self.offsets)
+        segs = torch.arange(S + 1, device=device)
+        slot_seg = torch.repeat_interleave(segs[:S], ks, output_size=K)  # (K,) segment of each slot
         slot_first = torch.cumsum(ks, 0) - ks  # (S,) first slot of each segment
         t = {
-            "offsets": torch.tensor(self.offsets, dtype=torch.long),  # (S + 1,)
-            "ends": torch.tensor(self.offsets[1:], dtype=torch.long),  # (S,)
-            "lengths": torch.tensor(self.sizes, dtype=torch.long),  # (S,)
+            "offsets": offsets,  # (S + 1,)
+            "ends": offsets[1:],  # (S,)
+            "lengths": lengths,  # (S,)
             "ks": ks,  # (S,)
-            "segs": torch.arange(S + 1),  # (S + 1,)
-            "sample_pos": torch.cat(sample_pos) if sample_pos else torch.zeros(0, dtype=torch.long),
-            "sample_seg": torch.cat(sample_seg) if sample_seg else torch.zeros(0, dtype=torch.long),
-            "m_pos": torch.tensor(m_pos, dtype=torch.long),  # (S,) -1: unsampled
+            "segs": segs,  # (S + 1,)
+            "m_pos": host(m_pos),  # (S,)
             "slot_seg": slot_seg,  # (K,)
-            "slot_rank": torch.arange(self.k) - slot_first[slot_seg],  # (K,) rank within its segment
-            "slot_start": starts[slot_seg],  # (K,) offset of its segment in the group
-            "slot_max": torch.tensor(self.sizes, dtype=torch.long)[slot_seg] - 1,  # (K,) last local index
+            "slot_rank": torch.arange(K, device=device) - slot_first[slot_seg],  # (K,) rank in its segment
+            "slot_start": offsets[slot_seg],  # (K,) offset of its segment in the group
+            "slot_max": lengths[slot_seg] - 1,  # (K,) its segment's last local index
         }
-        cached = self._device[device] = {name: x.to(device) for name, x in t.items()}
-        return cached
+        if sampled:  # sample j of segment s sits at offset_s + j * stride_s
+            seg_of = host(sampled)
+            cnt = host(counts)
+            sample_seg = torch.repeat_interleave(seg_of, cnt, output_size=taken)  # (samples,)
+            which = torch.repeat_interleave(torch.arange(len(sampled), device=device), cnt, output_size=taken)
+            j = torch.arange(taken, device=device) - (torch.cumsum(cnt, 0) - cnt)[which]
+            strides = host([self.plans[s][0] for s in sampled])
+            t["sample_pos"] = offsets[sample_seg] + j * strides[which]
+            t["sample_seg"] = sample_seg
+        else:
+            t["sample_pos"] = t["sample_seg"] = torch.zeros(0, dtype=torch.long, device=device)
+        self._device[device] = t
+        return t
 
 
 # -- the pipeline's steps -------------------------------------------------------------------------
