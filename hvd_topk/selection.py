@@ -388,12 +388,14 @@ def segment_views(flat: torch.Tensor, layout: GroupLayout) -> List[torch.Tensor]
 
 def stacked_probe(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """``(len(tensors),)`` bool on the first tensor's device, True where a tensor holds a
-    NaN/Inf (a sum per tensor, stacked: no host sync)."""
+    NaN/Inf. Their max-abs norms in one multi-tensor kernel (``torch._foreach_norm``, as
+    ``clip_grad_norm_`` uses; a max cannot overflow), stacked: no host sync, and a handful of
+    kernels for the hundred small tensors (norms, biases) a model leaves dense."""
     if not tensors:
         return None
     device = tensors[0].device
-    sums = []
-    for t in tensors:
-        x = torch.view_as_real(t) if t.is_complex() else t
-        sums.append((x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32)).double().to(device))
-    return ~torch.isfinite(torch.stack(sums))
+    real = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    # An empty tensor has no max-abs norm; it is finite: probe one zero in its place.
+    real = [t if t.numel() else t.new_zeros(1) for t in real]
+    norms = torch._foreach_norm(real, float("inf"))
+    return ~torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
