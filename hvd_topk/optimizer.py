@@ -12,15 +12,17 @@ No Horovod file is copied or patched.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
 
 import torch
+from horovod.common.util import split_list
 from horovod.torch import mpi_ops
 from horovod.torch import optimizer as _hvd_optimizer
-from horovod.torch.functions import allgather_object, broadcast_object
+from horovod.torch.functions import broadcast_object
 from horovod.torch.compression import Compression
 
 from .compression import ComplexContext, RankMismatchError, SparseCompressor
@@ -117,7 +119,8 @@ class _TopKMethods:
     """Methods layered over Horovod's ``_DistributedOptimizer`` (see module docstring)."""
 
     def __init__(self, params, named_parameters, compression, backward_passes_per_step,
-                 op, gradient_predivide_factor, process_set, log_every, grad_scaler, nonfinite):
+                 op, gradient_predivide_factor, groups, sparse_as_dense, process_set, log_every,
+                 grad_scaler, nonfinite):
         self._step_stats = CommStats()
         self.comm_stats = CommStats()  # the last completed step
         self.comm_totals = CommStats()  # since construction
@@ -127,14 +130,23 @@ class _TopKMethods:
         self._nonfinite_policy = nonfinite
         self._nonfinite = []  # (name, ranks or None) found non-finite in the last exchange
         self._dense_checked = []  # params a sparse compressor left dense this step
+        self._resparsify = []  # params whose sparse grad was densified (sparse_as_dense)
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         self._check_model = True  # compare the ranks' parameters at the next synchronize()
         self._sparse = isinstance(compression, SparseCompressor)
+        # With a sparse compressor, ``groups`` groups the Top-K payloads (see _groups_of_step)
+        # and Horovod's grouped allreduce, which would call compress() without a name, is off.
+        self._user_groups = groups if self._sparse else None
         self._plan = None  # param -> _Group for this step's sparse gradients
         self._plan_key = None
+        self._planned = False  # the plan of the step in progress is known
+        self._trained = []  # this step's exchanged params: updated by the optimizer, requires_grad
+        self._trained_set = frozenset()
+        self._trained_digest = 0  # crc32 of their names: the ranks must agree on it
+        self._trained_check = None  # handle of this step's allgather of the digests
         _HorovodOptimizer.__init__(self, params, named_parameters, compression,
                                    backward_passes_per_step, op, gradient_predivide_factor,
-                                   None, False, process_set)
+                                   None if self._sparse else groups, sparse_as_dense, process_set)
         self._corrected = set()  # params whose synchronized grad is a momentum-corrected update
         self._momentum_group = {}  # param -> its param group, where momentum correction applies
         if self._sparse:
@@ -142,43 +154,102 @@ class _TopKMethods:
 
     def _groups_of_step(self):
         """Param -> ``_Group`` for the gradients sent sparsely this step. The same on every
-        rank: it depends on the parameters, the ratio in force and the world size. Params are
-        taken in reverse registration order (about the order backward produces them) and cut
-        into groups of ``group_bytes`` of one device, dtype and momentum setting."""
+        rank: it depends on the parameters trained this step (see ``_trained_of_step``), the
+        ratio in force and the world size. Params are taken in reverse registration order
+        (about the order backward produces them) and cut into groups of one device, dtype and
+        momentum setting: of ``group_bytes`` each, or as the ``groups`` argument says."""
+        if self._planned:
+            return self._plan
         comp = self._compression
         world = self.process_set.size()
-        key = (world, comp.current_ratio())
+        trained = self._trained_of_step()
+        key = (world, comp.current_ratio(), self._trained_set)
+        self._planned = True
         if self._plan is not None and self._plan_key == key:
             return self._plan
-        params = [p for g in self.param_groups for p in g["params"] if p in self._requires_update]
-        groups, current = [], None
-        for p in reversed(params):
+        user_group = self._user_group_index(trained)
+        groups, current, by_user_group = [], None, {}
+        for p in reversed(trained):
             if p.is_complex() or not comp.wants_sparse(p, world):
                 continue
             mg = self._momentum_group.get(p)
             gkey = (p.device, p.dtype, mg["momentum"] if mg else 0.0, bool(mg and mg["nesterov"]))
-            nbytes = p.numel() * p.element_size()
-            if (current is None or current.key != gkey
-                    or current.nbytes + nbytes > comp.group_bytes(p.device)):
-                current = _Group(gkey)
-                groups.append(current)
+            if user_group is not None:
+                current = by_user_group.get((user_group[p], gkey))
+                if current is None:
+                    current = by_user_group[(user_group[p], gkey)] = _Group(gkey)
+                    groups.append(current)
+            else:
+                nbytes = p.numel() * p.element_size()
+                if (current is None or current.key != gkey
+                        or current.nbytes + nbytes > comp.group_bytes(p.device)):
+                    current = _Group(gkey)
+                    groups.append(current)
             current.add(p, self._parameter_names.get(p))
         self._plan = {p: g for g in groups for p in g.params}
         self._plan_key = key
         return self._plan
 
+    def _trained_of_step(self):
+        """The params exchanged this step: those the wrapped optimizer updates (in its
+        ``param_groups``) that Horovod hooked and that still require grad. A frozen param
+        (``requires_grad=False``) or one removed from the param groups takes no part: its
+        ``.grad`` is left alone and its residual and velocity are kept for later.
+
+        Which params these are decides which collectives a rank joins, so every rank must
+        agree: the crc32 of their names is allgathered here (a CPU tensor, started in the
+        step's first hook so that it travels during backward) and compared by
+        ``_check_same_model`` before synchronize() waits on anything else."""
+        update = self._requires_update
+        trained = [p for g in self.param_groups for p in g["params"] if p in update and p.requires_grad]
+        trained_set = frozenset(trained)
+        if trained_set != self._trained_set or not self._trained:
+            names = sorted(self._parameter_names.get(p) for p in trained)
+            self._trained_digest = zlib.crc32("\n".join(names).encode()) & 0x7FFFFFFF
+        self._trained, self._trained_set = trained, trained_set
+        if self.process_set.size() > 1:
+            self._trained_check = mpi_ops.allgather_async(
+                torch.tensor([self._trained_digest], dtype=torch.int32), name="hvd_topk.trained_set",
+                process_set=self.process_set)
+        return trained
+
+    def _user_group_index(self, trained):
+        """Param -> the index of its group in the ``groups`` argument (a param in no list is
+        a group of its own, as in Horovod; an int ``n`` cuts the trained params, in
+        registration order, into ``n`` runs as Horovod's ``split_list`` does), or None."""
+        groups = self._user_groups
+        if groups is None:
+            return None
+        if not isinstance(groups, list):
+            return {p: i for i, run in enumerate(split_list(trained, groups)) for p in run}
+        index = {p: i for i, members in enumerate(groups) for p in members}
+        n = len(groups)
+        for p in trained:
+            if p not in index:
+                index[p], n = n, n + 1
+        return index
+
     def _allreduce_grad_async(self, p):
         comp = self._compression
+        plan = self._groups_of_step() if self._sparse else None
+        if self._sparse and p not in self._trained_set:
+            return None, None  # frozen, or not updated by the optimizer: not exchanged
         if p.grad is None:
-            # Unused on this rank (dynamic graph) but maybe used on others: send zeros so
-            # every rank takes part in the same collectives.
+            # Trainable but unused on this rank (dynamic graph), maybe used on others: send
+            # zeros so every rank takes part in the same collectives. Its residual then sends
+            # what it still owes, as for any trained parameter.
             p.grad = torch.zeros_like(p)
+        if self._sparse and self.sparse_as_dense and p.grad.is_sparse:
+            # Horovod's sparse_as_dense: exchanged dense (through Top-K if planned so), made
+            # sparse again at the end of the exchange.
+            p.grad = p.grad.to_dense()
+            self._resparsify.append(p)
         grad = p.grad
         stats = self._step_stats
         dense_bytes = grad.numel() * grad.element_size()
         stats.dense_bytes += dense_bytes
         name = self._parameter_names.get(p)
-        group = self._groups_of_step().get(p) if self._sparse else None
+        group = plan.get(p) if self._sparse else None
         if group is not None and (grad.is_sparse or grad.dtype != p.dtype):
             group.drop(p)  # a sparse (embedding) gradient takes Horovod's own path
             self._plan[p] = group = None
@@ -229,6 +300,18 @@ class _TopKMethods:
         stats.bytes_sent += payload.numel()
         stats.bytes_received += payload.numel() * world
 
+    def _grouped_allreduce_grad_async(self, ps):
+        # Horovod's grouped allreduce (``groups`` with its compressors), counted in comm_stats.
+        stats = self._step_stats
+        for p in ps:
+            nbytes = p.grad.numel() * p.grad.element_size()
+            sent = p.grad.numel() * 2 if self._compression is Compression.fp16 else nbytes
+            stats.dense_bytes += nbytes
+            stats.bytes_sent += sent
+            stats.bytes_received += sent
+            stats.dense_tensors += 1
+        return _HorovodOptimizer._grouped_allreduce_grad_async(self, ps)
+
     @staticmethod
     def _group_name(group, suffix=""):
         if len(group.names) == 1:
@@ -261,16 +344,24 @@ class _TopKMethods:
             self._synchronized = True
             return
         t0 = time.perf_counter()
-        if self._check_model:
-            self._check_same_model()
         try:
-            self._exchange()
-        except RankMismatchError:
-            # Every rank finds the mismatch in the same gathered bytes, but not at the same
-            # moment: wait for this step's other collectives first, so that no rank exits
-            # while another still needs it and every rank reports the same error.
-            self._drain_handles()
-            raise
+            self._groups_of_step()  # if no hook ran this step
+            try:
+                self._check_same_model()
+            except RankMismatchError:
+                # Raised before any wait, on every rank alike. Some collectives started in
+                # backward have no partner on other ranks: waiting for them would hang.
+                self._handles.clear()
+                self.set_backward_passes_per_step(self.backward_passes_per_step)
+                raise
+            try:
+                self._exchange()
+            except RankMismatchError:
+                # Every rank finds the mismatch in the same gathered bytes, but not at the
+                # same moment: wait for this step's other collectives first, so that no rank
+                # exits while another still needs it and every rank reports the same error.
+                self._drain_handles()
+                raise
         finally:
             self._plan_reset()
         self._finish_step(time.perf_counter() - t0)
@@ -279,6 +370,9 @@ class _TopKMethods:
         for group in set(g for g in (self._plan or {}).values() if g is not None):
             group.ready.clear()
             group.handle = group.ctx = None
+        self._planned = False
+        self._trained_check = None
+        self._resparsify = []
 
     def _exchange(self):
         """Horovod's synchronize() for a sparse compressor: start what backward did not, wait
@@ -287,11 +381,13 @@ class _TopKMethods:
         comp = self._compression
         handles = self._handles
         done = {p for p, (h, _) in handles.items() if h is not None}
-        for p in [p for p in self._parameter_order() if p in self._requires_update and p not in done]:
+        for p in [p for p in self._trained if p not in done]:
             handles[p] = self._allreduce_grad_async(p)
         groups = []
         for p, (handle, ctx) in list(handles.items()):
             self._allreduce_delay[p] = self.backward_passes_per_step
+            if handle is None:
+                continue  # its hook ran, but it is not trained this step: not exchanged
             if isinstance(handle, _InGroup):
                 if handle.group not in groups:
                     groups.append(handle.group)
@@ -317,12 +413,11 @@ class _TopKMethods:
         for group in groups:
             for p, view in zip(group.params, segment_views(group.ctx.out, group.ctx.layout)):
                 p.grad.set_(view.view(p.grad.shape))
+        for p in self._resparsify:
+            p.grad = p.grad.to_sparse()  # sparse_as_dense: back to sparse, as Horovod does
         self._nonfinite = comp.pop_nonfinite()
         self._nonfinite += [(self._parameter_names.get(p), None) for p, bad in zip(dense, dense_bad) if bad]
         self._synchronized = True
-
-    def _parameter_order(self):
-        return [p for g in self.param_groups for p in g["params"]]
 
     def _finish_step(self, waited_s):
         self._scale = None
@@ -358,16 +453,28 @@ class _TopKMethods:
 
     def _check_same_model(self):
         """Raise ``RankMismatchError`` on every rank unless all ranks hold the same parameters
-        (names, shapes, dtypes). Without it a parameter that exists on some ranks only would
-        wait forever for the others' collective. One small allgather, at the first step (and
-        after an elastic reset)."""
-        self._check_model = False
-        mine = sorted((str(n), tuple(p.shape), str(p.dtype))
-                      for p, n in self._parameter_names.items() if p.requires_grad)
-        digest = zlib.crc32(repr(mine).encode())
-        if len(set(allgather_object(digest, name="hvd_topk.model_check"))) == 1:
+        (names, shapes, dtypes) and train the same ones this step. Without it a parameter
+        that some ranks exchange and others do not would wait forever for the others'
+        collective. Host data only (CPU tensors whatever the model's device): the digests of
+        the trained params, allgathered during backward, every step; a small allgather of
+        the whole model at the first step (and after an elastic reset)."""
+        if self.process_set.size() == 1:
+            self._check_model = False
             return
-        every = allgather_object(mine, name="hvd_topk.model_check.full")
+        if self._check_model:
+            self._check_model = False
+            self._compare_models()
+        handle, self._trained_check = self._trained_check, None
+        digests = mpi_ops.synchronize(handle).tolist()  # (world,) int32 on the CPU
+        if any(d != digests[0] for d in digests):
+            self._compare_trained()
+
+    def _compare_models(self):
+        mine = sorted((str(n), tuple(p.shape), str(p.dtype)) for p, n in self._parameter_names.items())
+        digest = zlib.crc32(repr(mine).encode())
+        if len(set(_gather_objects(digest, "hvd_topk.model_check", self.process_set))) == 1:
+            return
+        every = _gather_objects(mine, "hvd_topk.model_check.full", self.process_set)
         ref = dict((n, (s, d)) for n, s, d in every[0])
         problems = []
         for r, params in enumerate(every[1:], start=1):
@@ -380,11 +487,35 @@ class _TopKMethods:
                 elif ref[n] != have[n]:
                     problems.append(f"{n!r} is {ref[n][0]} {ref[n][1]} on rank 0 but "
                                     f"{have[n][0]} {have[n][1]} on rank {r}")
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise RankMismatchError(
-            f"hvd_topk: the ranks' models differ: {shown}. Every rank must build the same model "
-            "and pass the same named_parameters (without names, Horovod names parameters by "
-            "position, so the order must match too).")
+            f"hvd_topk: the ranks' models differ: {_first(problems)}. Every rank must build the "
+            "same model and pass the same named_parameters (without names, Horovod names "
+            "parameters by position, so the order must match too).")
+
+    def _compare_trained(self):
+        """The ranks' digests of the trained params differ: find which params, and why."""
+        mine = {}  # name -> why this rank does not exchange it
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in self._trained_set:
+                    mine[self._parameter_names.get(p)] = (
+                        "frozen (requires_grad=False)" if not p.requires_grad
+                        else "frozen when the optimizer was built (Horovod hooks no such param)")
+        in_groups = set(p for g in self.param_groups for p in g["params"])
+        for p in self._requires_update - in_groups:
+            mine[self._parameter_names.get(p)] = "not in the optimizer's param_groups"
+        every = _gather_objects(mine, "hvd_topk.trained_set.full", self.process_set)
+        problems = []
+        for n in sorted(set().union(*every)):
+            out = [r for r, e in enumerate(every) if n in e]
+            trained = [r for r, e in enumerate(every) if n not in e]
+            if trained:
+                why = " / ".join(sorted({every[r][n] for r in out}))
+                problems.append(f"{n!r} is {why} on rank(s) {out} but trained on rank(s) {trained}")
+        raise RankMismatchError(
+            f"hvd_topk: the ranks disagree about which parameters are trained: {_first(problems)}. "
+            "Freeze (requires_grad_(False)) and unfreeze the same parameters on every rank, at "
+            "the same step, and give every rank the same param_groups.")
 
     def step(self, closure=None):
         if self._should_synchronize:
@@ -462,6 +593,39 @@ class _TopKMethods:
             self._check_model = True  # a new rank may have joined: compare models again
 
 
+def _check_groups(groups):
+    """Horovod's checks of ``groups``, with the offending value named."""
+    if groups is None:
+        return
+    if isinstance(groups, bool) or not (isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
+        raise ValueError(f"groups should be a positive integer or a list of lists of torch.Tensor, "
+                         f"got {groups!r}")
+    if isinstance(groups, list):
+        seen = set()
+        for members in groups:
+            for p in members:
+                if not isinstance(p, torch.Tensor):
+                    raise ValueError(f"groups must consist of torch.Tensor, got {type(p).__name__}")
+                if id(p) in seen:
+                    raise ValueError("A parameter can only appear once in groups (a tensor of "
+                                     f"shape {tuple(p.shape)} appears twice).")
+                seen.add(id(p))
+
+
+def _first(problems, n=8):
+    return "; ".join(problems[:n]) + (f"; and {len(problems) - n} more" if len(problems) > n else "")
+
+
+def _gather_objects(obj, name, process_set):
+    """Horovod's ``allgather_object`` over ``process_set``: every member's picklable ``obj``."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = mpi_ops.allgather(torch.tensor([data.numel()]), name=f"{name}.sz",
+                              process_set=process_set).tolist()
+    gathered = mpi_ops.allgather(data, name=f"{name}.t", process_set=process_set).numpy().tobytes()
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [pickle.loads(gathered[a:b]) for a, b in zip(offsets, offsets[1:])]
+
+
 def _momentum_correction_groups(opt, comp):
     """Param -> group for the params that get DGC momentum correction (see TopKCompressor)."""
     want = comp.momentum_correction
@@ -488,7 +652,8 @@ def _momentum_correction_groups(opt, comp):
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,
                          backward_passes_per_step=1, op=mpi_ops.Average,
-                         gradient_predivide_factor=1.0, process_set=mpi_ops.global_process_set,
+                         gradient_predivide_factor=1.0, num_groups=0, groups=None,
+                         sparse_as_dense=False, process_set=mpi_ops.global_process_set, *,
                          log_every=100, grad_scaler=None, nonfinite="raise"):
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, with a sparse path for Top-K.
 
@@ -510,6 +675,18 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         op: ``hvd.Average`` or ``hvd.Sum`` (``hvd.Adasum`` works with dense compressors only).
         gradient_predivide_factor: as in Horovod; applies to densely reduced tensors (the
             sparse sum is exact, then divided once).
+        num_groups: Horovod's deprecated spelling of an int ``groups`` (same warning).
+        groups: as in Horovod, an int ``n`` (the trained parameters cut into ``n`` groups in
+            registration order) or a list of lists of parameters (each list one group, every
+            other parameter a group of its own). With Horovod's compressors: its grouped
+            allreduce. With a sparse compressor: the groups of Top-K compression and exchange
+            (one selection run, one payload, one allgather per group and device/dtype),
+            replacing ``TopKCompressor(group_bytes=...)``; tensors left dense are allreduced
+            one by one (Horovod's tensor fusion batches them).
+        sparse_as_dense: as in Horovod: sparse gradients (``nn.Embedding(sparse=True)``) are
+            made dense, exchanged -- through Top-K, like any other, when large enough -- and
+            made sparse again before ``step()``. Without it they take Horovod's sparse
+            allgather, uncompressed.
         process_set: Horovod process set to reduce over.
         log_every: log communication statistics every N steps (logger ``hvd_topk.optimizer``,
             level INFO); 0 disables. Counters: ``optimizer.comm_stats`` (last step),
@@ -526,6 +703,15 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
             ``optimizer.skipped_steps``). Either way no residual takes the bad values in.
             A ``GradScaler`` sees the NaN gradient first and skips the step itself.
 
+    With a sparse compressor, a parameter that does not require grad (frozen), or that is no
+    longer in ``optimizer.param_groups``, is not exchanged: its ``.grad`` is left as it is
+    (``None`` after ``zero_grad()``, so the wrapped optimizer skips it), and its residual and
+    velocity wait untouched until it is trained again. Every rank must freeze the same
+    parameters at the same step; ranks that disagree get a ``RankMismatchError`` naming them.
+    A parameter that is trained but got no gradient on some rank this step (a branch of a
+    dynamic graph) is exchanged with a zero gradient there, as in Horovod: its residual
+    still sends what it owes.
+
     Returns:
         The wrapped optimizer, an instance of a subclass of ``optimizer.__class__``.
 
@@ -541,6 +727,12 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         raise ValueError("gradient_predivide_factor not supported with op != Average")
     if backward_passes_per_step <= 0:
         raise ValueError(f"backward_passes_per_step must be > 0, got {backward_passes_per_step}")
+    if num_groups != 0:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed "
+                      "in v0.23.0.", DeprecationWarning, stacklevel=2)
+        if groups is None:
+            groups = num_groups
+    _check_groups(groups)
     if op == mpi_ops.Adasum:
         if sparse:
             raise ValueError("op=hvd.Adasum combines dense updates and cannot take a sparse "
@@ -548,7 +740,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         return _hvd_optimizer.DistributedOptimizer(
             optimizer, named_parameters=named_parameters, compression=compression,
             backward_passes_per_step=backward_passes_per_step, op=op,
-            gradient_predivide_factor=gradient_predivide_factor, process_set=process_set)
+            gradient_predivide_factor=gradient_predivide_factor, groups=groups,
+            sparse_as_dense=sparse_as_dense, process_set=process_set)
     if op not in (mpi_ops.Average, mpi_ops.Sum):
         raise ValueError(f"op must be hvd.Average, hvd.Sum or hvd.Adasum, got {op!r}")
     if nonfinite not in NONFINITE_POLICIES:
@@ -562,7 +755,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     attrs["__doc__"] = optimizer.__class__.__doc__
     cls = type(optimizer.__class__.__name__, (optimizer.__class__, TopKDistributedOptimizer), attrs)
     wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
-                  op, gradient_predivide_factor, process_set, log_every, grad_scaler, nonfinite)
+                  op, gradient_predivide_factor, groups, sparse_as_dense, process_set, log_every,
+                  grad_scaler, nonfinite)
     if sparse and mpi_ops.rank() == 0:
         logger.info("hvd_topk: %r over %d ranks", compression, process_set.size())
     return wrapped
