@@ -272,7 +272,7 @@ class _TopKMethods:
         mg = self._momentum_group.get(p)
         if mg is not None and mg["weight_decay"]:
             # DGC momentum correction applies weight decay locally, in the grad's scaled units.
-            grad = grad + (mg["weight_decay"] * self._loss_scale()) * p.detach()
+            grad = grad + p.detach() * (mg["weight_decay"] * self._loss_scale())
         group.ready[p] = grad
         self._launch_if_complete(group)
         return _InGroup(group), None
@@ -319,10 +319,17 @@ class _TopKMethods:
         return f"{group.names[0]}+{len(group.names) - 1}.topk{suffix}"
 
     def _loss_scale(self):
-        """The GradScaler's current scale (1.0 without one), read once per step."""
+        """The GradScaler's current scale (1.0 without one), once per step: its own 0-dim
+        tensor, left on the device (``get_scale()`` would read it back, a host sync in the
+        backward hook); a float for a scaler that has not made its tensor yet."""
         if self._scale is None:
             scaler = self._grad_scaler
-            self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            if scaler is None or not scaler.is_enabled():
+                self._scale = 1.0
+            elif getattr(scaler, "_scale", None) is not None:
+                self._scale = scaler._scale.detach().clone()  # its value for this step
+            else:
+                self._scale = float(scaler.get_scale())  # before the first scale(): no tensor
         return self._scale
 
     def _dense_allreduce_async(self, tensor, name):

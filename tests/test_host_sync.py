@@ -77,10 +77,12 @@ def test_recorder_sees_syncs():
     assert any(op.startswith("aten::index") for op in ops)
 
 
-@pytest.mark.parametrize("momentum,group_bytes", [(0.0, None), (0.9, 1 << 30)])
-def test_a_training_step_syncs_once(momentum, group_bytes):
-    """Whole steps on one rank with hooks: nothing in the hooks, one sync in step()."""
-    out = run_ranks("sync_worker.py", momentum, group_bytes or 0, backend="mpi", np=1, timeout=240,
+@pytest.mark.parametrize("momentum,group_bytes,amp", [(0.0, None, ""), (0.9, 1 << 30, ""),
+                                                     (0.9, 1 << 30, "amp")])
+def test_a_training_step_syncs_once(momentum, group_bytes, amp):
+    """Whole steps on one rank with hooks: nothing in the hooks, one sync in step() (with a
+    GradScaler too: its scale stays on the device)."""
+    out = run_ranks("sync_worker.py", momentum, group_bytes or 0, amp, backend="mpi", np=1, timeout=240,
                     env={"HOROVOD_ELASTIC": "1", "HVD_TOPK_CPU_KERNEL": "0"})
     lines = [ln for ln in out.splitlines() if ln.startswith("STEP ")]
     assert len(lines) == 4, out

@@ -18,17 +18,27 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 momentum = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 group_bytes = int(sys.argv[2]) if len(sys.argv) > 2 else None
+amp = len(sys.argv) > 3 and sys.argv[3] == "amp"
 comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, group_bytes=group_bytes)
+scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if amp else None
 opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum),
-                                    named_parameters=model.named_parameters(), compression=comp)
+                                    named_parameters=model.named_parameters(), compression=comp,
+                                    grad_scaler=scaler)
 x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
 for step in range(4):
     opt.zero_grad()
     loss = nn.functional.cross_entropy(model(x), y)
     with recording() as rec:
-        loss.backward()  # the hooks: compress_group + allgather launch
+        (scaler.scale(loss) if amp else loss).backward()  # the hooks: compress_group + allgather
     hooks = list(rec.syncs)
     with recording() as rec:
-        opt.step()
-    print(f"STEP {step}|{hooks}|{rec.syncs}", flush=True)
+        if amp:  # Horovod's AMP recipe; the GradScaler's own syncs are not hvd_topk's
+            opt.synchronize()
+            scaler.unscale_(opt)
+            with opt.skip_synchronize():
+                scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+    print(f"STEP {step}|{hooks}|{[s for s in rec.syncs if s[1] != 'outside hvd_topk']}", flush=True)
     print(f"SPARSE {opt.comm_stats.sparse_tensors} DENSE {opt.comm_stats.dense_tensors}", flush=True)
