@@ -163,7 +163,8 @@ class SparseCompressor(Compressor, abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def scatter(self, gathered: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
+    def scatter(self, gathered: torch.Tensor, ctx: SparseContext,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -483,7 +484,7 @@ class TopKCompressor(SparseCompressor):
             sel, inexact = select_group(v, layout)  # 2.-4.
             pend = self._selected(v, u, sel, bad, scale, layout)
         else:
-            inexact = torch.zeros((), dtype=torch.bool, device=device)
+            inexact = None  # the kernel's selection is always exact
         self._pending[ctx.names] = pend
         sent = self._write_residual(pend, vdt, exact)  # 5.
         ctx.header = self._header(ctx, pend.bad, inexact)
@@ -512,12 +513,17 @@ class TopKCompressor(SparseCompressor):
             parts.append((s, out))
         if not parts:
             return None
-        sel = torch.cat([idx + layout.offsets[s] for s, (idx, _, _, _) in parts])
-        vals = torch.cat([p[1] for _, p in parts])
-        u_vals = torch.cat([p[2] for _, p in parts]) if u is not None else None
-        bad = torch.zeros(layout.segments, dtype=torch.bool)
-        for s, (_, _, _, finite) in parts:
-            bad[s] = not finite
+        if len(parts) == 1 and layout.segments == 1:
+            sel, vals, u_vals, finite = parts[0][1]
+            bad = torch.tensor([not finite])
+        else:
+            sel = torch.cat([idx + layout.offsets[s] for s, (idx, _, _, _) in parts])
+            vals = torch.cat([p[1] for _, p in parts])
+            u_vals = torch.cat([p[2] for _, p in parts]) if u is not None else None
+            flags = [False] * layout.segments
+            for s, (_, _, _, finite) in parts:
+                flags[s] = not finite
+            bad = torch.tensor(flags)
         # The kernel already zeroed the residual (exact wire) and masked the velocity there.
         return _Pending(v, u, sel, vals, u_vals, bad, scale, zeroed=exact, masked=mask_u)
 
@@ -568,8 +574,13 @@ class TopKCompressor(SparseCompressor):
             return sel.to(idt)
         return (sel - layout.tensors(sel.device)["slot_start"]).to(idt)
 
-    def _header(self, ctx: SparseContext, bad: torch.Tensor, inexact: torch.Tensor) -> torch.Tensor:
-        """``(header_words,)`` int32 on the device: signature, flags (, per-tensor flags)."""
+    def _header(self, ctx: SparseContext, bad: torch.Tensor, inexact: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(header_words,)`` int32 on the device: signature, flags (, per-tensor flags).
+        ``inexact`` None: the CPU kernel's exact selection, whose flags are host values."""
+        if inexact is None:  # CPU: one small tensor, no arithmetic on tensors
+            seg = [FLAG_NONFINITE if b else 0 for b in bad.tolist()]
+            words = [ctx.signature, FLAG_NONFINITE if any(seg) else 0]
+            return torch.tensor(words + (seg if ctx.header_words > 2 else []), dtype=torch.int32)
         device = bad.device if bad.device == inexact.device else inexact.device
         bad = bad.to(device)
         flags = (bad.any().to(torch.int32) * FLAG_NONFINITE
@@ -597,10 +608,12 @@ class TopKCompressor(SparseCompressor):
         return g * factor
 
     # -- decompress -----------------------------------------------------------------------
-    def scatter(self, gathered: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
+    def scatter(self, gathered: torch.Tensor, ctx: SparseContext,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scatter-add every rank's (values, indices), each divided by ``ctx.divisor``, into a
-        new dense ``(n,)`` buffer (``ctx.out``); every rank's header goes to ``ctx.headers``.
-        Reads nothing back to the host; ``check`` then resolves the headers."""
+        dense ``(n,)`` buffer (``ctx.out``): ``out`` when given (zeroed first; the optimizer
+        passes a lone gradient's own storage), else a new one; every rank's header goes to
+        ``ctx.headers``. Reads nothing back to the host; ``check`` then resolves the headers."""
         try:
             headers, values, indices = unpack(gathered, ctx.k, ctx.value_dtype, ctx.index_dtype,
                                               ctx.world, ctx.header_words)  # (P, H), (P, K), (P, K)
@@ -608,7 +621,10 @@ class TopKCompressor(SparseCompressor):
             raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}. "
                                     + _SAME_MODEL) from None
         ctx.headers = headers
-        out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=gathered.device)
+        if out is None:
+            out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=gathered.device)
+        else:
+            out.zero_()
         if ctx.k:
             t = ctx.layout.tensors(gathered.device)
             # A rank that disagrees on the layout is caught by check(); clamp its indices

@@ -405,7 +405,7 @@ class _TopKMethods:
             else:
                 p.grad.set_(comp.decompress(output, ctx))  # dense: no check, no sync
         for group in groups:
-            comp.scatter(group.handle(), group.ctx)
+            comp.scatter(group.handle(), group.ctx, self._own_storage(group))
         handles.clear()
         dense, self._dense_checked = self._dense_checked, []
         probe = stacked_probe([p.grad for p in dense])
@@ -415,16 +415,29 @@ class _TopKMethods:
             for ctx in redo:
                 gathered = mpi_ops.allgather(comp.redo(ctx), name=self._group_name(by_ctx[id(ctx)], ".redo"),
                                              process_set=self.process_set)
-                comp.scatter(gathered, ctx)
+                comp.scatter(gathered, ctx, ctx.out)
             redo, _ = comp.check(redo)
         for group in groups:
             for p, view in zip(group.params, segment_views(group.ctx.out, group.ctx.layout)):
-                p.grad.set_(view.view(p.grad.shape))
+                if view.data_ptr() != p.grad.data_ptr():  # else it is the gradient's own storage
+                    p.grad.set_(view.view(p.grad.shape))
         for p in self._resparsify:
             p.grad = p.grad.to_sparse()  # sparse_as_dense: back to sparse, as Horovod does
         self._nonfinite = comp.pop_nonfinite()
         self._nonfinite += [(self._parameter_names.get(p), None) for p, bad in zip(dense, dense_bad) if bad]
         self._synchronized = True
+
+    @staticmethod
+    def _own_storage(group):
+        """A lone gradient's own storage, flat, to scatter into (no allocation: on CPU a fresh
+        buffer of a large gradient costs more in page faults than the scatter); None for a
+        group of several (one new buffer, whose views become the gradients)."""
+        if len(group.params) != 1:
+            return None
+        grad = group.params[0].grad
+        if grad.is_sparse or not grad.is_contiguous() or grad.dtype != group.ctx.dtype:
+            return None
+        return grad.view(-1)
 
     def _finish_step(self, waited_s):
         self._scale = None

@@ -14,8 +14,9 @@ For each size x ratio it times, on the same tensor:
 - ``compress``: ``TopKCompressor.compress`` -- compensate ``g + e`` in place, select, pack,
   update the residual (the residual is warm: this is a steady-state step);
 - ``pack+unpack``: ``hvd_topk.pack`` of (values, int32 indices), then ``unpack`` of two ranks' payloads;
-- ``decompress``: ``TopKCompressor.decompress`` of two ranks' payloads into a preallocated
-  gradient (zero, scatter-add, divide by 2), as the optimizer does after the allgather.
+- ``decompress``: ``TopKCompressor.scatter`` of two ranks' payloads into a preallocated
+  gradient (zero, scatter-add, divide by 2) and ``check`` of their headers, as the optimizer
+  does after the allgather.
 
 Each timing is the median of ``--repeats`` runs, the methods interleaved round by round so that
 a noisy neighbour slows all of them alike. Run::
@@ -97,6 +98,7 @@ def bench_one(n: int, ratio: float, device: str, repeats: int, seed: int) -> Dic
     payload, ctx = comp.compress(grads[0], name="w")
     gathered = torch.cat([payload, payload])  # (2 * nbytes,) what a 2-rank allgather returns
     ctx.divisor, ctx.world = 2, 2
+    out = torch.empty_like(x)  # the gradient's own storage, as the optimizer passes it
     vals, idx = x[:k].clone(), torch.arange(k, dtype=torch.int32, device=device)
 
     def pack_unpack():
@@ -111,7 +113,7 @@ def bench_one(n: int, ratio: float, device: str, repeats: int, seed: int) -> Dic
         "naive": naive,
         "compress": compress,
         "pack+unpack": pack_unpack,
-        "decompress": lambda: comp.decompress(gathered, ctx),
+        "decompress": lambda: (comp.scatter(gathered, ctx, out), comp.check([ctx])),
     }
     times: Dict[str, List[float]] = {m: [] for m in METHODS}
     for m in METHODS:  # warm-up (allocator, first residual)
