@@ -28,3 +28,10 @@ def test_horovods_own_optimizer_tests_pass():
     for case in HOROVOD_CASES:
         for rank in range(2):
             assert f"rank {rank}/2 {case}: OK" in out, out
+
+
+def test_process_set_of_two_ranks_out_of_three():
+    out = run_ranks("dropin_worker.py", "process_set", backend="gloo", np=3, timeout=300,
+                    env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
+    for rank in range(3):
+        assert f"rank {rank}/3 process_set: OK" in out, out

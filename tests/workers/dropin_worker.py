@@ -210,6 +210,24 @@ def check_dynamic_requires_grad():
                         ("topk1", "skip"): "finite"}, outcomes
 
 
+def check_process_set():
+    """test_horovod_*_process_set: a DistributedOptimizer over a process set of ranks 0 and 1
+    (of 3) trains as stock Horovod does there; rank 2, outside it, takes no part and hangs no one.
+    Needs HOROVOD_DYNAMIC_PROCESS_SETS=1."""
+    ps = hvd.add_process_set([0, 1])
+    try:
+        if ps.included():
+            stock, _ = run_mlp("stock", process_set=ps, momentum=0.9)
+            for kind in FLAVOURS:
+                ours, opt = run_mlp(kind, process_set=ps, momentum=0.9)
+                assert_close(snapshot(stock), snapshot(ours), kind, "process set")
+            every = hvd.allgather(torch.cat([p.detach().reshape(-1) for p in ours.parameters()])[None],
+                                  process_set=ps)
+            assert torch.equal(every[0], every[1]), "parameters differ between the set's ranks"
+    finally:
+        hvd.remove_process_set(ps)
+
+
 CHECKS = {name[len("check_"):]: f for name, f in list(globals().items()) if name.startswith("check_")}
 
 if __name__ == "__main__":
