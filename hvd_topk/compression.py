@@ -159,7 +159,7 @@ class SparseCompressor(Compressor, abc.ABC):
     @abc.abstractmethod
     def compress_group(self, tensors: Sequence[torch.Tensor], names: Sequence[str], *,
                        momentum: float = 0.0, nesterov: bool = False, scale: float = 1.0,
-                       world: int = 1) -> Tuple[torch.Tensor, SparseContext]:
+                       world: Optional[int] = None) -> Tuple[torch.Tensor, SparseContext]:
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -477,7 +477,7 @@ class TopKCompressor(SparseCompressor):
         if self.local_clip_norm is not None:
             g = self._clip(g, layout, inv, world)
         pend = None
-        if self.local_clip_norm is None and not nesterov and v.device.type == "cpu":
+        if self.local_clip_norm is None and not nesterov:
             pend = self._kernel_update(v, u, g, layout, momentum, inv, exact, scale)
         if pend is None:
             bad = update_(v, g, layout, alpha=inv, u=u, momentum=momentum, nesterov=nesterov)  # 1.
@@ -486,11 +486,17 @@ class TopKCompressor(SparseCompressor):
         else:
             inexact = None  # the kernel's selection is always exact
         self._pending[ctx.names] = pend
-        sent = self._write_residual(pend, vdt, exact)  # 5.
-        ctx.header = self._header(ctx, pend.bad, inexact)
         ctx.world = world
-        ctx.payload = pack_header(ctx.header, sent, self._local_indices(pend.sel, layout, idt))
-        return ctx.payload, ctx
+        return self._send(ctx, pend, inexact), ctx
+
+    def _send(self, ctx: SparseContext, pend: _Pending, inexact: Optional[torch.Tensor]) -> torch.Tensor:
+        """Step 5 and the payload: the residual write, the header with the flags, the bytes."""
+        exact = ctx.value_dtype == ctx.dtype and _is_one(pend.scale)
+        sent = self._write_residual(pend, ctx.value_dtype, exact)
+        ctx.header = self._header(ctx, pend.bad, inexact)
+        indices = self._local_indices(pend.sel, ctx.layout, ctx.index_dtype)
+        ctx.payload = pack_header(ctx.header, sent, indices)
+        return ctx.payload
 
     def _kernel_update(self, v, u, g, layout, momentum, inv, exact, scale) -> Optional[_Pending]:
         """Steps 1-4 (and the zeroing of 5 when ``exact``) through the fused CPU kernel, one
@@ -581,11 +587,9 @@ class TopKCompressor(SparseCompressor):
             seg = [FLAG_NONFINITE if b else 0 for b in bad.tolist()]
             words = [ctx.signature, FLAG_NONFINITE if any(seg) else 0]
             return torch.tensor(words + (seg if ctx.header_words > 2 else []), dtype=torch.int32)
-        device = bad.device if bad.device == inexact.device else inexact.device
-        bad = bad.to(device)
         flags = (bad.any().to(torch.int32) * FLAG_NONFINITE
-                 + inexact.to(torch.int32) * FLAG_INEXACT).reshape(1)
-        parts = [self._header_base(ctx, device), flags]
+                 + inexact.to(torch.int32) * FLAG_INEXACT).reshape(1)  # bad, inexact: v's device
+        parts = [self._header_base(ctx, inexact.device), flags]
         if ctx.header_words > 2:
             parts.append(bad.to(torch.int32) * FLAG_NONFINITE)
         return torch.cat(parts)
@@ -698,17 +702,11 @@ class TopKCompressor(SparseCompressor):
         if not ctx.flags & FLAG_INEXACT:
             return ctx.payload
         pend = self._pending[ctx.names]
-        self._restore(pend)
-        if pend.u is not None and self.momentum_masking:
-            pend.u.index_copy_(0, pend.sel, pend.u_vals)
+        self._restore(pend)  # the residual (and masked velocity) as before the selection
         sel = exact_topk_fallback(pend.v, ctx.layout)
         fresh = self._selected(pend.v, pend.u, sel, pend.bad, pend.scale, ctx.layout)
         self._pending[ctx.names] = fresh
-        exact = ctx.value_dtype == ctx.dtype and _is_one(pend.scale)
-        sent = self._write_residual(fresh, ctx.value_dtype, exact)
-        ctx.header = self._header(ctx, fresh.bad, torch.zeros((), dtype=torch.bool, device=sel.device))
-        ctx.payload = pack_header(ctx.header, sent, self._local_indices(sel, ctx.layout, ctx.index_dtype))
-        return ctx.payload
+        return self._send(ctx, fresh, torch.zeros((), dtype=torch.bool, device=sel.device))
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Horovod's ``Compressor.decompress``: ``scatter`` then ``check`` (one host sync) for

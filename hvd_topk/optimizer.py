@@ -230,7 +230,6 @@ class _TopKMethods:
         return index
 
     def _allreduce_grad_async(self, p):
-        comp = self._compression
         plan = self._groups_of_step() if self._sparse else None
         if self._sparse and p not in self._trained_set:
             return None, None  # frozen, or not updated by the optimizer: not exchanged
@@ -245,21 +244,14 @@ class _TopKMethods:
             p.grad = p.grad.to_dense()
             self._resparsify.append(p)
         grad = p.grad
-        stats = self._step_stats
-        dense_bytes = grad.numel() * grad.element_size()
-        stats.dense_bytes += dense_bytes
+        self._step_stats.dense_bytes += grad.numel() * grad.element_size()
         name = self._parameter_names.get(p)
         group = plan.get(p) if self._sparse else None
         if group is not None and (grad.is_sparse or grad.dtype != p.dtype):
             group.drop(p)  # a sparse (embedding) gradient takes Horovod's own path
             self._plan[p] = group = None
         if group is None:
-            sent = dense_bytes
-            if comp is Compression.fp16 and grad.dtype.is_floating_point:
-                sent = grad.numel() * 2
-            stats.dense_tensors += 1
-            stats.bytes_sent += sent
-            stats.bytes_received += sent
+            self._count_dense(grad)
             if not self._sparse or grad.is_sparse:
                 # Horovod's own path: its compressors, or its allgather for sparse gradients
                 # (which never calls compress()).
@@ -288,7 +280,6 @@ class _TopKMethods:
                                            momentum=momentum, nesterov=nesterov,
                                            scale=self._loss_scale(), world=world)  # (nbytes,) uint8
         ctx.divisor = world if self.op == mpi_ops.Average else 1
-        ctx.world = world
         group.ctx = ctx
         group.handle = sparse_allgather_async(payload, name=self._group_name(group),
                                               process_set=self.process_set)
@@ -302,15 +293,21 @@ class _TopKMethods:
 
     def _grouped_allreduce_grad_async(self, ps):
         # Horovod's grouped allreduce (``groups`` with its compressors), counted in comm_stats.
-        stats = self._step_stats
         for p in ps:
-            nbytes = p.grad.numel() * p.grad.element_size()
-            sent = p.grad.numel() * 2 if self._compression is Compression.fp16 else nbytes
-            stats.dense_bytes += nbytes
-            stats.bytes_sent += sent
-            stats.bytes_received += sent
-            stats.dense_tensors += 1
+            self._step_stats.dense_bytes += p.grad.numel() * p.grad.element_size()
+            self._count_dense(p.grad)
         return _HorovodOptimizer._grouped_allreduce_grad_async(self, ps)
+
+    def _count_dense(self, grad):
+        """comm_stats of a gradient allreduced densely (Horovod's fp16 halves a float's bytes)."""
+        if self._compression is Compression.fp16 and grad.dtype.is_floating_point:
+            sent = grad.numel() * 2
+        else:
+            sent = grad.numel() * grad.element_size()
+        stats = self._step_stats
+        stats.dense_tensors += 1
+        stats.bytes_sent += sent
+        stats.bytes_received += sent
 
     @staticmethod
     def _group_name(group, suffix=""):
@@ -373,8 +370,12 @@ class _TopKMethods:
             self._plan_reset()
         self._finish_step(time.perf_counter() - t0)
 
+    def _planned_groups(self):
+        """The groups of the current plan (a param dropped from its group maps to None)."""
+        return set(g for g in (self._plan or {}).values() if g is not None)
+
     def _plan_reset(self):
-        for group in set(g for g in (self._plan or {}).values() if g is not None):
+        for group in self._planned_groups():
             group.ready.clear()
             group.handle = group.ctx = None
         self._planned = False
@@ -410,8 +411,8 @@ class _TopKMethods:
         dense, self._dense_checked = self._dense_checked, []
         probe = stacked_probe([p.grad for p in dense])
         redo, dense_bad = comp.check([g.ctx for g in groups], probe)  # the step's one host sync
+        by_ctx = {id(g.ctx): g for g in groups}
         while redo:  # an unlucky sample somewhere (rare): exchange those groups again, exactly
-            by_ctx = {id(g.ctx): g for g in groups}
             for ctx in redo:
                 gathered = mpi_ops.allgather(comp.redo(ctx), name=self._group_name(by_ctx[id(ctx)], ".redo"),
                                              process_set=self.process_set)
@@ -462,8 +463,7 @@ class _TopKMethods:
 
     def _drain_handles(self):
         waits = [h for h, _ in self._handles.values() if not isinstance(h, _InGroup)]
-        groups = set(g for g in (self._plan or {}).values() if g is not None)
-        waits += [g.handle for g in groups if g.handle is not None]
+        waits += [g.handle for g in self._planned_groups() if g.handle is not None]
         for handle in waits:
             try:
                 handle() if callable(handle) else mpi_ops.synchronize(handle)
