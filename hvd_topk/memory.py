@@ -57,6 +57,11 @@ class ResidualMemory:
             self._residuals[name] = view
             views.append(view)
             off += n
+        # A group that held one of these names is superseded (the frozen set or the ratio
+        # regrouped the tensors): forget it, so that its buffer is freed once no view of it
+        # remains a residual.
+        for other in [k for k in self._groups if not set(k).isdisjoint(key)]:
+            del self._groups[other], self._views[other]
         self._groups[key], self._views[key] = flat, views
         return flat
 

@@ -201,3 +201,21 @@ def test_fused_kernel_path_sends_and_keeps_what_the_reference_path_does(monkeypa
             assert torch.equal(h1, h2) and torch.equal(v1, v2) and torch.equal(i1, i2)
         assert torch.equal(a[1], b[1])
         assert (a[2] is None and b[2] is None) or torch.equal(a[2], b[2])
+
+
+def test_a_regrouped_residual_keeps_its_values_and_frees_the_old_buffer():
+    """ResidualMemory.group_buffer: when tensors are regrouped (frozen set, warm-up ratio), the
+    residuals move into the new buffer and the superseded one is not kept alive."""
+    import gc
+    import weakref
+
+    from hvd_topk import ResidualMemory
+    memory = ResidualMemory()
+    old = memory.group_buffer(["a", "b"], [3, 2], torch.zeros(1))
+    old.copy_(torch.arange(5.0))
+    gone = weakref.ref(old)
+    del old
+    new = memory.group_buffer(["a", "b", "c"], [3, 2, 4], torch.zeros(1))
+    gc.collect()
+    assert gone() is None
+    assert torch.equal(new[:5], torch.arange(5.0)) and torch.equal(memory.get("b"), torch.tensor([3.0, 4.0]))
