@@ -1,9 +1,12 @@
-"""Datasets for examples/train.py.
+"""Datasets for examples/train.py and examples/train_lm.py.
 
 ``digits`` (the default) is real data that works offline: the 1,797 8x8 handwritten digits
 bundled with scikit-learn (UCI ML hand-written digits), split 80/20 stratified with a fixed
 seed. MNIST, Fashion-MNIST and CIFAR-10 go through torchvision when it is installed.
 ``synthetic`` is random images labelled by a fixed random teacher (for speed benchmarks).
+
+``load_text`` (examples/train_lm.py) is English text that ships with CPython, offline: the
+pydoc topic pages (``pydoc_data.topics``), about 465K characters, encoded character by character.
 """
 
 from __future__ import annotations
@@ -85,6 +88,33 @@ DATASETS = {
     "cifar10": lambda data_dir, seed=0: _torchvision("cifar10", data_dir),
     "synthetic": load_synthetic,
 }
+
+
+@dataclass
+class TextData:
+    train: torch.Tensor  # (N_train,) int64 character ids
+    val: torch.Tensor  # (N_val,) int64
+    vocab: str  # the characters, sorted; id i is vocab[i]
+
+
+def load_text(val_fraction: float = 0.1) -> TextData:
+    """The pydoc topic pages, joined in sorted key order; the first 90% train, the rest validation."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics))
+    vocab = "".join(sorted(set(text)))
+    ids = {ch: i for i, ch in enumerate(vocab)}
+    data = torch.tensor([ids[ch] for ch in text], dtype=torch.long)  # (N,)
+    n_train = int(len(data) * (1 - val_fraction))
+    return TextData(data[:n_train], data[n_train:], vocab)
+
+
+def sample_windows(data: torch.Tensor, batch: int, context: int,
+                   generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random windows of ``data``: inputs and the next characters, both (batch, context)."""
+    starts = torch.randint(len(data) - context, (batch,), generator=generator)  # (B,)
+    windows = data[starts[:, None] + torch.arange(context + 1)]  # (B, context + 1)
+    return windows[:, :-1], windows[:, 1:]
 
 
 def load_dataset(name: str, data_dir: str = "", seed: int = 0) -> Data:

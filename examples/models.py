@@ -1,5 +1,10 @@
-"""Models for examples/train.py: a small CNN and a CIFAR-style ResNet-18 (no torchvision needed)."""
+"""Models for the examples (no torchvision needed).
 
+examples/train.py: a small CNN, a CIFAR-style ResNet-18 and an MLP (``MODELS``).
+examples/train_lm.py: ``CharTransformer``, a small causal character-level language model.
+"""
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -69,6 +74,54 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x.flatten(1)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x):  # x: (B, T, C)
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)  # 3 x (B, T, C)
+        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
+                   for z in (q, k, v))  # (B, H, T, C / H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C / H)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))  # (B, T, C)
+
+
+class CharTransformer(nn.Module):
+    """Causal character-level Transformer LM (after nanoGPT): token + learned position
+    embeddings, ``n_layers`` pre-LayerNorm blocks, a final LayerNorm and a linear head.
+    About 0.25M parameters with the defaults and a 103-character vocabulary."""
+
+    def __init__(self, vocab_size: int, d_model: int = 96, n_layers: int = 2, n_heads: int = 4,
+                 context: int = 64):
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.Sequential(*[Block(d_model, n_heads) for _ in range(n_layers)])
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, idx):  # idx: (B, T) int64, T <= context
+        t = idx.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence length {t} exceeds the model's context {self.context}")
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))  # (B, T, C)
+        return self.head(self.ln(self.blocks(x)))  # (B, T, vocab)
 
 
 MODELS = {
