@@ -12,7 +12,8 @@ Example::
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compression import RankMismatchError, SparseContext, TopKCompressor, sparse_is_cheaper
+from .compression import (AdamSettings, RankMismatchError, SparseCompressor, SparseContext,
+                          TopKCompressor, sparse_is_cheaper)
 from .elastic import register_elastic_handler
 from .memory import ResidualMemory
 from .optimizer import CommStats, DistributedOptimizer, TopKDistributedOptimizer
@@ -33,6 +34,8 @@ __all__ = [
     "CommStats",
     "ResidualMemory",
     "SparseContext",
+    "SparseCompressor",
+    "AdamSettings",
     "sparse_is_cheaper",
     "select_topk",
     "num_selected",

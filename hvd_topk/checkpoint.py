@@ -8,7 +8,8 @@ model, optimizer and per-rank states are broadcast/scattered back.
 World-size policy: resumed at the same world size, rank r gets back exactly its residuals, so
 training continues bit-identically. At another world size residuals cannot be mapped to ranks
 that hold other data; every new rank gets the *mean* of the old ranks' residuals (and of their
-momentum-correction velocities). With ``hvd.Average`` the update still owed,
+momentum-correction velocities and Adam-correction moments; the Adam step counts are rank
+0's). With ``hvd.Average`` the update still owed,
 ``(1/P) * sum_r e_r``, is then the same before and after, so nothing is lost on average; a
 warning is logged. The warm-up step count is rank 0's (every rank had the same).
 """
@@ -65,9 +66,10 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> Dict[str, A
 
 
 def _redistribute(states) -> Dict[str, Any]:
-    """One hvd_topk state for every new rank: the old ranks' mean residual and velocity."""
+    """One hvd_topk state for every new rank: the old ranks' mean residual, velocity and
+    Adam moments (the mean of the ranks' local moments is the moment of their mean gradient)."""
     out = dict(states[0])
-    for key in ("residuals", "velocities"):
+    for key in ("residuals", "velocities", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         merged: Dict[str, torch.Tensor] = {}
         for s in states:
             for name, r in s.get(key, {}).items():

@@ -15,11 +15,11 @@ from ._cpu_kernel import cpu_kernel
 from .exchange import scatter_add_
 from .memory import ResidualMemory
 from .packing import FLAG_INEXACT, FLAG_NONFINITE, pack_header, payload_nbytes, unpack
-from .selection import (GroupLayout, exact_topk_fallback, fused_update_and_select, index_dtype,
-                        num_selected, segment_views, select_group, update_)
+from .selection import (AdamMoments, GroupLayout, exact_topk_fallback, fused_update_and_select,
+                        index_dtype, num_selected, segment_views, select_group, update_)
 
-__all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "sparse_is_cheaper",
-           "RankMismatchError"]
+__all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "AdamSettings",
+           "sparse_is_cheaper", "RankMismatchError"]
 
 _ERROR_STOCK = (
     "TopKCompressor.compress() was called without a parameter name, which is what the stock "
@@ -133,6 +133,18 @@ def sparse_is_cheaper(numel: int, k: int, world: int, grad_bytes: int, payload_b
     return p * k * payload_bytes < 2 * numel * grad_bytes
 
 
+@dataclass(frozen=True)
+class AdamSettings:
+    """The Adam hyperparameters of one group's step, passed by the optimizer to
+    ``compress_group(adam=...)`` (Adam correction, see ``TopKCompressor``): those of the
+    ``torch.optim.Adam``/``AdamW`` param group the group's tensors belong to, read at this step."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    amsgrad: bool = False
+
+
 class SparseCompressor(Compressor, abc.ABC):
     """The interface between ``hvd_topk.DistributedOptimizer`` and a sparse compressor.
 
@@ -158,7 +170,8 @@ class SparseCompressor(Compressor, abc.ABC):
 
     @abc.abstractmethod
     def compress_group(self, tensors: Sequence[torch.Tensor], names: Sequence[str], *,
-                       momentum: float = 0.0, nesterov: bool = False, scale: float = 1.0,
+                       momentum: float = 0.0, nesterov: bool = False,
+                       adam: Optional[AdamSettings] = None, scale: float = 1.0,
                        world: Optional[int] = None) -> Tuple[torch.Tensor, SparseContext]:
         raise NotImplementedError
 
@@ -256,6 +269,24 @@ class TopKCompressor(SparseCompressor):
             ``True``: required (error otherwise); ``False``: off.
         momentum_masking: DGC's momentum factor masking: zero the local velocity where
             entries were sent, so stale momentum does not push them again.
+        adam_correction: the Adam counterpart of momentum correction, for
+            ``torch.optim.Adam`` / ``AdamW``. Plain Top-K hands Adam a sparse, bursty average
+            (most entries 0 for many steps, then one accumulated spike), which its
+            per-coordinate normalisation handles badly. With correction, each rank keeps its
+            own Adam moments of its own gradient (``m = b1 m + (1 - b1) g``, ``s = b2 s +
+            (1 - b2) g^2``, bias-corrected, AMSGrad's running max if asked), error feedback
+            accumulates the rank's Adam *direction* ``m_hat / (sqrt(s_hat) + eps)`` and Top-K
+            sends from that -- so entries are selected by preconditioned magnitude, the size
+            of the step Adam would take. ``hvd_topk.DistributedOptimizer`` then applies
+            ``p -= lr * update`` (AdamW's decoupled weight decay on every entry; Adam's
+            coupled ``weight_decay`` and ``maximize`` as torch does). The second moment is
+            frozen after ``adam_variance_steps`` local steps (1-bit Adam, Tang et al. 2021):
+            measured on the LM benchmark, a variance that keeps moving costs more than it
+            tracks (README, Convergence). ``None`` (default): on wherever the wrapped
+            optimizer is Adam/AdamW and ``ratio < 1``; ``True``: required; ``False``: off
+            (Top-K of the gradient, Adam on the sparse average).
+        adam_variance_steps: the local steps over which each rank's second moment is
+            estimated before it is frozen; ``None``: never frozen.
         local_clip_norm: DGC's local gradient clipping (section 3.3): each rank's gradient
             is clipped to ``local_clip_norm / sqrt(world)`` before accumulation. ``None``: off.
         group_bytes: gradients compressed together as one group (one selection pipeline
@@ -283,6 +314,7 @@ class TopKCompressor(SparseCompressor):
                  min_numel: int = 4096, density_aware: bool = True,
                  warmup_steps: int = 100, warmup_ratio: float = 0.25,
                  momentum_correction: Optional[bool] = None, momentum_masking: bool = True,
+                 adam_correction: Optional[bool] = None, adam_variance_steps: Optional[int] = 100,
                  local_clip_norm: Optional[float] = None, group_bytes: Optional[int] = None) -> None:
         self.ratio = _check_ratio("ratio", ratio)
         if value_dtype is not None and not (isinstance(value_dtype, torch.dtype)
@@ -302,6 +334,15 @@ class TopKCompressor(SparseCompressor):
                              f"got {momentum_correction!r}")
         self.momentum_correction = momentum_correction
         self.momentum_masking = bool(momentum_masking)
+        if adam_correction not in (None, True, False):
+            raise ValueError("adam_correction must be None (auto), True or False, "
+                             f"got {adam_correction!r}")
+        self.adam_correction = adam_correction
+        if adam_variance_steps is not None and (int(adam_variance_steps) != adam_variance_steps
+                                                or adam_variance_steps < 1):
+            raise ValueError("adam_variance_steps must be an integer >= 1 or None (never frozen), "
+                             f"got {adam_variance_steps!r}")
+        self.adam_variance_steps = None if adam_variance_steps is None else int(adam_variance_steps)
         if local_clip_norm is not None and not (float(local_clip_norm) > 0):
             raise ValueError(f"local_clip_norm must be > 0 or None, got {local_clip_norm!r}")
         self.local_clip_norm = None if local_clip_norm is None else float(local_clip_norm)
@@ -311,6 +352,11 @@ class TopKCompressor(SparseCompressor):
         self.world_size = 1  # the default for compress_group(world=None); scales local clipping
         self.memory = ResidualMemory()  # error feedback: v (accumulated, not yet sent)
         self.velocity = ResidualMemory()  # momentum correction: u (local momentum)
+        # Adam correction: this rank's moments of its own gradients, and its steps per name
+        self.exp_avg = ResidualMemory()
+        self.exp_avg_sq = ResidualMemory()
+        self.max_exp_avg_sq = ResidualMemory()  # AMSGrad only
+        self.adam_steps: Dict[str, int] = {}
         self.steps = 0  # optimizer steps completed; drives the warm-up
         # (name, ranks) of tensors some rank found non-finite since the optimizer last asked
         self.nonfinite: List[Tuple[str, List[int]]] = []
@@ -323,7 +369,8 @@ class TopKCompressor(SparseCompressor):
                 f"min_numel={self.min_numel}, density_aware={self.density_aware}, "
                 f"warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio}, "
                 f"momentum_correction={self.momentum_correction}, "
-                f"momentum_masking={self.momentum_masking}, local_clip_norm={self.local_clip_norm}, "
+                f"momentum_masking={self.momentum_masking}, adam_correction={self.adam_correction}, "
+                f"adam_variance_steps={self.adam_variance_steps}, local_clip_norm={self.local_clip_norm}, "
                 f"group_bytes={self._group_bytes})")
 
     # -- schedule -------------------------------------------------------------------------
@@ -416,7 +463,8 @@ class TopKCompressor(SparseCompressor):
         return payload, ctx
 
     def compress_group(self, tensors: Sequence[torch.Tensor], names: Sequence[str], *,
-                       momentum: float = 0.0, nesterov: bool = False, scale: float = 1.0,
+                       momentum: float = 0.0, nesterov: bool = False,
+                       adam: Optional[AdamSettings] = None, scale: float = 1.0,
                        world: Optional[int] = None) -> Tuple[torch.Tensor, SparseContext]:
         """Compensate, select, pack a group of gradients as one payload; update their residuals.
 
@@ -432,6 +480,10 @@ class TopKCompressor(SparseCompressor):
                 from ``v``; with ``momentum_masking`` also ``u[sent] = 0``. The sent values are
                 then an *update* to apply without further momentum.
             nesterov: Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``.
+            adam: Adam correction (see the class docstring) with these hyperparameters: the
+                rank's moments take in the gradient, ``v`` accumulates its Adam direction,
+                Top-K selects from ``v``; the sent values are an update to apply as
+                ``p -= lr * update``. Exclusive with ``momentum``.
             scale: the loss scale the gradients carry (mixed precision: ``GradScaler``'s
                 scale). Residuals and velocities are kept in unscaled units (``g / scale``),
                 so they stay right when the scale changes; the sent values are scaled back,
@@ -453,6 +505,8 @@ class TopKCompressor(SparseCompressor):
                              f"and {len(names)} names")
         if any(n is None for n in names):
             raise RuntimeError(_ERROR_STOCK)
+        if adam is not None and momentum > 0:
+            raise ValueError("compress_group takes momentum correction or Adam correction, not both")
         dtype, device = tensors[0].dtype, tensors[0].device
         for t, n in zip(tensors, names):
             if not t.dtype.is_floating_point:
@@ -477,10 +531,12 @@ class TopKCompressor(SparseCompressor):
         if self.local_clip_norm is not None:
             g = self._clip(g, layout, inv, world)
         pend = None
-        if self.local_clip_norm is None and not nesterov:
+        if self.local_clip_norm is None and not nesterov and adam is None:
             pend = self._kernel_update(v, u, g, layout, momentum, inv, exact, scale)
         if pend is None:
-            bad = update_(v, g, layout, alpha=inv, u=u, momentum=momentum, nesterov=nesterov)  # 1.
+            moments = self._adam_moments(names, layout, g, adam) if adam is not None else None
+            bad = update_(v, g, layout, alpha=inv, u=u, momentum=momentum, nesterov=nesterov,
+                          adam=moments)  # 1.
             sel, inexact = select_group(v, layout)  # 2.-4.
             pend = self._selected(v, u, sel, bad, scale, layout)
         else:
@@ -488,6 +544,37 @@ class TopKCompressor(SparseCompressor):
         self._pending[ctx.names] = pend
         ctx.world = world
         return self._send(ctx, pend, inexact), ctx
+
+    def _adam_moments(self, names: Sequence[str], layout: GroupLayout, like: torch.Tensor,
+                      adam: AdamSettings) -> AdamMoments:
+        """This step's Adam correction state for a group: its moment buffers and bias
+        corrections, after counting the step for each name (a name's first step is 1)."""
+        steps = [self.adam_steps.get(n, 0) + 1 for n in names]
+        for n, t in zip(names, steps):
+            self.adam_steps[n] = t
+        frozen_at = self.adam_variance_steps
+        # The variance stops at frozen_at steps, and so does its bias correction.
+        var_steps = [t if frozen_at is None else min(t, frozen_at) for t in steps]
+        moving = [frozen_at is None or t <= frozen_at for t in steps]  # variance still estimated
+        if len(set(steps)) == 1:
+            bias1 = 1 - adam.beta1 ** steps[0]
+            bias2 = 1 - adam.beta2 ** var_steps[0]
+            update_variance = moving[0]
+        else:  # tensors trained for different numbers of steps (frozen, then unfrozen)
+            def per_entry(values, dtype):  # (S,) host numbers -> (n,) on the device
+                return torch.repeat_interleave(torch.tensor(values, dtype=dtype),
+                                               torch.tensor(layout.sizes)).to(like.device)
+            bias1 = per_entry([1 - adam.beta1 ** t for t in steps], like.dtype)
+            bias2 = per_entry([1 - adam.beta2 ** t for t in var_steps], like.dtype)
+            update_variance = all(moving) or (any(moving) and per_entry(moving, torch.bool))
+        sq = self.exp_avg_sq.group_buffer(names, layout.sizes, like)
+        moments = AdamMoments(
+            exp_avg=self.exp_avg.group_buffer(names, layout.sizes, like), exp_avg_sq=sq,
+            max_exp_avg_sq=(self.max_exp_avg_sq.group_buffer(names, layout.sizes, like)
+                            if adam.amsgrad else None),
+            beta1=adam.beta1, beta2=adam.beta2, eps=adam.eps, bias1=bias1, bias2=bias2,
+            update_variance=update_variance)
+        return moments
 
     def _send(self, ctx: SparseContext, pend: _Pending, inexact: Optional[torch.Tensor]) -> torch.Tensor:
         """Step 5 and the payload: the residual write, the header with the flags, the bytes."""
@@ -730,13 +817,20 @@ class TopKCompressor(SparseCompressor):
     def state_dict(self) -> Dict[str, Any]:
         """Residuals and the step counter (tensors and ints only: loads with weights_only=True)."""
         return {"steps": self.steps, "residuals": self.memory.state_dict(),
-                "velocities": self.velocity.state_dict()}
+                "velocities": self.velocity.state_dict(), "exp_avg": self.exp_avg.state_dict(),
+                "exp_avg_sq": self.exp_avg_sq.state_dict(),
+                "max_exp_avg_sq": self.max_exp_avg_sq.state_dict(),
+                "adam_steps": dict(self.adam_steps)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self._pending.clear()
         self.memory.load_state_dict(state["residuals"])
         self.velocity.load_state_dict(state.get("velocities", {}))
+        self.exp_avg.load_state_dict(state.get("exp_avg", {}))
+        self.exp_avg_sq.load_state_dict(state.get("exp_avg_sq", {}))
+        self.max_exp_avg_sq.load_state_dict(state.get("max_exp_avg_sq", {}))
+        self.adam_steps = {str(n): int(t) for n, t in state.get("adam_steps", {}).items()}
 
 
 class ComplexContext:

@@ -26,6 +26,7 @@ from horovod.torch.functions import broadcast_object
 from horovod.torch.compression import Compression
 
 from .compression import ComplexContext, RankMismatchError, SparseCompressor
+from .corrections import correction_groups
 from .exchange import sparse_allgather_async
 from .selection import segment_views, stacked_probe
 
@@ -88,7 +89,8 @@ class _Group:
     ``group_bytes``): the group is compressed in the backward hook of its last gradient."""
 
     def __init__(self, key):
-        self.key = key  # (device, dtype, momentum, nesterov): one pipeline run needs one of each
+        self.key = key  # (device, dtype, correction key): one pipeline run needs one of each
+        self.correction = None  # its params' MomentumCorrection / AdamCorrection, or None
         self.params = []
         self.names = []
         self.nbytes = 0
@@ -147,10 +149,10 @@ class _TopKMethods:
         _HorovodOptimizer.__init__(self, params, named_parameters, compression,
                                    backward_passes_per_step, op, gradient_predivide_factor,
                                    None if self._sparse else groups, sparse_as_dense, process_set)
-        self._corrected = set()  # params whose synchronized grad is a momentum-corrected update
-        self._momentum_group = {}  # param -> its param group, where momentum correction applies
+        self._corrected = set()  # params whose synchronized grad is a corrected update
+        self._correction = {}  # param -> its correction (corrections.py), where one applies
         if self._sparse:
-            self._momentum_group = _momentum_correction_groups(self, compression)
+            self._correction = correction_groups(self, compression)
 
     def _groups_of_step(self):
         """Param -> ``_Group`` for the gradients sent sparsely this step. The same on every
@@ -172,8 +174,8 @@ class _TopKMethods:
         for p in reversed(trained):
             if p.is_complex() or not comp.wants_sparse(p, world):
                 continue
-            mg = self._momentum_group.get(p)
-            gkey = (p.device, p.dtype, mg["momentum"] if mg else 0.0, bool(mg and mg["nesterov"]))
+            correction = self._correction.get(p)
+            gkey = (p.device, p.dtype, correction.key() if correction else None)
             if user_group is not None:
                 current = by_user_group.get((user_group[p], gkey))
                 if current is None:
@@ -186,6 +188,7 @@ class _TopKMethods:
                     current = _Group(gkey)
                     groups.append(current)
             current.add(p, self._parameter_names.get(p))
+            current.correction = correction
         self._plan = {p: g for g in groups for p in g.params}
         self._plan_key = key
         return self._plan
@@ -261,10 +264,10 @@ class _TopKMethods:
                 # Horovod has no complex dtypes; the mean of the (re, im) view is the mean.
                 return self._dense_allreduce_async(torch.view_as_real(grad), name), ComplexContext()
             return self._dense_allreduce_async(grad, name), None
-        mg = self._momentum_group.get(p)
-        if mg is not None and mg["weight_decay"]:
-            # DGC momentum correction applies weight decay locally, in the grad's scaled units.
-            grad = grad + p.detach() * (mg["weight_decay"] * self._loss_scale())
+        correction = self._correction.get(p)
+        if correction is not None:
+            # A corrected update carries coupled weight decay: added locally, in the grad's units.
+            grad = correction.local_grad(p, grad, self._loss_scale())
         group.ready[p] = grad
         self._launch_if_complete(group)
         return _InGroup(group), None
@@ -275,15 +278,15 @@ class _TopKMethods:
         t0 = time.perf_counter()
         comp = self._compression
         world = self.process_set.size()
-        _, _, momentum, nesterov = group.key
+        kwargs = group.correction.compress_kwargs() if group.correction is not None else {}
         payload, ctx = comp.compress_group([group.ready[p] for p in group.params], group.names,
-                                           momentum=momentum, nesterov=nesterov,
-                                           scale=self._loss_scale(), world=world)  # (nbytes,) uint8
+                                           scale=self._loss_scale(), world=world,
+                                           **kwargs)  # (nbytes,) uint8
         ctx.divisor = world if self.op == mpi_ops.Average else 1
         group.ctx = ctx
         group.handle = sparse_allgather_async(payload, name=self._group_name(group),
                                               process_set=self.process_set)
-        if momentum > 0:
+        if group.correction is not None:
             self._corrected.update(group.params)
         stats = self._step_stats
         stats.compress_ms += (time.perf_counter() - t0) * 1e3
@@ -563,8 +566,8 @@ class _TopKMethods:
             return None
         if not self._corrected:
             return super(self.__class__, self).step(closure)
-        # Momentum-corrected tensors already carry momentum: hide them from the wrapped SGD
-        # (it skips params without grad) and apply  p -= lr * update  ourselves.
+        # Corrected tensors already carry the optimizer's recurrence (momentum, Adam): hide
+        # them from the wrapped optimizer (it skips params without grad), apply them ourselves.
         corrected, self._corrected = self._corrected, set()
         stash = {p: p.grad for p in corrected}
         for p in corrected:
@@ -576,8 +579,7 @@ class _TopKMethods:
                 p.grad = g
         with torch.no_grad():
             for p, g in stash.items():
-                group = self._momentum_group[p]
-                p.add_(g, alpha=group["lr"] if group.get("maximize") else -group["lr"])
+                self._correction[p].apply(p, g)
         return loss
 
     def load_state_dict(self, *args, **kwargs):
@@ -644,30 +646,6 @@ def _gather_objects(obj, name, process_set):
     gathered = mpi_ops.allgather(data, name=f"{name}.t", process_set=process_set).numpy().tobytes()
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     return [pickle.loads(gathered[a:b]) for a, b in zip(offsets, offsets[1:])]
-
-
-def _momentum_correction_groups(opt, comp):
-    """Param -> group for the params that get DGC momentum correction (see TopKCompressor)."""
-    want = comp.momentum_correction
-    if want is False or (want is None and comp.ratio >= 1.0):
-        return {}  # auto: nothing to correct when everything is sent
-    applicable = isinstance(opt, torch.optim.SGD)
-    groups = {}
-    for group in opt.param_groups:
-        if not applicable or group.get("momentum", 0) <= 0:
-            continue
-        if group.get("dampening", 0) != 0:
-            if want:
-                raise ValueError("momentum_correction=True needs SGD without dampening "
-                                 f"(got dampening={group['dampening']})")
-            continue
-        for p in group["params"]:
-            groups[p] = group
-    if want is True and not groups:
-        raise ValueError("momentum_correction=True needs torch.optim.SGD with momentum > 0; "
-                         f"got {type(opt).__mro__[1].__name__}. Use momentum_correction=None "
-                         "(auto) to apply it only where it fits.")
-    return groups
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,

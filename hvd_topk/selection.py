@@ -7,8 +7,9 @@ group at once, so a group costs a fixed number of kernel launches however many t
 holds, and no step reads a value back to the host (no host-device synchronisation):
 
 1. ``update_``: error feedback ``v += alpha * g`` (DGC momentum correction: ``u = m u +
-   alpha g; v += u``; Nesterov ``v += alpha g + m u``). NaN/Inf entries of ``g`` are added as
-   0, and the segment is flagged (``finite_probe``: a per-segment sum of ``g * 0``).
+   alpha g; v += u``; Nesterov ``v += alpha g + m u``; Adam correction: ``v +=`` the rank's
+   local Adam direction ``m_hat / (sqrt(s_hat) + eps)``). NaN/Inf entries of ``g`` are added
+   as 0, and the segment is flagged (``finite_probe``: a per-segment sum of ``g * 0``).
 2. ``thresholds``: per segment, from a strided sample of ``|v|`` (deterministic: no RNG), a
    threshold a few standard deviations *below* the sample's estimate of the ``k_s``-th
    largest magnitude (Lin et al. 2018 sample the same way, but keep the estimate); the
@@ -43,7 +44,8 @@ import torch
 
 from ._cpu_kernel import cpu_kernel
 
-__all__ = ["num_selected", "index_dtype", "select_topk", "GroupLayout", "update_", "thresholds",
+__all__ = ["num_selected", "index_dtype", "select_topk", "GroupLayout", "AdamMoments",
+           "adam_direction_", "update_", "thresholds",
            "candidates", "exact_topk", "exact_topk_fallback", "select_group", "fused_update_and_select",
            "finite_probe", "SAMPLED_MIN_NUMEL"]
 
@@ -201,12 +203,55 @@ def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     return torch.isnan(sums)
 
 
+@dataclass
+class AdamMoments:
+    """Step 1's Adam correction for one group: this rank's *local* Adam moments (flat
+    ``(n,)`` buffers in the group's layout, like the residual) and this step's constants.
+
+    ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq`` as in ``torch.optim.Adam``, but of this
+    rank's own gradients; ``bias1 = 1 - beta1^t``, ``bias2 = 1 - beta2^t`` (floats, or ``(n,)``
+    tensors when the group's tensors have taken different numbers of steps).
+    ``update_variance``: False once the variance is frozen (only the first moment moves); an
+    ``(n,)`` bool tensor when it is frozen for some of the group's tensors only.
+    """
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: Optional[torch.Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+    bias1: object
+    bias2: object
+    update_variance: object = True
+
+
+def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
+    """The rank's Adam update direction ``(m / bias1) / (sqrt(s / bias2) + eps)`` after
+    taking in ``g`` (finite, unscaled), with torch.optim.Adam's arithmetic: ``m = b1 m +
+    (1 - b1) g``; unless frozen ``s = b2 s + (1 - b2) g^2`` (AMSGrad: the running max of
+    ``s`` is the denominator's)."""
+    m.exp_avg.lerp_(g, 1 - m.beta1)
+    if isinstance(m.update_variance, torch.Tensor):  # (n,) bool: some tensors' is frozen
+        moved = (m.exp_avg_sq * m.beta2).addcmul_(g, g, value=1 - m.beta2)
+        m.exp_avg_sq.copy_(torch.where(m.update_variance, moved, m.exp_avg_sq))
+    elif m.update_variance:
+        m.exp_avg_sq.mul_(m.beta2).addcmul_(g, g, value=1 - m.beta2)
+    if m.update_variance is not False and m.max_exp_avg_sq is not None:
+        torch.maximum(m.max_exp_avg_sq, m.exp_avg_sq, out=m.max_exp_avg_sq)
+    s = m.exp_avg_sq if m.max_exp_avg_sq is None else m.max_exp_avg_sq
+    bias2 = m.bias2 ** 0.5 if not isinstance(m.bias2, torch.Tensor) else m.bias2.sqrt()
+    denom = (s.sqrt() / bias2).add_(m.eps)
+    return (m.exp_avg / m.bias1).div_(denom)
+
+
 def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
             u: Optional[torch.Tensor] = None, momentum: float = 0.0,
-            nesterov: bool = False) -> torch.Tensor:
+            nesterov: bool = False, adam: Optional[AdamMoments] = None) -> torch.Tensor:
     """Step 1, in place: ``v += alpha g`` -- or, with a velocity ``u``, DGC momentum
-    correction ``u = m u + alpha g; v += u`` (Nesterov: ``v += alpha g + m u``). NaN/Inf
-    entries of ``g`` are added as 0.
+    correction ``u = m u + alpha g; v += u`` (Nesterov: ``v += alpha g + m u``) -- or, with
+    ``adam``, Adam correction: the local moments take in ``alpha g`` and ``v`` accumulates
+    the rank's Adam direction (``adam_direction_``). NaN/Inf entries of ``g`` are added as 0.
 
     Returns:
         ``(S,)`` bool: the segments whose ``g`` held a NaN/Inf.
@@ -215,6 +260,11 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
     g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
     if isinstance(alpha, torch.Tensor):  # a loss scale's inverse on the device (not read)
         g, alpha = g.mul_(alpha), 1.0
+    if adam is not None:
+        if alpha != 1.0:
+            g = g * alpha
+        v.add_(adam_direction_(adam, g))
+        return bad
     if u is None:
         v.add_(g, alpha=alpha)
         return bad

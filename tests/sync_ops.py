@@ -44,7 +44,12 @@ class SyncRecorder(TorchDispatchMode):
 
 
 def _where() -> str:
+    """The innermost hvd_topk frame; "outside hvd_topk" if none, and "wrapped optimizer" for
+    what torch.optim does inside it (the user's optimizer on its dense params -- e.g. Adam
+    reads its CPU ``step`` counters -- as under stock Horovod)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/optim/" in frame.filename:
+            return "wrapped optimizer"
         if "/hvd_topk/" in frame.filename:
             return f"{frame.filename.split('/hvd_topk/')[-1]}:{frame.lineno}:{frame.name}"
     return "outside hvd_topk"

@@ -20,16 +20,21 @@ def no_kernel(monkeypatch):
     monkeypatch.setitem(_cpu_kernel._state, "module", None)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+ADAM = hvd_topk.AdamSettings(0.9, 0.999, 1e-8, amsgrad=True)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9, "adam"])
 @pytest.mark.parametrize("scale,value_dtype", [(1.0, None), (8.0, torch.float16)])
 def test_compress_group_makes_no_sync(no_kernel, momentum, scale, value_dtype):
-    comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, value_dtype=value_dtype, local_clip_norm=None)
+    comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, value_dtype=value_dtype, local_clip_norm=None,
+                                   adam_variance_steps=1)  # the second step: a frozen variance
+    kwargs = {"adam": ADAM} if momentum == "adam" else {"momentum": momentum}
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=gen) for n in (300_000, 5000, 70_000)]
     names = ["a", "b", "c"]
     for _ in range(2):
         with recording() as rec:
-            payload, ctx = comp.compress_group(grads, names, momentum=momentum, scale=scale)
+            payload, ctx = comp.compress_group(grads, names, scale=scale, **kwargs)
             ctx.world = 1
             comp.scatter(payload, ctx)
         assert rec.syncs == []
@@ -77,12 +82,14 @@ def test_recorder_sees_syncs():
     assert any(op.startswith("aten::index") for op in ops)
 
 
-@pytest.mark.parametrize("momentum,group_bytes,amp", [(0.0, None, ""), (0.9, 1 << 30, ""),
-                                                     (0.9, 1 << 30, "amp")])
-def test_a_training_step_syncs_once(momentum, group_bytes, amp):
+@pytest.mark.parametrize("momentum,group_bytes,amp,optimizer", [
+    (0.0, None, "", "sgd"), (0.9, 1 << 30, "", "sgd"), (0.9, 1 << 30, "amp", "sgd"),
+    (0.0, 1 << 30, "amp", "adamw")])
+def test_a_training_step_syncs_once(momentum, group_bytes, amp, optimizer):
     """Whole steps on one rank with hooks: nothing in the hooks, one sync in step() (with a
-    GradScaler too: its scale stays on the device)."""
-    out = run_ranks("sync_worker.py", momentum, group_bytes or 0, amp, backend="mpi", np=1, timeout=240,
+    GradScaler too: its scale stays on the device; with AdamW's Adam correction too)."""
+    out = run_ranks("sync_worker.py", momentum, group_bytes or 0, amp or "-", optimizer, backend="mpi",
+                    np=1, timeout=240,
                     env={"HOROVOD_ELASTIC": "1", "HVD_TOPK_CPU_KERNEL": "0"})
     lines = [ln for ln in out.splitlines() if ln.startswith("STEP ")]
     assert len(lines) == 4, out

@@ -102,9 +102,11 @@ def _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky):
     assert_same_on_all_ranks(model, f"top-k {ratio}")
 
 
-def train(opt_factory, steps=5, momentum=0.9):
+def train(opt_factory, steps=5, momentum=0.9, inner=None):
+    """``inner(params)``: the wrapped optimizer (default SGD, lr 0.05, ``momentum``)."""
     model = make_model()
-    opt = opt_factory(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum))
+    inner = inner or (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=momentum))
+    opt = opt_factory(model, inner(model.parameters()))
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     for step in range(steps):
         opt.zero_grad()
@@ -114,15 +116,16 @@ def train(opt_factory, steps=5, momentum=0.9):
     return model
 
 
-def check_ratio_one_matches_horovod():
-    stock = train(lambda m, o: hvd.DistributedOptimizer(o, named_parameters=m.named_parameters()))
+def check_ratio_one_matches_horovod(inner=None, what="ratio 1.0"):
+    stock = train(lambda m, o: hvd.DistributedOptimizer(o, named_parameters=m.named_parameters()),
+                  inner=inner)
     # density_aware=False forces the allgather path even at ratio 1.0.
     ours = train(lambda m, o: hvd_topk.DistributedOptimizer(
         o, named_parameters=m.named_parameters(),
-        compression=hvd_topk.TopKCompressor(1.0, min_numel=0, density_aware=False)))
+        compression=hvd_topk.TopKCompressor(1.0, min_numel=0, density_aware=False)), inner=inner)
     for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    assert_same_on_all_ranks(ours, "ratio 1.0")
+    assert_same_on_all_ranks(ours, what)
 
 
 def check_none_and_fp16_match_horovod_exactly():
@@ -248,13 +251,18 @@ CHECKS = {
     "accumulation": check_accumulation,
 }
 
-if __name__ == "__main__":
+def run_checks(checks):
+    """Run the checks named on the command line (default: all), printing one OK line each."""
     hvd.init()
     torch.set_num_threads(1)
     if DEVICE.type == "cuda":
         torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
-    names = sys.argv[1:] or list(CHECKS)
+    names = sys.argv[1:] or list(checks)
     controller = "gloo" if hvd.gloo_enabled() else "mpi"
     for name in names:
-        CHECKS[name]()
+        checks[name]()
         print(f"rank {hvd.rank()}/{hvd.size()} [{controller}] {name}: OK", flush=True)
+
+
+if __name__ == "__main__":
+    run_checks(CHECKS)

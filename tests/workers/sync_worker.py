@@ -19,9 +19,12 @@ model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReL
 momentum = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 group_bytes = int(sys.argv[2]) if len(sys.argv) > 2 else None
 amp = len(sys.argv) > 3 and sys.argv[3] == "amp"
+adamw = len(sys.argv) > 4 and sys.argv[4] == "adamw"  # Adam correction
 comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, group_bytes=group_bytes)
 scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if amp else None
-opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum),
+inner = (torch.optim.AdamW(model.parameters(), lr=0.01, amsgrad=True) if adamw
+         else torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum))
+opt = hvd_topk.DistributedOptimizer(inner,
                                     named_parameters=model.named_parameters(), compression=comp,
                                     grad_scaler=scaler)
 x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
@@ -40,5 +43,6 @@ for step in range(4):
             scaler.update()
         else:
             opt.step()
-    print(f"STEP {step}|{hooks}|{[s for s in rec.syncs if s[1] != 'outside hvd_topk']}", flush=True)
+    ours = [s for s in rec.syncs if s[1] not in ("outside hvd_topk", "wrapped optimizer")]
+    print(f"STEP {step}|{hooks}|{ours}", flush=True)
     print(f"SPARSE {opt.comm_stats.sparse_tensors} DENSE {opt.comm_stats.dense_tensors}", flush=True)

@@ -1,0 +1,162 @@
+"""Optimizer-side corrections: when the synchronized gradient is already an *update*.
+
+Top-K with error feedback delays most of a gradient's entries. An optimizer with state
+(SGD's momentum, Adam's moments) that is fed the sparse, delayed average misapplies it, so
+for those optimizers each rank runs the optimizer's own recurrence on its *local*
+gradients, before compression, and Top-K sends what the optimizer would have moved
+(``TopKCompressor``'s ``momentum_correction`` and ``adam_correction``):
+
+- ``MomentumCorrection`` (``torch.optim.SGD`` with momentum; Lin et al. 2018, DGC §3.2): the
+  rank's velocity ``u = m u + g`` is accumulated and sent; the update is applied as
+  ``p -= lr * update``.
+- ``AdamCorrection`` (``torch.optim.Adam`` / ``AdamW``): the rank's Adam moments make its
+  direction ``m_hat / (sqrt(s_hat) + eps)``, which is accumulated and sent; the update is
+  applied as ``p -= lr * update``, after AdamW's decoupled weight decay.
+
+Each correction object belongs to one param group of the wrapped optimizer and is used by
+``hvd_topk.DistributedOptimizer`` at three points of a step: ``local_grad`` in the backward
+hook (coupled weight decay, in the gradient's loss-scaled units), ``compress_kwargs`` when
+its group is compressed, and ``apply`` in ``step()`` instead of the wrapped optimizer. The
+arithmetic of the recurrences themselves is step 1 of the selection pipeline
+(``selection.update_``), where the compressor keeps the per-rank state by parameter name.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from .compression import AdamSettings
+
+__all__ = ["MomentumCorrection", "AdamCorrection", "correction_groups"]
+
+
+class MomentumCorrection:
+    """DGC momentum correction for one ``torch.optim.SGD`` param group."""
+
+    def __init__(self, group: dict) -> None:
+        self.group = group
+
+    def key(self) -> tuple:
+        """What a compression group's tensors must share: one pipeline run per value."""
+        return ("momentum", self.group["momentum"], bool(self.group["nesterov"]))
+
+    def local_grad(self, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
+        """SGD's weight decay, added locally in the gradient's (loss-scaled) units; with
+        ``maximize`` SGD negates the gradient first, which the negated update undoes."""
+        wd = self.group["weight_decay"]
+        if not wd:
+            return grad
+        return grad + p.detach() * ((-wd if self.group.get("maximize") else wd) * scale)
+
+    def compress_kwargs(self) -> dict:
+        return {"momentum": self.group["momentum"], "nesterov": bool(self.group["nesterov"])}
+
+    def apply(self, p: torch.Tensor, update: torch.Tensor) -> None:
+        _add_scaled(p, update, self.group["lr"], self.group.get("maximize", False))
+
+
+class AdamCorrection:
+    """Adam correction for one ``torch.optim.Adam`` / ``AdamW`` param group (see
+    ``TopKCompressor``'s ``adam_correction``).
+
+    Every hyperparameter keeps its meaning, read from the param group at each step (so
+    schedulers work): ``lr`` and ``weight_decay`` (AdamW's decoupled ``p *= 1 - lr * wd``,
+    applied to every entry at every step, identically on every rank; Adam's coupled form
+    added to the local gradient), ``betas`` and ``eps`` (the local moments), ``amsgrad`` (the
+    running max of the local second moment), ``maximize`` (the update is applied ascending).
+    ``foreach``/``fused``/``capturable``/``differentiable`` choose the wrapped optimizer's
+    implementation; the corrected params do not go through it.
+    """
+
+    def __init__(self, group: dict, index: int, decoupled: bool) -> None:
+        self.group = group
+        self.index = index
+        self.decoupled = decoupled
+
+    def key(self) -> tuple:
+        return ("adam", self.index)  # one param group: the same betas, eps and amsgrad
+
+    def local_grad(self, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
+        wd = self.group["weight_decay"]
+        if self.decoupled or not wd:
+            return grad
+        return grad + p.detach() * ((-wd if self.group.get("maximize") else wd) * scale)
+
+    def compress_kwargs(self) -> dict:
+        beta1, beta2 = self.group["betas"]
+        return {"adam": AdamSettings(float(beta1), float(beta2), float(self.group["eps"]),
+                                     bool(self.group.get("amsgrad", False)))}
+
+    def apply(self, p: torch.Tensor, update: torch.Tensor) -> None:
+        lr, wd = self.group["lr"], self.group["weight_decay"]
+        if self.decoupled and wd:
+            p.mul_(1 - lr * wd)
+        _add_scaled(p, update, lr, self.group.get("maximize", False))
+
+
+def _add_scaled(p: torch.Tensor, update: torch.Tensor, lr, ascend: bool) -> None:
+    """``p -= lr * update`` (``+=`` when maximizing); ``lr`` a float or a tensor."""
+    if isinstance(lr, torch.Tensor):
+        p.addcmul_(update, lr.to(p.device), value=1 if ascend else -1)
+    else:
+        p.add_(update, alpha=lr if ascend else -lr)
+
+
+def correction_groups(opt: torch.optim.Optimizer, comp) -> Dict[torch.Tensor, object]:
+    """Param -> its correction, for the params the compressor's ``momentum_correction`` and
+    ``adam_correction`` settings give one (``None`` = auto: where the wrapped optimizer fits
+    and ``ratio < 1``; ``True``: required, a ``ValueError`` where it does not fit)."""
+    out: Dict[torch.Tensor, object] = {}
+    name = type(opt).__mro__[1].__name__  # the wrapped optimizer's class
+    for want, fits, make, required in (
+            (comp.momentum_correction, _momentum_fits, _momentum, _MOMENTUM_REQUIRED),
+            (comp.adam_correction, _adam_fits, _adam, _ADAM_REQUIRED)):
+        if want is False or (want is None and comp.ratio >= 1.0):
+            continue  # auto: nothing to correct when everything is sent
+        found = 0
+        for index, group in enumerate(opt.param_groups):
+            why = fits(opt, group)
+            if why is not None:
+                if want and why != "":
+                    raise ValueError(why)
+                continue
+            found += 1
+            correction = make(opt, group, index)
+            for p in group["params"]:
+                out[p] = correction
+        if want is True and not found:
+            raise ValueError(required.format(name=name))
+    return out
+
+
+_MOMENTUM_REQUIRED = ("momentum_correction=True needs torch.optim.SGD with momentum > 0; got {name}. "
+                      "Use momentum_correction=None (auto) to apply it only where it fits.")
+_ADAM_REQUIRED = ("adam_correction=True needs torch.optim.Adam or AdamW; got {name}. Use "
+                  "adam_correction=None (auto) to apply it only where it fits.")
+
+
+def _momentum_fits(opt, group) -> Optional[str]:
+    """None if momentum correction applies to ``group``; "" if it does not (quietly); else
+    the error for ``momentum_correction=True``."""
+    if not isinstance(opt, torch.optim.SGD) or group.get("momentum", 0) <= 0:
+        return ""
+    if group.get("dampening", 0) != 0:
+        return f"momentum_correction=True needs SGD without dampening (got dampening={group['dampening']})"
+    return None
+
+
+def _momentum(opt, group, index):
+    return MomentumCorrection(group)
+
+
+def _adam_fits(opt, group) -> Optional[str]:
+    return None if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else ""
+
+
+def _adam(opt, group, index):
+    # torch >= 2.5: AdamW is Adam with decoupled_weight_decay=True; older: its own class.
+    decoupled = isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    return AdamCorrection(group, index, decoupled)
+
