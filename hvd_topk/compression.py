@@ -143,6 +143,7 @@ class AdamSettings:
     beta2: float
     eps: float
     amsgrad: bool = False
+    lr: object = 1.0  # a float or a 0-dim tensor: the residual owes lr * direction
 
 
 class SparseCompressor(Compressor, abc.ABC):
@@ -275,11 +276,13 @@ class TopKCompressor(SparseCompressor):
             per-coordinate normalisation handles badly. With correction, each rank keeps its
             own Adam moments of its own gradient (``m = b1 m + (1 - b1) g``, ``s = b2 s +
             (1 - b2) g^2``, bias-corrected, AMSGrad's running max if asked), error feedback
-            accumulates the rank's Adam *direction* ``m_hat / (sqrt(s_hat) + eps)`` and Top-K
+            accumulates the rank's Adam *step* ``lr * m_hat / (sqrt(s_hat) + eps)`` and Top-K
             sends from that -- so entries are selected by preconditioned magnitude, the size
-            of the step Adam would take. ``hvd_topk.DistributedOptimizer`` then applies
-            ``p -= lr * update`` (AdamW's decoupled weight decay on every entry; Adam's
-            coupled ``weight_decay`` and ``maximize`` as torch does). The second moment is
+            of the step Adam would take, and the residual is the displacement still owed
+            (a schedule's later, smaller lr does not shrink what earlier steps owe).
+            ``hvd_topk.DistributedOptimizer`` then applies ``p -= update`` (AdamW's decoupled
+            weight decay on every entry; Adam's coupled ``weight_decay`` and ``maximize`` as
+            torch does). The second moment is
             frozen after ``adam_variance_steps`` local steps (1-bit Adam, Tang et al. 2021):
             measured on the LM benchmark, a variance that keeps moving costs more than it
             tracks (README, Convergence). ``None`` (default): on wherever the wrapped
@@ -481,9 +484,9 @@ class TopKCompressor(SparseCompressor):
                 then an *update* to apply without further momentum.
             nesterov: Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``.
             adam: Adam correction (see the class docstring) with these hyperparameters: the
-                rank's moments take in the gradient, ``v`` accumulates its Adam direction,
-                Top-K selects from ``v``; the sent values are an update to apply as
-                ``p -= lr * update``. Exclusive with ``momentum``.
+                rank's moments take in the gradient, ``v`` accumulates its Adam step
+                ``lr * direction``, Top-K selects from ``v``; the sent values are a
+                displacement to apply as ``p -= update``. Exclusive with ``momentum``.
             scale: the loss scale the gradients carry (mixed precision: ``GradScaler``'s
                 scale). Residuals and velocities are kept in unscaled units (``g / scale``),
                 so they stay right when the scale changes; the sent values are scaled back,
@@ -573,7 +576,7 @@ class TopKCompressor(SparseCompressor):
             max_exp_avg_sq=(self.max_exp_avg_sq.group_buffer(names, layout.sizes, like)
                             if adam.amsgrad else None),
             beta1=adam.beta1, beta2=adam.beta2, eps=adam.eps, bias1=bias1, bias2=bias2,
-            update_variance=update_variance)
+            update_variance=update_variance, lr=adam.lr)
         return moments
 
     def _send(self, ctx: SparseContext, pend: _Pending, inexact: Optional[torch.Tensor]) -> torch.Tensor:

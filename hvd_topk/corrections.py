@@ -10,8 +10,8 @@ gradients, before compression, and Top-K sends what the optimizer would have mov
   rank's velocity ``u = m u + g`` is accumulated and sent; the update is applied as
   ``p -= lr * update``.
 - ``AdamCorrection`` (``torch.optim.Adam`` / ``AdamW``): the rank's Adam moments make its
-  direction ``m_hat / (sqrt(s_hat) + eps)``, which is accumulated and sent; the update is
-  applied as ``p -= lr * update``, after AdamW's decoupled weight decay.
+  step ``lr * m_hat / (sqrt(s_hat) + eps)``, which is accumulated and sent; the update is
+  applied as ``p -= update``, after AdamW's decoupled weight decay.
 
 Each correction object belongs to one param group of the wrapped optimizer and is used by
 ``hvd_topk.DistributedOptimizer`` at three points of a step: ``local_grad`` in the backward
@@ -86,14 +86,17 @@ class AdamCorrection:
 
     def compress_kwargs(self) -> dict:
         beta1, beta2 = self.group["betas"]
+        lr = self.group["lr"]
         return {"adam": AdamSettings(float(beta1), float(beta2), float(self.group["eps"]),
-                                     bool(self.group.get("amsgrad", False)))}
+                                     bool(self.group.get("amsgrad", False)),
+                                     lr if isinstance(lr, torch.Tensor) else float(lr))}
 
     def apply(self, p: torch.Tensor, update: torch.Tensor) -> None:
+        """AdamW's decay, then the owed displacement (its lr was applied when it was owed)."""
         lr, wd = self.group["lr"], self.group["weight_decay"]
         if self.decoupled and wd:
             p.mul_(1 - lr * wd)
-        _add_scaled(p, update, lr, self.group.get("maximize", False))
+        _add_scaled(p, update, 1.0, self.group.get("maximize", False))
 
 
 def _add_scaled(p: torch.Tensor, update: torch.Tensor, lr, ascend: bool) -> None:

@@ -8,7 +8,7 @@ holds, and no step reads a value back to the host (no host-device synchronisatio
 
 1. ``update_``: error feedback ``v += alpha * g`` (DGC momentum correction: ``u = m u +
    alpha g; v += u``; Nesterov ``v += alpha g + m u``; Adam correction: ``v +=`` the rank's
-   local Adam direction ``m_hat / (sqrt(s_hat) + eps)``). NaN/Inf entries of ``g`` are added
+   local Adam step ``lr * m_hat / (sqrt(s_hat) + eps)``). NaN/Inf entries of ``g`` are added
    as 0, and the segment is flagged (``finite_probe``: a per-segment sum of ``g * 0``).
 2. ``thresholds``: per segment, from a strided sample of ``|v|`` (deterministic: no RNG), a
    threshold a few standard deviations *below* the sample's estimate of the ``k_s``-th
@@ -212,7 +212,8 @@ class AdamMoments:
     rank's own gradients; ``bias1 = 1 - beta1^t``, ``bias2 = 1 - beta2^t`` (floats, or ``(n,)``
     tensors when the group's tensors have taken different numbers of steps).
     ``update_variance``: False once the variance is frozen (only the first moment moves); an
-    ``(n,)`` bool tensor when it is frozen for some of the group's tensors only.
+    ``(n,)`` bool tensor when it is frozen for some of the group's tensors only. ``lr``: the
+    step's learning rate (a float or 0-dim tensor), which scales what ``v`` accumulates.
     """
 
     exp_avg: torch.Tensor
@@ -224,6 +225,7 @@ class AdamMoments:
     bias1: object
     bias2: object
     update_variance: object = True
+    lr: object = 1.0
 
 
 def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
@@ -251,7 +253,8 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
     """Step 1, in place: ``v += alpha g`` -- or, with a velocity ``u``, DGC momentum
     correction ``u = m u + alpha g; v += u`` (Nesterov: ``v += alpha g + m u``) -- or, with
     ``adam``, Adam correction: the local moments take in ``alpha g`` and ``v`` accumulates
-    the rank's Adam direction (``adam_direction_``). NaN/Inf entries of ``g`` are added as 0.
+    the rank's Adam step, ``lr`` times its direction (``adam_direction_``). NaN/Inf entries
+    of ``g`` are added as 0.
 
     Returns:
         ``(S,)`` bool: the segments whose ``g`` held a NaN/Inf.
@@ -263,7 +266,11 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
     if adam is not None:
         if alpha != 1.0:
             g = g * alpha
-        v.add_(adam_direction_(adam, g))
+        d = adam_direction_(adam, g)
+        if isinstance(adam.lr, torch.Tensor):
+            v.add_(d.mul_(adam.lr.to(d.device)))
+        else:
+            v.add_(d, alpha=adam.lr)
         return bad
     if u is None:
         v.add_(g, alpha=alpha)

@@ -14,7 +14,8 @@ from hvd_topk import AdamSettings, TopKCompressor, _cpu_kernel
 
 def reference(grads, ratio, adam, variance_steps, value_dtype=None):
     """The sent updates, step by step, of one rank's Adam correction (torch.topk, no
-    hvd_topk code): local moments, bias correction, frozen variance, error feedback."""
+    hvd_topk code): local moments, bias correction, frozen variance, error feedback of the
+    step lr * direction."""
     n = grads[0].numel()
     m, s, smax, r = (torch.zeros(n) for _ in range(4))
     out = []
@@ -25,7 +26,7 @@ def reference(grads, ratio, adam, variance_steps, value_dtype=None):
             s.mul_(adam.beta2).addcmul_(g, g, value=1 - adam.beta2)
             smax = torch.maximum(smax, s)
         den = smax if adam.amsgrad else s
-        r += (m / (1 - adam.beta1 ** t)) / (den.sqrt() / math.sqrt(1 - adam.beta2 ** tv) + adam.eps)
+        r += adam.lr * (m / (1 - adam.beta1 ** t)) / (den.sqrt() / math.sqrt(1 - adam.beta2 ** tv) + adam.eps)
         idx = torch.topk(r.abs(), hvd_topk.num_selected(n, ratio)).indices
         sent = torch.zeros(n)
         sent[idx] = r[idx] if value_dtype is None else r[idx].to(value_dtype).float()
@@ -42,7 +43,7 @@ def grads_of(steps, n=5000, seed=0):
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("variance_steps", [None, 3])
 def test_adam_correction_follows_the_written_out_algorithm(amsgrad, variance_steps):
-    adam = AdamSettings(0.9, 0.99, 1e-3, amsgrad)
+    adam = AdamSettings(0.9, 0.99, 1e-3, amsgrad, lr=0.003)
     comp = TopKCompressor(0.02, warmup_steps=0, adam_variance_steps=variance_steps)
     grads = grads_of(8)
     for t, (g, (sent, r, m, s)) in enumerate(zip(grads, reference(grads, 0.02, adam, variance_steps))):
@@ -173,8 +174,8 @@ def test_adamw_decoupled_and_adam_coupled_weight_decay():
     assert torch.equal(adamw.local_grad(p, g, 1.0), g)  # applied in step(), not sent
     assert torch.allclose(adam.local_grad(p, g, 4.0), torch.full((3,), 0.4))  # in the scaled units
     with torch.no_grad():
-        adamw.apply(p, torch.zeros(3))
-    assert torch.allclose(p, torch.full((3,), 1 - 1e-3 * 0.1))
+        adamw.apply(p, torch.full((3,), 0.5))  # the update is a displacement: no lr on it
+    assert torch.allclose(p, torch.full((3,), 1 - 1e-3 * 0.1 - 0.5))
 
 
 def test_adam_correction_required_where_it_does_not_fit():

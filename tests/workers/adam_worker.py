@@ -2,8 +2,8 @@
 
 Each check trains a small MLP with hvd_topk and, beside it, the written-out algorithm on
 each rank with no hvd_topk code: the rank's own Adam moments of its own gradient, error
-feedback of its Adam direction, ``torch.topk``, the average of every rank's densified
-selection (allgathered), then ``p -= lr * update`` after AdamW's decoupled weight decay.
+feedback of its Adam step ``lr * direction``, ``torch.topk``, the average of every rank's
+densified selection (allgathered), then ``p -= update`` after AdamW's decoupled weight decay.
 Tolerance: rtol 1e-5 / atol 1e-7 (the moments' arithmetic and the summation order may round
 differently); parameters must be bit-identical across ranks.
 """
@@ -43,7 +43,7 @@ class Reference:
         # torch.optim.Adam's own arithmetic (sqrt(s) / sqrt(1 - b2^t), not sqrt(s / ...)), so
         # that fp16 wire values round alike
         d = (m / (1 - b1 ** t)) / (den.sqrt() / math.sqrt(1 - b2 ** tv) + group["eps"])
-        r += d
+        r += group["lr"] * d  # the displacement owed
         sent, _ = own_topk(r, ratio, value_dtype)
         r -= sent
         return sent
@@ -86,7 +86,7 @@ def check_adam_all_options(grouped, steps=6):
             group = group_of[p]
             torch.testing.assert_close(p.grad, want[name], rtol=RTOL, atol=ATOL,
                                        msg=lambda msg, n=name, s=step: f"step {s} {n}: {msg}")
-            expect = before[name] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * want[name]
+            expect = before[name] * (1 - group["lr"] * group["weight_decay"]) - want[name]
             torch.testing.assert_close(p.detach(), expect, rtol=RTOL, atol=ATOL)
     assert_same_on_all_ranks(model, "adam all options")
 
@@ -109,7 +109,7 @@ def check_adam_coupled_weight_decay_maximize(steps=4):
             want[name] = allgather_dense(ref.sent(name, q, group, 0.1, None)).mean(0).view_as(p)
         opt.step()
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.detach(), before[name] - lr * want[name], rtol=RTOL, atol=ATOL,
+            torch.testing.assert_close(p.detach(), before[name] - want[name], rtol=RTOL, atol=ATOL,
                                        msg=lambda msg, n=name, s=step: f"step {s} {n}: {msg}")
     assert_same_on_all_ranks(model, "adam coupled weight decay, maximize")
 
