@@ -50,6 +50,8 @@ def parse_args(argv=None, extra=()):
     p.add_argument("--warmup-ratio", type=float, default=0.25, help="Top-K warm-up start density")
     p.add_argument("--momentum-correction", default="auto", choices=["auto", "on", "off"],
                    help="DGC momentum correction (auto: on for SGD with momentum)")
+    p.add_argument("--adam-correction", default="auto", choices=["auto", "on", "off"],
+                   help="Adam correction (auto: on for Adam/AdamW)")
     p.add_argument("--no-momentum-masking", action="store_true",
                    help="keep local momentum at sent coordinates (DGC masks it)")
     p.add_argument("--min-numel", type=int, default=None,
@@ -94,8 +96,10 @@ def make_compression(args):
     if args.fp16:
         return hvd_topk.make_compressor("fp16")
     if args.topk > 0:
-        correction = {"auto": None, "on": True, "off": False}[args.momentum_correction]
-        kwargs = dict(ratio=args.topk, warmup_ratio=args.warmup_ratio, momentum_correction=correction,
+        tristate = {"auto": None, "on": True, "off": False}
+        kwargs = dict(ratio=args.topk, warmup_ratio=args.warmup_ratio,
+                      momentum_correction=tristate[args.momentum_correction],
+                      adam_correction=tristate[args.adam_correction],
                       momentum_masking=not args.no_momentum_masking,
                       density_aware=not args.no_density_aware, local_clip_norm=args.local_clip_norm,
                       value_dtype={"auto": None, "fp16": torch.float16,

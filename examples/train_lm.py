@@ -75,8 +75,14 @@ def parse_args(argv=None):
     p.add_argument("--momentum-correction", default="auto", choices=sorted(TRISTATE),
                    help="DGC momentum correction (auto: the library's choice, on for SGD with momentum)")
     p.add_argument("--adam-correction", default="auto", choices=sorted(TRISTATE),
-                   help="Top-K correction for Adam's moments (auto: the library's choice; on/off "
-                        "pass TopKCompressor(adam_correction=...), which needs an hvd_topk that has it)")
+                   help="Adam correction: local Adam moments, Top-K of the Adam step (auto: the "
+                        "library's choice, on for Adam/AdamW)")
+    p.add_argument("--adam-variance-steps", type=int, default=None,
+                   help="local steps before Adam correction freezes the variance (default: the "
+                        "library's; 0: never frozen)")
+    p.add_argument("--no-density-aware", action="store_true",
+                   help="always the sparse allgather, even where a dense allreduce is cheaper (with "
+                        "--topk 1 --adam-correction on: local Adam moments, everything sent)")
     p.add_argument("--min-numel", type=int, default=None,
                    help="tensors smaller than this go dense (default: the library's)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"],
@@ -115,22 +121,21 @@ def parse_args(argv=None):
 
 def make_compression(args):
     """Horovod's ``Compression.none`` for ``--topk 0``, else Top-K with the library's defaults
-    for every option not given (``adam_correction`` included, so this runs on an hvd_topk
-    without it as long as ``--adam-correction`` stays auto)."""
+    for every option not given."""
     if args.topk == 0:
         return hvd.Compression.none
     kwargs = dict(ratio=args.topk)
-    for name in ("warmup_steps", "warmup_ratio", "min_numel"):
+    for name in ("warmup_steps", "warmup_ratio", "min_numel", "adam_variance_steps"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if args.no_density_aware:
+        kwargs["density_aware"] = False
+    if kwargs.get("adam_variance_steps") == 0:
+        kwargs["adam_variance_steps"] = None  # never frozen
     for name in ("momentum_correction", "adam_correction"):
         if getattr(args, name) != "auto":
             kwargs[name] = TRISTATE[getattr(args, name)]
-    try:
-        return hvd_topk.TopKCompressor(**kwargs)
-    except TypeError as e:
-        raise SystemExit(f"TopKCompressor{tuple(kwargs)}: {e} (this hvd_topk may not have the "
-                         "option yet; leave its flag at auto)") from None
+    return hvd_topk.TopKCompressor(**kwargs)
 
 
 def make_optimizer(args, model):

@@ -5,13 +5,15 @@ handler registry (``horovod.torch.elastic.state``). Importing ``hvd_topk`` regis
 Horovod's optimizer handler, one for the optimizers ``hvd_topk.DistributedOptimizer`` returns:
 
 1. ``commit()`` / ``save()``: the optimizer's state as Horovod saves it, plus this rank's
-   residuals, momentum-correction velocities and warm-up step (``topk_state_dict()``);
+   residuals, momentum-correction velocities, Adam-correction moments and step counts, and
+   warm-up step (``topk_state_dict()``);
 2. ``restore()`` (after a rank failed mid-step): all of it rolls back to the last commit, so
    the residual updates of the failed step are undone along with its parameter updates;
 3. ``sync()`` (after the membership changed): Horovod broadcasts the optimizer state from
    rank 0, and the step count follows, so every rank computes the same ``k`` again.
 
-Residuals are per rank and stay so: a rank that joins starts with an empty residual, and the
+Residuals (and Adam-correction moments) are per rank and stay so: a rank that joins starts
+with an empty residual and fresh moments (bias-corrected from its first step), and the
 residual of a rank that is lost is lost with it -- at most the gradient it had accumulated
 but not yet sent since its last selection of each entry (see README, "Reliability").
 """

@@ -594,9 +594,9 @@ class _TopKMethods:
         return _HorovodOptimizer.load_state_dict(self, *args, **kwargs)
 
     def topk_state_dict(self):
-        """hvd_topk's own state on this rank (residuals, velocities, step count), or {} for
-        dense training. Per rank: ``optimizer.state_dict()`` does not include it (rank 0's
-        residuals loaded on every rank would be counted ``world`` times); use
+        """hvd_topk's own state on this rank (residuals, velocities, Adam moments, step
+        counts), or {} for dense training. Per rank: ``optimizer.state_dict()`` does not
+        include it (rank 0's residuals loaded on every rank would be counted ``world`` times); use
         ``hvd_topk.save_checkpoint`` or ``hvd.elastic.TorchState``."""
         return self._compression.state_dict() if self._sparse else {}
 
@@ -663,6 +663,13 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     ranks' entries into the dense gradient and averages. Small tensors, and tensors for which
     the allgather would move more bytes than an allreduce, are allreduced densely. With
     ``hvd.Compression.none`` / ``fp16`` it behaves exactly like Horovod's optimizer.
+
+    With ``torch.optim.SGD`` (momentum) or ``torch.optim.Adam`` / ``AdamW`` the optimizer's
+    recurrence runs on each rank's own gradients before compression (``TopKCompressor``'s
+    ``momentum_correction`` and ``adam_correction``, automatic; ``corrections.py``): what is
+    sent is the update, which ``step()`` applies to the sparse params instead of the wrapped
+    optimizer (learning rate, weight decay and ``maximize`` of each param group kept); the
+    wrapped optimizer still steps the params exchanged densely.
 
     Arguments:
         optimizer: a ``torch.optim.Optimizer`` to wrap.

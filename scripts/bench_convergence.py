@@ -58,6 +58,13 @@ LM_CONFIGS = [
     ("Top-K 1% AdamW, no Adam correction", ["--topk", "0.01", "--adam-correction", "off"]),
     ("Top-K 1% SGD, defaults", ["--topk", "0.01", "--optimizer", "sgd"]),
     ("Top-K 0.1% SGD, defaults", ["--topk", "0.001", "--optimizer", "sgd"]),
+    # Adam correction with nothing compressed: each rank's own moments, the variance frozen
+    # after 100 steps, every entry sent -- what Top-K 1% / 0.1% AdamW lose to compression alone
+    ("Adam correction, ratio 1 (nothing dropped)", ["--topk", "1", "--adam-correction", "on",
+                                                    "--no-density-aware"]),
+    # ablations of Adam correction (run with --only ablation, one seed)
+    ("ablation: Top-K 1% AdamW, variance never frozen", ["--topk", "0.01", "--adam-variance-steps", "0"]),
+    ("ablation: Top-K 0.1% AdamW, no Adam correction", ["--topk", "0.001", "--adam-correction", "off"]),
 ]
 
 EPOCH_RE = re.compile(r"epoch\s+(\d+).*test acc ([\d.]+)%.*sent/step ([\d.]+) KB \(([\d.]+)% of dense\)")
