@@ -201,6 +201,15 @@ class SparseCompressor(Compressor, abc.ABC):
     def pop_nonfinite(self) -> List[Tuple[str, List[int]]]:
         raise NotImplementedError
 
+    @abc.abstractmethod
+    def adam_started(self, name: str) -> bool:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def start_adam(self, name: str, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                   max_exp_avg_sq: Optional[torch.Tensor] = None) -> None:
+        raise NotImplementedError
+
 
 @dataclass
 class _Pending:
@@ -810,6 +819,22 @@ class TopKCompressor(SparseCompressor):
         out = self.scatter(payload, ctx)
         self.check([ctx])  # an inexact selection is still a valid sparse update: kept here
         return out.view(ctx.shapes[0]) if len(ctx.names) == 1 else out
+
+    def adam_started(self, name: str) -> bool:
+        """Whether ``name`` has Adam-correction moments on this rank (a step taken, or loaded)."""
+        return name in self.adam_steps
+
+    def start_adam(self, name: str, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                   max_exp_avg_sq: Optional[torch.Tensor] = None) -> None:
+        """Start ``name``'s Adam correction from moments the wrapped optimizer built while
+        the tensor was exchanged densely (the same on every rank: moments of the average
+        gradient), at its step count, instead of from zero. The optimizer calls it at a
+        tensor's first sparse step (at large worlds the warm-up's first steps are dense)."""
+        self.exp_avg.set(name, exp_avg)
+        self.exp_avg_sq.set(name, exp_avg_sq)
+        if max_exp_avg_sq is not None:
+            self.max_exp_avg_sq.set(name, max_exp_avg_sq)
+        self.adam_steps[name] = int(step)
 
     def pop_nonfinite(self) -> List[Tuple[str, List[int]]]:
         """The (name, ranks) recorded by ``check`` since the last call, and forget them."""

@@ -14,9 +14,10 @@ gradients, before compression, and Top-K sends what the optimizer would have mov
   applied as ``p -= update``, after AdamW's decoupled weight decay.
 
 Each correction object belongs to one param group of the wrapped optimizer and is used by
-``hvd_topk.DistributedOptimizer`` at three points of a step: ``local_grad`` in the backward
-hook (coupled weight decay, in the gradient's loss-scaled units), ``compress_kwargs`` when
-its group is compressed, and ``apply`` in ``step()`` instead of the wrapped optimizer. The
+``hvd_topk.DistributedOptimizer`` at four points of a step: ``local_grad`` in the backward
+hook (coupled weight decay, in the gradient's loss-scaled units), ``start`` and
+``compress_kwargs`` when its group is compressed, and ``apply`` in ``step()`` instead of the
+wrapped optimizer. The
 arithmetic of the recurrences themselves is step 1 of the selection pipeline
 (``selection.update_``), where the compressor keeps the per-rank state by parameter name.
 """
@@ -49,6 +50,9 @@ class MomentumCorrection:
         if not wd:
             return grad
         return grad + p.detach() * ((-wd if self.group.get("maximize") else wd) * scale)
+
+    def start(self, name: str, state: dict, comp) -> None:
+        """Nothing to hand over: the velocity starts at zero (DGC)."""
 
     def compress_kwargs(self) -> dict:
         return {"momentum": self.group["momentum"], "nesterov": bool(self.group["nesterov"])}
@@ -83,6 +87,21 @@ class AdamCorrection:
         if self.decoupled or not wd:
             return grad
         return grad + p.detach() * ((-wd if self.group.get("maximize") else wd) * scale)
+
+    def start(self, name: str, state: dict, comp) -> None:
+        """At a tensor's first sparse step: if the wrapped optimizer stepped it while it was
+        exchanged densely (the first steps of the warm-up on a large world), its moments --
+        those of the average gradient, the same on every rank -- and step count seed the
+        rank's own, instead of zeros. ``state`` is the wrapped optimizer's for the param."""
+        if comp.adam_started(name) or "exp_avg" not in state:
+            return
+        step = state.get("step", 0)
+        if isinstance(step, torch.Tensor):
+            if step.device.type != "cpu":
+                return  # capturable/fused: reading the count would be a host sync
+            step = int(step)  # a CPU tensor: no device involved
+        comp.start_adam(name, state["exp_avg"], state["exp_avg_sq"], step,
+                        state.get("max_exp_avg_sq") if self.group.get("amsgrad") else None)
 
     def compress_kwargs(self) -> dict:
         beta1, beta2 = self.group["betas"]

@@ -65,6 +65,11 @@ class ResidualMemory:
         self._groups[key], self._views[key] = flat, views
         return flat
 
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Replace ``name``'s residual (a copy, flat); its group buffer takes it in at the
+        group's next ``group_buffer`` call."""
+        self._residuals[name] = value.detach().clone().reshape(-1)
+
     def get(self, name: str) -> torch.Tensor | None:
         return self._residuals.get(name)
 

@@ -278,7 +278,11 @@ class _TopKMethods:
         t0 = time.perf_counter()
         comp = self._compression
         world = self.process_set.size()
-        kwargs = group.correction.compress_kwargs() if group.correction is not None else {}
+        kwargs = {}
+        if group.correction is not None:
+            for p, name in zip(group.params, group.names):
+                group.correction.start(name, self.state.get(p, {}), comp)
+            kwargs = group.correction.compress_kwargs()
         payload, ctx = comp.compress_group([group.ready[p] for p in group.params], group.names,
                                            scale=self._loss_scale(), world=world,
                                            **kwargs)  # (nbytes,) uint8

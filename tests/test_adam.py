@@ -186,8 +186,8 @@ def test_adam_correction_required_where_it_does_not_fit():
                           TopKCompressor(0.01, adam_correction=True, momentum_correction=False))
 
 
-CHECKS = ["adam_all_options", "adam_all_options_grouped", "adam_coupled_maximize", "adam_ratio_one",
-          "adam_elastic_state"]
+CHECKS = ["adam_dense_first", "adam_all_options", "adam_all_options_grouped", "adam_coupled_maximize",
+          "adam_ratio_one", "adam_elastic_state"]
 
 
 @pytest.mark.parametrize("backend", ["gloo", "mpi"])

@@ -158,7 +158,36 @@ def check_adam_elastic_state():
     assert_same_on_all_ranks(model, "adam after elastic restore")
 
 
+def check_adam_starts_from_the_dense_warm_up():
+    """A tensor exchanged densely at first (the warm-up's high ratio costs more than an
+    allreduce) is stepped by the wrapped AdamW; at its first sparse step each rank's moments
+    start from the wrapped optimizer's (those of the average gradient) and its step count."""
+    model = make_model()
+    opt = hvd_topk.DistributedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=0.01), named_parameters=model.named_parameters(),
+        compression=hvd_topk.TopKCompressor(0.05, min_numel=0, warmup_steps=2, warmup_ratio=0.9))
+    comp = opt._compression
+    backward(model, opt, 0)
+    opt.step()  # ratio 0.9: dense, the wrapped AdamW's step
+    assert opt.comm_stats.sparse_tensors == 0 and not comp.adam_steps
+    names = dict(model.named_parameters())
+    dense = {n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+             for n, p in names.items()}
+    backward(model, opt, 1)
+    local = {n: p.grad.detach().clone() for n, p in names.items()}
+    opt.step()  # ratio 0.21: sparse, Adam correction from the dense moments
+    assert opt.comm_stats.sparse_tensors == 6, opt.comm_stats
+    for n, (m, s) in dense.items():
+        assert comp.adam_steps[n] == 2, comp.adam_steps
+        g = local[n].reshape(-1)
+        torch.testing.assert_close(comp.exp_avg.get(n), m.reshape(-1).lerp(g, 0.1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(comp.exp_avg_sq.get(n), s.reshape(-1) * 0.999 + 0.001 * g * g,
+                                   rtol=1e-6, atol=0)
+    assert_same_on_all_ranks(model, "adam after a dense warm-up")
+
+
 CHECKS = {
+    "adam_dense_first": check_adam_starts_from_the_dense_warm_up,
     "adam_elastic_state": check_adam_elastic_state,
     "adam_all_options": lambda: check_adam_all_options(grouped=False),
     "adam_all_options_grouped": lambda: check_adam_all_options(grouped=True),
