@@ -23,6 +23,7 @@ per step of the largest budget and the first seed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -91,14 +92,29 @@ def run(flags, args, seed):
     return epochs
 
 
+def lm_flags(flags, args):
+    """A configuration's flags, with ``--adam-lr`` given to the Adam/AdamW ones."""
+    if args.adam_lr is not None and lm_family(flags) != "sgd":
+        return [*flags, "--lr", str(args.adam_lr)]
+    return list(flags)
+
+
 def run_lm(flags, args, seed, steps):
-    """(step, val loss, % of dense, MB sent) per evaluation, and the final validation loss."""
-    stdout = horovodrun("train_lm.py", ["--steps", str(steps), "--seed", str(seed), "--eval-every",
-                                        str(args.eval_every), *flags], args, timeout=args.timeout)
+    """(step, val loss, % of dense, MB sent) per evaluation, and the final validation loss.
+    With ``--cache DIR`` a run already made with the same flags, seed and steps is read back."""
+    argv = ["--steps", str(steps), "--seed", str(seed), "--eval-every", str(args.eval_every), *flags]
+    cached = Path(args.cache) / (re.sub(r"[^\w.-]+", "_", " ".join(argv)) + ".json") if args.cache else None
+    if cached is not None and cached.exists():
+        evals, final = json.loads(cached.read_text())
+        return [tuple(e) for e in evals], final
+    stdout = horovodrun("train_lm.py", argv, args, timeout=args.timeout)
     evals = [(int(m[0]), float(m[1]), float(m[2]), float(m[3])) for m in LM_STEP_RE.findall(stdout)]
     final = LM_FINAL_RE.search(stdout)
     if not evals or final is None:
         raise RuntimeError(f"train_lm.py {' '.join(flags)}: no step/final lines in\n{stdout[-3000:]}")
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps([evals, float(final[1])]))
     return evals, float(final[1])
 
 
@@ -135,6 +151,7 @@ def main_lm(args):
     for label, flags in LM_CONFIGS:
         if args.only and not any(o in label for o in args.only):
             continue
+        flags = lm_flags(flags, args)
         finals = {b: [] for b in budgets}
         for steps in budgets:
             for seed in args.seeds:
@@ -152,7 +169,9 @@ def main_lm(args):
     dense = {lm_family(flags): means for _, flags, means, _, _, _ in rows if flags[:2] == ["--topk", "0"]}
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"char LM (pydoc topics, examples/train_lm.py defaults), {args.np} ranks, "
-             f"steps {' / '.join(map(str, budgets))}, seed(s) {seeds}. Validation loss in nats/char: "
+             f"steps {' / '.join(map(str, budgets))}, seed(s) {seeds}, Adam/AdamW lr "
+             f"{args.adam_lr if args.adam_lr is not None else 'default (3e-3)'}. "
+             "Validation loss in nats/char: "
              "mean (per seed); Δ against the dense run of the same optimizer; bytes one rank sent over "
              f"the {budgets[-1]}-step run, Top-K warm-up included.", "",
              "| configuration | flags | " + " | ".join(f"val loss, {b} steps" for b in budgets) + " | "
@@ -220,6 +239,10 @@ if __name__ == "__main__":
                    help="step budgets, one run each (lm task)")
     p.add_argument("--eval-every", type=int, default=50, help="validation interval in steps (lm task)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run (lm task)")
+    p.add_argument("--adam-lr", type=float, default=None,
+                   help="--lr of the Adam/AdamW configurations (lm task; default: train_lm.py's)")
+    p.add_argument("--cache", default="", metavar="DIR",
+                   help="keep each run's result here and reuse it when run again (lm task)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="one run per seed (default: 42 for digits, 0 1 for lm)")
     p.add_argument("--np", type=int, default=2, help="ranks")
