@@ -63,9 +63,9 @@ LM_CONFIGS = [
     # after 100 steps, every entry sent -- what Top-K 1% / 0.1% AdamW lose to compression alone
     ("Adam correction, ratio 1 (nothing dropped)", ["--topk", "1", "--adam-correction", "on",
                                                     "--no-density-aware"]),
-    # ablations of Adam correction (run with --only ablation, one seed)
-    ("ablation: Top-K 1% AdamW, variance never frozen", ["--topk", "0.01", "--adam-variance-steps", "0"]),
-    ("ablation: Top-K 0.1% AdamW, no Adam correction", ["--topk", "0.001", "--adam-correction", "off"]),
+    # ablations of Adam correction (left out unless asked: --only ablation)
+    ("ablation, AdamW 1%: variance never frozen", ["--topk", "0.01", "--adam-variance-steps", "0"]),
+    ("ablation, AdamW 0.1%: no Adam correction", ["--topk", "0.001", "--adam-correction", "off"]),
 ]
 
 EPOCH_RE = re.compile(r"epoch\s+(\d+).*test acc ([\d.]+)%.*sent/step ([\d.]+) KB \(([\d.]+)% of dense\)")
@@ -149,7 +149,8 @@ def main_lm(args):
     budgets = sorted(set(args.steps))
     rows, curves, styles = [], {}, {}
     for label, flags in LM_CONFIGS:
-        if args.only and not any(o in label for o in args.only):
+        if (args.only and not any(o in label for o in args.only)) or (
+                not args.only and label.startswith("ablation")):
             continue
         flags = lm_flags(flags, args)
         finals = {b: [] for b in budgets}
