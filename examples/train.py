@@ -52,6 +52,9 @@ def parse_args(argv=None, extra=()):
                    help="DGC momentum correction (auto: on for SGD with momentum)")
     p.add_argument("--adam-correction", default="auto", choices=["auto", "on", "off"],
                    help="Adam correction (auto: on for Adam/AdamW)")
+    p.add_argument("--adam-variance-steps", type=int, default=None,
+                   help="local steps before Adam correction freezes the variance (default: the "
+                        "library's; 0: never frozen)")
     p.add_argument("--no-momentum-masking", action="store_true",
                    help="keep local momentum at sent coordinates (DGC masks it)")
     p.add_argument("--min-numel", type=int, default=None,
@@ -108,6 +111,8 @@ def make_compression(args):
             kwargs["warmup_steps"] = args.warmup_steps
         if args.min_numel is not None:
             kwargs["min_numel"] = args.min_numel
+        if args.adam_variance_steps is not None:
+            kwargs["adam_variance_steps"] = args.adam_variance_steps or None
         return hvd_topk.make_compressor("topk", **kwargs)
     return hvd_topk.make_compressor("none")
 

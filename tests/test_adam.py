@@ -12,7 +12,7 @@ import hvd_topk
 from hvd_topk import AdamSettings, TopKCompressor, _cpu_kernel
 
 
-def reference(grads, ratio, adam, variance_steps, value_dtype=None):
+def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0):
     """The sent updates, step by step, of one rank's Adam correction (torch.topk, no
     hvd_topk code): local moments, bias correction, frozen variance, error feedback of the
     step lr * direction."""
@@ -26,7 +26,8 @@ def reference(grads, ratio, adam, variance_steps, value_dtype=None):
             s.mul_(adam.beta2).addcmul_(g, g, value=1 - adam.beta2)
             smax = torch.maximum(smax, s)
         den = smax if adam.amsgrad else s
-        r += adam.lr * (m / (1 - adam.beta1 ** t)) / (den.sqrt() / math.sqrt(1 - adam.beta2 ** tv) + adam.eps)
+        d = (m / (1 - adam.beta1 ** t)) / (den.sqrt() / math.sqrt(1 - adam.beta2 ** tv) + adam.eps)
+        r += adam.lr * d.clamp(-clip, clip)
         idx = torch.topk(r.abs(), hvd_topk.num_selected(n, ratio)).indices
         sent = torch.zeros(n)
         sent[idx] = r[idx] if value_dtype is None else r[idx].to(value_dtype).float()
@@ -62,7 +63,8 @@ def test_a_group_whose_tensors_took_different_numbers_of_steps():
     """Each tensor keeps its own step count (bias correction, frozen variance): a tensor
     trained alone first, then grouped with a new one, is corrected as if it were alone."""
     adam = AdamSettings(0.9, 0.99, 1e-3)
-    comp = TopKCompressor(0.02, warmup_steps=0, adam_variance_steps=2)
+    # Unclipped: clipped entries tie at +-adam_clip, and torch.topk breaks ties its own way.
+    comp = TopKCompressor(0.02, warmup_steps=0, adam_variance_steps=2, adam_clip=None)
     a, b = grads_of(6, seed=1), grads_of(3, n=3000, seed=2)
     for g in a[:3]:
         comp.compress_group([g], ["a"], adam=adam)
@@ -71,7 +73,7 @@ def test_a_group_whose_tensors_took_different_numbers_of_steps():
         payload, ctx = comp.compress_group([ga, gb], ["a", "b"], adam=adam)
         comp.step_done()
     assert comp.adam_steps == {"a": 6, "b": 3}
-    ref_a, ref_b = reference(a, 0.02, adam, 2)[-1], reference(b, 0.02, adam, 2)[-1]
+    ref_a, ref_b = (reference(x, 0.02, adam, 2, clip=math.inf)[-1] for x in (a, b))
     for name, (_, r, m, s) in (("a", ref_a), ("b", ref_b)):
         torch.testing.assert_close(comp.memory.get(name), r, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(comp.exp_avg.get(name), m, rtol=1e-6, atol=0)
@@ -141,8 +143,23 @@ def test_adam_and_momentum_are_exclusive():
                                            adam=AdamSettings(0.9, 0.99, 1e-8))
 
 
+def test_a_frozen_variance_does_not_let_a_late_gradient_explode():
+    """An entry whose gradient was tiny while the variance was estimated, then large: its
+    direction is clipped to adam_clip (Adam's own would stay near 1)."""
+    adam = AdamSettings(0.9, 0.99, 1e-8)
+    grads = [torch.full((5000,), 1e-4) for _ in range(3)] + [torch.full((5000,), 1.0)]
+    for clip, bound in ((10.0, 10.0), (None, 1e3)):
+        comp = TopKCompressor(1.0, warmup_steps=0, adam_variance_steps=3, adam_clip=clip)
+        for g in grads:
+            payload, ctx = comp.compress_group([g], ["w"], adam=adam)
+            comp.step_done()
+        ctx.world = 1
+        sent = comp.scatter(payload, ctx)
+        assert sent.max() <= bound if clip else sent.max() > bound  # unclipped: ~1e3 Adam steps
+
+
 @pytest.mark.parametrize("bad", [{"adam_correction": "yes"}, {"adam_variance_steps": 0},
-                                 {"adam_variance_steps": 2.5}])
+                                 {"adam_variance_steps": 2.5}, {"adam_clip": 0}])
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TopKCompressor(0.01, **bad)
