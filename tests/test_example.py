@@ -40,4 +40,4 @@ def test_train_lm_learns(flags):
                     backend="gloo", timeout=300)
     m = re.search(r"final val_loss ([\d.]+)", out)
     assert m, out
-    assert float(m.group(1)) < 3.3, out  # 2.8-3.0 measured here
+    assert float(m.group(1)) < 3.3, out  # 2.56 (AdamW) and 2.42 (SGD) measured here
