@@ -97,25 +97,23 @@ def test_a_loss_scale_leaves_the_moments_unscaled():
     assert torch.count_nonzero(sent) == 50 and sent.abs().max() > 100  # in the scaled units
 
 
-def test_the_torch_path_is_taken_with_the_kernel_too():
+def test_the_torch_path_is_taken_with_the_kernel_too(monkeypatch):
     """The fused CPU kernel has no Adam step: Adam correction runs the torch steps, with or
     without the kernel built, and gives the same bits."""
     adam = AdamSettings(0.9, 0.99, 1e-8)
     g = grads_of(2)
-    with_kernel = TopKCompressor(0.01, warmup_steps=0)
-    for x in g:
-        a, _ = with_kernel.compress_group([x], ["w"], adam=adam)
-        with_kernel.step_done()
-    saved = _cpu_kernel._state.get("module")
-    _cpu_kernel._state["module"] = None
-    try:
-        without = TopKCompressor(0.01, warmup_steps=0)
+
+    def run():
+        comp = TopKCompressor(0.01, warmup_steps=0)
         for x in g:
-            b, _ = without.compress_group([x], ["w"], adam=adam)
-            without.step_done()
-    finally:
-        _cpu_kernel._state["module"] = saved
-    assert torch.equal(a, b)
+            payload, _ = comp.compress_group([x], ["w"], adam=adam)
+            comp.step_done()
+        return payload
+
+    _cpu_kernel.cpu_kernel()  # loaded (or found missing) before the comparison
+    with_kernel = run()
+    monkeypatch.setitem(_cpu_kernel._state, "module", None)  # restored after the test
+    assert torch.equal(with_kernel, run())
 
 
 def test_state_dict_carries_the_moments():
