@@ -17,8 +17,7 @@ Each correction object belongs to one param group of the wrapped optimizer and i
 ``hvd_topk.DistributedOptimizer`` at four points of a step: ``local_grad`` in the backward
 hook (coupled weight decay, in the gradient's loss-scaled units), ``start`` and
 ``compress_kwargs`` when its group is compressed, and ``apply`` in ``step()`` instead of the
-wrapped optimizer. The
-arithmetic of the recurrences themselves is step 1 of the selection pipeline
+wrapped optimizer. The arithmetic of the recurrences themselves is step 1 of the selection pipeline
 (``selection.update_``), where the compressor keeps the per-rank state by parameter name.
 """
 
@@ -44,12 +43,8 @@ class MomentumCorrection:
         return ("momentum", self.group["momentum"], bool(self.group["nesterov"]))
 
     def local_grad(self, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
-        """SGD's weight decay, added locally in the gradient's (loss-scaled) units; with
-        ``maximize`` SGD negates the gradient first, which the negated update undoes."""
-        wd = self.group["weight_decay"]
-        if not wd:
-            return grad
-        return grad + p.detach() * ((-wd if self.group.get("maximize") else wd) * scale)
+        """SGD's weight decay, added locally (``_coupled_decay``)."""
+        return _coupled_decay(self.group, p, grad, scale)
 
     def start(self, name: str, state: dict, comp) -> None:
         """Nothing to hand over: the velocity starts at zero (DGC)."""
@@ -83,10 +78,8 @@ class AdamCorrection:
         return ("adam", self.index)  # one param group: the same betas, eps and amsgrad
 
     def local_grad(self, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
-        wd = self.group["weight_decay"]
-        if self.decoupled or not wd:
-            return grad
-        return grad + p.detach() * ((-wd if self.group.get("maximize") else wd) * scale)
+        """Adam's coupled weight decay, added locally; AdamW's is applied in ``apply``."""
+        return grad if self.decoupled else _coupled_decay(self.group, p, grad, scale)
 
     def start(self, name: str, state: dict, comp) -> None:
         """At a tensor's first sparse step: if the wrapped optimizer stepped it while it was
@@ -116,6 +109,16 @@ class AdamCorrection:
         if self.decoupled and wd:
             p.mul_(1 - lr * wd)
         _add_scaled(p, update, 1.0, self.group.get("maximize", False))
+
+
+def _coupled_decay(group: dict, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
+    """``grad + wd * p`` in the gradient's (loss-scaled) units, as SGD and Adam add it; with
+    ``maximize`` torch negates the gradient first, which the ascending ``apply`` undoes, so
+    the decay is added with the opposite sign here."""
+    wd = group["weight_decay"]
+    if not wd:
+        return grad
+    return grad + p.detach() * ((-wd if group.get("maximize") else wd) * scale)
 
 
 def _add_scaled(p: torch.Tensor, update: torch.Tensor, lr, ascend: bool) -> None:
