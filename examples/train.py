@@ -34,12 +34,8 @@ from models import MODELS, build_model  # noqa: E402
 import hvd_topk  # noqa: E402
 
 
-def parse_args(argv=None, extra=()):
-    """Flags (see ``--help``); ``extra``: ``(names, kwargs)`` pairs a variant of this script adds."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="", metavar="YAML",
-                   help="flag values from a YAML file (configs/*.yaml); flags given here override it")
+def add_compression_flags(p):
+    """The flags ``make_compression`` reads (this script's, and examples/train_lm.py's)."""
     p.add_argument("--topk", type=float, default=0.01, metavar="RATIO",
                    help="fraction of each gradient sent (Top-K with error feedback); 0 = dense")
     p.add_argument("--fp16", action="store_true",
@@ -64,6 +60,15 @@ def parse_args(argv=None, extra=()):
     p.add_argument("--value-dtype", default="auto", choices=["auto", "fp16", "bf16"],
                    help="dtype of Top-K values on the wire (auto: the gradient's)")
     p.add_argument("--local-clip-norm", type=float, default=None, help="DGC local gradient clipping")
+
+
+def parse_args(argv=None, extra=()):
+    """Flags (see ``--help``); ``extra``: ``(names, kwargs)`` pairs a variant of this script adds."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="", metavar="YAML",
+                   help="flag values from a YAML file (configs/*.yaml); flags given here override it")
+    add_compression_flags(p)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="wrapped optimizer")
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: autocast (fp16 on CUDA, bf16 on CPU) and a GradScaler, "

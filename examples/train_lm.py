@@ -51,7 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import load_text, sample_windows  # noqa: E402
 from models import CharTransformer  # noqa: E402
-from train import pick_device  # noqa: E402
+from train import add_compression_flags, make_compression, pick_device  # noqa: E402
 
 import hvd_topk  # noqa: E402
 
@@ -59,32 +59,12 @@ ADAM_LR = 3e-3
 SGD_LR = 1.0  # see the module docstring
 ADAMW_WEIGHT_DECAY = 0.1
 VAL_BATCHES, VAL_BATCH_SIZE, VAL_SEED = 20, 64, 1234
-TRISTATE = {"auto": None, "on": True, "off": False}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--topk", type=float, default=0.01, metavar="RATIO",
-                   help="fraction of each gradient sent (Top-K with error feedback); 0 = dense")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="Top-K warm-up: density decays from the warm-up ratio to --topk over this "
-                        "many steps (default: the library's)")
-    p.add_argument("--warmup-ratio", type=float, default=None,
-                   help="Top-K warm-up start density (default: the library's)")
-    p.add_argument("--momentum-correction", default="auto", choices=sorted(TRISTATE),
-                   help="DGC momentum correction (auto: the library's choice, on for SGD with momentum)")
-    p.add_argument("--adam-correction", default="auto", choices=sorted(TRISTATE),
-                   help="Adam correction: local Adam moments, Top-K of the Adam step (auto: the "
-                        "library's choice, on for Adam/AdamW)")
-    p.add_argument("--adam-variance-steps", type=int, default=None,
-                   help="local steps before Adam correction freezes the variance (default: the "
-                        "library's; 0: never frozen)")
-    p.add_argument("--no-density-aware", action="store_true",
-                   help="always the sparse allgather, even where a dense allreduce is cheaper (with "
-                        "--topk 1 --adam-correction on: local Adam moments, everything sent)")
-    p.add_argument("--min-numel", type=int, default=None,
-                   help="tensors smaller than this go dense (default: the library's)")
+    add_compression_flags(p)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"],
                    help="wrapped optimizer")
     p.add_argument("--lr", type=float, default=None,
@@ -117,25 +97,6 @@ def parse_args(argv=None):
     if args.weight_decay is None:
         args.weight_decay = ADAMW_WEIGHT_DECAY if args.optimizer == "adamw" else 0.0
     return args
-
-
-def make_compression(args):
-    """Horovod's ``Compression.none`` for ``--topk 0``, else Top-K with the library's defaults
-    for every option not given."""
-    if args.topk == 0:
-        return hvd.Compression.none
-    kwargs = dict(ratio=args.topk)
-    for name in ("warmup_steps", "warmup_ratio", "min_numel", "adam_variance_steps"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    if args.no_density_aware:
-        kwargs["density_aware"] = False
-    if kwargs.get("adam_variance_steps") == 0:
-        kwargs["adam_variance_steps"] = None  # never frozen
-    for name in ("momentum_correction", "adam_correction"):
-        if getattr(args, name) != "auto":
-            kwargs[name] = TRISTATE[getattr(args, name)]
-    return hvd_topk.TopKCompressor(**kwargs)
 
 
 def make_optimizer(args, model):
