@@ -13,7 +13,8 @@ Example::
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compression import (AdamSettings, RankMismatchError, SparseCompressor, SparseContext,
-                          TopKCompressor, sparse_is_cheaper)
+                          TopKCompressor)
+from .exchange import EXCHANGES, exchange_bytes
 from .elastic import register_elastic_handler
 from .memory import ResidualMemory
 from .optimizer import CommStats, DistributedOptimizer, TopKDistributedOptimizer
@@ -36,7 +37,8 @@ __all__ = [
     "SparseContext",
     "SparseCompressor",
     "AdamSettings",
-    "sparse_is_cheaper",
+    "exchange_bytes",
+    "EXCHANGES",
     "select_topk",
     "num_selected",
     "index_dtype",

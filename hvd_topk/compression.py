@@ -12,14 +12,14 @@ import torch
 from horovod.torch.compression import Compressor
 
 from ._cpu_kernel import cpu_kernel
-from .exchange import scatter_add_
+from . import sparse_allreduce as sar
+from .exchange import EXCHANGES, cheapest_exchange, exchange_bytes, scatter_add_
 from .memory import ResidualMemory
-from .packing import FLAG_INEXACT, FLAG_NONFINITE, pack_header, payload_nbytes, unpack
+from .packing import FLAG_INEXACT, FLAG_MISMATCH, FLAG_NONFINITE, pack_header, payload_nbytes, unpack
 from .selection import (AdamMoments, GroupLayout, exact_topk_fallback, fused_update_and_select,
                         index_dtype, num_selected, segment_views, select_group, update_)
 
-__all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "AdamSettings",
-           "sparse_is_cheaper", "RankMismatchError"]
+__all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "AdamSettings", "RankMismatchError"]
 
 _ERROR_STOCK = (
     "TopKCompressor.compress() was called without a parameter name, which is what the stock "
@@ -60,6 +60,9 @@ class SparseContext:
     index_dtype: torch.dtype
     divisor: float = 1.0
     world: Optional[int] = None
+    exchange: str = "allgather"  # or "sparse_allreduce" (then ``regions`` is its plan)
+    regions: Optional[sar.RegionPlan] = field(default=None, repr=False)
+    in_cap: Optional[torch.Tensor] = field(default=None, repr=False)  # (K,) sent to an owner
     header: Optional[torch.Tensor] = field(default=None, repr=False)
     payload: Optional[torch.Tensor] = field(default=None, repr=False)
     headers: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -121,18 +124,6 @@ class SparseContext:
         return int(self.header[1]) if self.header is not None else 0
 
 
-def sparse_is_cheaper(numel: int, k: int, world: int, grad_bytes: int, payload_bytes: int) -> bool:
-    """Whether an allgather of the Top-K payload moves fewer bytes than a dense allreduce.
-
-    Per rank, a ring allgather sends ``(P-1) * k * b_payload`` bytes (b_payload = value +
-    index bytes) and a ring allreduce sends ``2 (P-1)/P * n * b_value``. The sparse exchange
-    wins iff ``P * k * b_payload < 2 * n * b_value``. With one rank nothing is sent either
-    way; we then compare as for two ranks so that a single-rank run compresses the same way.
-    """
-    p = max(world, 2)
-    return p * k * payload_bytes < 2 * numel * grad_bytes
-
-
 @dataclass(frozen=True)
 class AdamSettings:
     """The Adam hyperparameters of one group's step, passed by the optimizer to
@@ -151,10 +142,13 @@ class SparseCompressor(Compressor, abc.ABC):
 
     Per step, the optimizer:
 
-    1. asks ``wants_sparse(grad, world)`` for each gradient (dense allreduce otherwise) and
-       ``group_bytes(device)`` for how many bytes of gradients to compress together;
-    2. calls ``compress_group(grads, names, ...)`` for each group once its gradients are
-       ready (in the backward hooks: no host sync allowed), and allgathers the payload;
+    1. asks ``exchange_for(grad, world)`` for each gradient (``"dense"``: a dense allreduce;
+       ``"allgather"`` or ``"sparse_allreduce"``) and ``group_bytes(device)`` for how many
+       bytes of gradients to compress together (a group takes one exchange);
+    2. calls ``compress_group(grads, names, ..., exchange=...)`` for each group once its
+       gradients are ready (in the backward hooks: no host sync allowed), and allgathers the
+       payload -- or, for the sparse allreduce, alltoalls its ``world`` rows, then allgathers
+       ``reduce_regions(received, ctx)``;
     3. calls ``scatter(gathered, ctx)`` for each group (no host sync), then ``check(ctxs,
        extra)`` once: the step's one host sync, which raises ``RankMismatchError``, records
        non-finite gradients, and returns the groups to exchange again (``redo``);
@@ -166,8 +160,12 @@ class SparseCompressor(Compressor, abc.ABC):
     """
 
     @abc.abstractmethod
-    def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
+    def exchange_for(self, tensor: torch.Tensor, world: int) -> str:
         raise NotImplementedError
+
+    def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
+        """Whether ``exchange_for`` sends this gradient sparsely."""
+        return self.exchange_for(tensor, world) != "dense"
 
     @abc.abstractmethod
     def group_bytes(self, device: torch.device) -> int:
@@ -177,7 +175,12 @@ class SparseCompressor(Compressor, abc.ABC):
     def compress_group(self, tensors: Sequence[torch.Tensor], names: Sequence[str], *,
                        momentum: float = 0.0, nesterov: bool = False,
                        adam: Optional[AdamSettings] = None, scale: float = 1.0,
-                       world: Optional[int] = None) -> Tuple[torch.Tensor, SparseContext]:
+                       world: Optional[int] = None,
+                       exchange: str = "allgather") -> Tuple[torch.Tensor, SparseContext]:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def reduce_regions(self, received: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -263,9 +266,26 @@ class TopKCompressor(SparseCompressor):
             the gradient's dtype.
         min_numel: tensors with fewer elements (biases, norms) are allreduced densely by the
             optimizer: they cost little and their exact averages help accuracy.
-        density_aware: when the sparse allgather would move at least as many bytes as a
-            dense ring allreduce (large worlds, high ratios; see ``sparse_is_cheaper``),
-            the optimizer allreduces that tensor densely. Every rank takes the same decision.
+        exchange: how the selected entries travel. ``"allgather"``: every rank receives
+            every rank's ``k`` entries, ``(P-1) k`` per rank, growing with the world size.
+            ``"sparse_allreduce"`` (``sparse_allreduce.py``, after Ok-Topk): an alltoall sends
+            each entry to the owner of its region of the tensor, which sums them and keeps
+            its region's ``ceil(k / P)`` largest sums; an allgather shares those: about
+            ``(region_capacity + 1) k (P-1)/P`` entries per rank, whatever P. The sum is then
+            the global selection of ``P ceil(k/P)`` entries over the summed gradient, not the
+            average of every rank's own top-k; what a rank sent that no owner kept goes back
+            into its residual. ``"auto"`` (default): per tensor, the exchange of fewest bytes
+            under ``exchange.exchange_bytes`` (at 2 and 3 ranks the allgather, from about 4
+            ranks the sparse allreduce; dense allreduce where it is cheaper still, see
+            ``density_aware``). Every rank takes the same decision.
+        density_aware: also consider a dense allreduce, and take it for tensors where it
+            moves no more bytes than the sparse exchange (large worlds, high ratios): a
+            sparse exchange never costs more bytes than dense training.
+        region_capacity: sparse allreduce only: a rank sends each region's owner at most
+            ``ceil(region_capacity * k / P)`` of its entries (the largest), so the alltoall has
+            fixed sizes and needs nothing from the host; the rest wait in the residual.
+        region_refresh: sparse allreduce only: the regions are rebalanced on the measured
+            load every this many steps (from statistics every rank already received).
         warmup_steps: over the first ``warmup_steps`` optimizer steps the ratio decays
             exponentially from ``warmup_ratio`` to ``ratio`` (DGC's warm-up; its 25% -> 6.25%
             -> ... -> 0.1% schedule, made continuous). 0 disables. The default, 100 steps,
@@ -333,7 +353,8 @@ class TopKCompressor(SparseCompressor):
     """
 
     def __init__(self, ratio: float = 0.01, *, value_dtype: Optional[torch.dtype] = None,
-                 min_numel: int = 4096, density_aware: bool = True,
+                 min_numel: int = 4096, exchange: str = "auto", density_aware: bool = True,
+                 region_capacity: float = 2.0, region_refresh: int = 10,
                  warmup_steps: int = 100, warmup_ratio: float = 0.25,
                  momentum_correction: Optional[bool] = None, momentum_masking: bool = True,
                  adam_correction: Optional[bool] = None, adam_variance_steps: Optional[int] = 100,
@@ -347,7 +368,17 @@ class TopKCompressor(SparseCompressor):
         if int(min_numel) != min_numel or min_numel < 0:
             raise ValueError(f"min_numel must be an integer >= 0, got {min_numel!r}")
         self.min_numel = int(min_numel)
+        if exchange not in ("auto",) + EXCHANGES[1:]:
+            raise ValueError(f"exchange must be 'auto', 'allgather' or 'sparse_allreduce', got {exchange!r}")
+        self.exchange = exchange
         self.density_aware = bool(density_aware)
+        if not (float(region_capacity) >= 1.0):
+            raise ValueError("region_capacity must be >= 1 (entries a rank may send one region's owner, "
+                             f"in units of k / world), got {region_capacity!r}")
+        self.region_capacity = float(region_capacity)
+        if int(region_refresh) != region_refresh or region_refresh < 1:
+            raise ValueError(f"region_refresh must be an integer >= 1 (steps), got {region_refresh!r}")
+        self.region_refresh = int(region_refresh)
         if int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         self.warmup_steps = int(warmup_steps)
@@ -389,10 +420,15 @@ class TopKCompressor(SparseCompressor):
         self._pending: Dict[Tuple[str, ...], _Pending] = {}  # this step's selections, see unsend()
         self._layouts: Dict[Tuple, GroupLayout] = {}  # (sizes, ratio) -> layout
         self._signatures: Dict[Tuple, torch.Tensor] = {}  # (signature, device) -> (1,) int32
+        # Sparse allreduce: each group's region starts, (S, P + 1), keyed by (names, world)
+        self.regions: Dict[Tuple[Tuple[str, ...], int], torch.Tensor] = {}
+        self._region_plans: Dict[Tuple, sar.RegionPlan] = {}
 
     def __repr__(self) -> str:
         return (f"TopKCompressor(ratio={self.ratio}, value_dtype={self.value_dtype}, "
-                f"min_numel={self.min_numel}, density_aware={self.density_aware}, "
+                f"min_numel={self.min_numel}, exchange={self.exchange!r}, "
+                f"density_aware={self.density_aware}, region_capacity={self.region_capacity}, "
+                f"region_refresh={self.region_refresh}, "
                 f"warmup_steps={self.warmup_steps}, warmup_ratio={self.warmup_ratio}, "
                 f"momentum_correction={self.momentum_correction}, "
                 f"momentum_masking={self.momentum_masking}, adam_correction={self.adam_correction}, "
@@ -432,20 +468,29 @@ class TopKCompressor(SparseCompressor):
             pend.u.index_copy_(0, pend.sel, pend.u_vals)
 
     # -- decisions ------------------------------------------------------------------------
-    def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
-        """Whether the optimizer should exchange this gradient sparsely (same on every rank:
-        it depends only on the tensor's size and dtype, the ratio and the world size)."""
+    def exchange_costs(self, tensor: torch.Tensor, world: int) -> Dict[str, int]:
+        """``exchange.exchange_bytes`` for this gradient at the ratio in force: the bytes per
+        rank of each exchange."""
+        n = tensor.numel()
+        vdt = self.value_dtype or tensor.dtype
+        return exchange_bytes(n, num_selected(n, self.current_ratio()), world, tensor.element_size(),
+                              vdt.itemsize, index_dtype(n).itemsize, self.region_capacity)
+
+    def exchange_for(self, tensor: torch.Tensor, world: int) -> str:
+        """How the optimizer should exchange this gradient: ``"dense"``, ``"allgather"`` or
+        ``"sparse_allreduce"`` (see ``exchange``). The same on every rank: it depends only on
+        the tensor's size and dtype, the settings, the ratio in force and the world size."""
         if not tensor.dtype.is_floating_point or tensor.is_sparse:
-            return False
+            return "dense"
         n = tensor.numel()
         if n == 0 or n < self.min_numel:
-            return False
-        k = num_selected(n, self.current_ratio())
+            return "dense"
+        allowed = EXCHANGES[1:] if self.exchange == "auto" else (self.exchange,)
         if self.density_aware:
-            vdt = self.value_dtype or tensor.dtype
-            pbytes = payload_nbytes(1, vdt, index_dtype(n)) - payload_nbytes(0, vdt, index_dtype(n))
-            return sparse_is_cheaper(n, k, world, tensor.element_size(), pbytes)
-        return True
+            allowed = ("dense",) + allowed
+        if len(allowed) == 1:
+            return allowed[0]
+        return cheapest_exchange(self.exchange_costs(tensor, world), allowed)
 
     def group_bytes(self, device: torch.device) -> int:
         """Gradient bytes compressed together on ``device`` (``group_bytes`` resolved)."""
@@ -492,7 +537,8 @@ class TopKCompressor(SparseCompressor):
     def compress_group(self, tensors: Sequence[torch.Tensor], names: Sequence[str], *,
                        momentum: float = 0.0, nesterov: bool = False,
                        adam: Optional[AdamSettings] = None, scale: float = 1.0,
-                       world: Optional[int] = None) -> Tuple[torch.Tensor, SparseContext]:
+                       world: Optional[int] = None,
+                       exchange: str = "allgather") -> Tuple[torch.Tensor, SparseContext]:
         """Compensate, select, pack a group of gradients as one payload; update their residuals.
 
         No value is read back to the host: the selection's flags (non-finite gradient, an
@@ -518,7 +564,11 @@ class TopKCompressor(SparseCompressor):
                 ``GradScaler`` does) and the scaling is exact. A float, or a 0-dim tensor on
                 the device (the optimizer passes ``GradScaler``'s own, so that nothing is read
                 back to the host).
-            world: ranks exchanging (scales local clipping); default ``self.world_size``.
+            world: ranks exchanging (scales local clipping, and the sparse allreduce's regions);
+                default ``self.world_size``.
+            exchange: ``"allgather"``: the payload is this rank's entries, to allgather;
+                ``"sparse_allreduce"``: ``world`` equal rows, row j for rank j, to alltoall
+                (then ``reduce_regions``, an allgather, ``scatter``).
 
         If a gradient holds a NaN or Inf, those entries are added as 0 (residual and velocity
         stay finite) and the header flags it, so every rank learns of it after the exchange;
@@ -527,6 +577,8 @@ class TopKCompressor(SparseCompressor):
         Returns:
             ``(payload, ctx)``: ``(nbytes,)`` uint8 and a ``SparseContext``.
         """
+        if exchange not in EXCHANGES[1:]:
+            raise ValueError(f"exchange must be 'allgather' or 'sparse_allreduce', got {exchange!r}")
         if not tensors or len(tensors) != len(names):
             raise ValueError(f"compress_group needs one name per tensor, got {len(tensors)} tensors "
                              f"and {len(names)} names")
@@ -544,7 +596,8 @@ class TopKCompressor(SparseCompressor):
         layout = self._layout(tuple(t.numel() for t in tensors))
         vdt = self.value_dtype or dtype
         idt = index_dtype(max(layout.sizes))
-        ctx = SparseContext(tuple(names), tuple(t.shape for t in tensors), dtype, layout, vdt, idt)
+        ctx = SparseContext(tuple(names), tuple(t.shape for t in tensors), dtype, layout, vdt, idt,
+                            exchange=exchange)
         g = (tensors[0].detach().reshape(-1) if len(tensors) == 1
              else torch.cat([t.detach().reshape(-1) for t in tensors]))  # (n,)
         v = self.memory.group_buffer(names, layout.sizes, g)  # (n,) residual e
@@ -570,6 +623,9 @@ class TopKCompressor(SparseCompressor):
             inexact = None  # the kernel's selection is always exact
         self._pending[ctx.names] = pend
         ctx.world = world
+        if exchange == "sparse_allreduce":
+            ctx.world = world if world is not None else self.world_size
+            ctx.regions = self._region_plan(layout, ctx.world)
         return self._send(ctx, pend, inexact), ctx
 
     def _adam_moments(self, names: Sequence[str], layout: GroupLayout, like: torch.Tensor,
@@ -604,13 +660,69 @@ class TopKCompressor(SparseCompressor):
         return moments
 
     def _send(self, ctx: SparseContext, pend: _Pending, inexact: Optional[torch.Tensor]) -> torch.Tensor:
-        """Step 5 and the payload: the residual write, the header with the flags, the bytes."""
+        """Step 5 and the payload: the residual write, the header with the flags, the bytes
+        (the sparse allreduce: this rank's entries bucketed into one alltoall row per owner;
+        its header travels later, in ``reduce_regions``' row)."""
         exact = ctx.value_dtype == ctx.dtype and _is_one(pend.scale)
         sent = self._write_residual(pend, ctx.value_dtype, exact)
         ctx.header = self._header(ctx, pend.bad, inexact)
+        if ctx.exchange == "sparse_allreduce":
+            ctx.header = ctx.header.to(sent.device)
+            ctx.payload, ctx.in_cap = sar.to_regions(pend.sel, sent, ctx.regions, self._bounds(ctx),
+                                                     self._header_base(ctx, sent.device), ctx.index_dtype)
+            return ctx.payload
         indices = self._local_indices(pend.sel, ctx.layout, ctx.index_dtype)
         ctx.payload = pack_header(ctx.header, sent, indices)
         return ctx.payload
+
+    # -- the sparse allreduce (sparse_allreduce.py) ----------------------------------------
+    def _region_plan(self, layout: GroupLayout, world: int) -> sar.RegionPlan:
+        key = (layout.sizes, layout.ks, world)
+        plan = self._region_plans.get(key)
+        if plan is None:
+            if len(self._region_plans) > 256:  # the warm-up makes a new k every step
+                self._region_plans.clear()
+            plan = self._region_plans[key] = sar.RegionPlan(layout, world, self.region_capacity)
+        return plan
+
+    def _bounds(self, ctx: SparseContext) -> torch.Tensor:
+        """The group's region starts ``(S, P + 1)`` on its device (equal regions at first)."""
+        key = (ctx.names, ctx.regions.world)
+        bounds = self.regions.get(key)
+        device = ctx.header.device
+        if bounds is None:
+            bounds = self.regions[key] = sar.uniform_bounds(ctx.layout, ctx.regions.world, device)
+        elif bounds.device != device:
+            bounds = self.regions[key] = bounds.to(device)
+        return bounds
+
+    def reduce_regions(self, received: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
+        """The sparse allreduce's middle step, at this rank as the owner of its regions: sum
+        what every rank sent there (``received``, the alltoall's output), keep each tensor's
+        ``ceil(k / P)`` largest sums, divided by ``ctx.divisor``. Returns this rank's row for
+        the allgather, with its own header (its flags) -- no host sync."""
+        return sar.reduce_region(received, ctx.regions, ctx.signature, ctx.header, ctx.divisor,
+                                 ctx.dtype, ctx.value_dtype, ctx.index_dtype, _to_wire)
+
+    def _finish_regions(self, gathered: torch.Tensor, ctx: SparseContext, out: torch.Tensor) -> None:
+        """Scatter the owners' entries into ``out``; what this rank sent that no owner kept
+        goes back into its residual (and masked momentum returns there); refresh the regions."""
+        try:
+            headers, kept, stats = sar.finish(gathered, ctx.regions, ctx.header_words, ctx.value_dtype,
+                                              ctx.index_dtype, out)
+        except ValueError as e:
+            raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}: ranks "
+                                    "disagree on this tensor's size, ratio or wire dtypes. "
+                                    + _SAME_MODEL) from None
+        ctx.headers = headers
+        pend = self._pending[ctx.names]
+        took = kept.index_select(0, pend.sel) & ctx.in_cap  # (K,) applied somewhere
+        pend.v.index_copy_(0, pend.sel, torch.where(took, pend.v.index_select(0, pend.sel), pend.vals))
+        if pend.u is not None and pend.u_vals is not None:
+            pend.u.index_copy_(0, pend.sel, torch.where(took, pend.u.index_select(0, pend.sel), pend.u_vals))
+        if (self.steps + 1) % self.region_refresh == 0:
+            key = (ctx.names, ctx.regions.world)
+            self.regions[key] = sar.refresh_bounds(self._bounds(ctx), stats, ctx.layout)
 
     def _kernel_update(self, v, u, g, layout, momentum, inv, exact, scale) -> Optional[_Pending]:
         """Steps 1-4 (and the zeroing of 5 when ``exact``) through the fused CPU kernel, one
@@ -731,7 +843,16 @@ class TopKCompressor(SparseCompressor):
         """Scatter-add every rank's (values, indices), each divided by ``ctx.divisor``, into a
         dense ``(n,)`` buffer (``ctx.out``): ``out`` when given (zeroed first; the optimizer
         passes a lone gradient's own storage), else a new one; every rank's header goes to
-        ``ctx.headers``. Reads nothing back to the host; ``check`` then resolves the headers."""
+        ``ctx.headers``. Reads nothing back to the host; ``check`` then resolves the headers. For the sparse
+        allreduce, ``gathered`` is the allgather of ``reduce_regions``' rows: the owners'
+        entries, each position once and already divided; this rank's entries that no owner
+        kept return to its residual."""
+        if ctx.exchange == "sparse_allreduce":
+            if out is None:
+                out = torch.empty(ctx.numel, dtype=ctx.dtype, device=gathered.device)
+            self._finish_regions(gathered, ctx, out)
+            ctx.out = out
+            return out
         try:
             headers, values, indices = unpack(gathered, ctx.k, ctx.value_dtype, ctx.index_dtype,
                                               ctx.world, ctx.header_words)  # (P, H), (P, K), (P, K)
@@ -787,6 +908,12 @@ class TopKCompressor(SparseCompressor):
             rows = [flat[at + r * h: at + (r + 1) * h] for r in range(ctx.headers.shape[0])]
             at += h * len(rows)
             others = [r for r, row in enumerate(rows) if row[0] != ctx.signature]
+            owners = [r for r, row in enumerate(rows) if row[1] & FLAG_MISMATCH]
+            if owners and not others:
+                raise RankMismatchError(
+                    f"parameter {ctx.name!r}: the owners of regions {owners} received, in the sparse "
+                    f"allreduce, rows for something other than this rank's {ctx.describe()}. "
+                    + _SAME_MODEL)
             if others:
                 raise RankMismatchError(
                     f"parameter {ctx.name!r}: rank(s) {others} sent a payload for something other than "
@@ -813,11 +940,14 @@ class TopKCompressor(SparseCompressor):
         """This rank's payload for a group ``check`` returned: unchanged if this rank's own
         selection was exact, else its exact selection (``torch.topk`` per tensor) replaces the
         sampled one. Every rank then exchanges the group again."""
-        if not ctx.flags & FLAG_INEXACT:
+        own_inexact = bool(ctx.flags & FLAG_INEXACT)
+        if not own_inexact and ctx.exchange == "allgather":
             return ctx.payload
         pend = self._pending[ctx.names]
         self._restore(pend)  # the residual (and masked velocity) as before the selection
-        sel = exact_topk_fallback(pend.v, ctx.layout)
+        # The sparse allreduce: the residual took back what was not kept; start again from
+        # before the selection even where this rank's own selection was exact.
+        sel = exact_topk_fallback(pend.v, ctx.layout) if own_inexact else pend.sel
         fresh = self._selected(pend.v, pend.u, sel, pend.bad, pend.scale, ctx.layout)
         self._pending[ctx.names] = fresh
         return self._send(ctx, fresh, torch.zeros((), dtype=torch.bool, device=sel.device))
@@ -831,6 +961,9 @@ class TopKCompressor(SparseCompressor):
             return payload
         if isinstance(ctx, ComplexContext):
             return torch.view_as_complex(payload)
+        if ctx.exchange != "allgather":
+            raise ValueError("decompress() takes an allgathered payload; a sparse allreduce goes "
+                             "through reduce_regions() and scatter() (hvd_topk.DistributedOptimizer)")
         out = self.scatter(payload, ctx)
         self.check([ctx])  # an inexact selection is still a valid sparse update: kept here
         return out.view(ctx.shapes[0]) if len(ctx.names) == 1 else out
@@ -863,7 +996,9 @@ class TopKCompressor(SparseCompressor):
                 "velocities": self.velocity.state_dict(), "exp_avg": self.exp_avg.state_dict(),
                 "exp_avg_sq": self.exp_avg_sq.state_dict(),
                 "max_exp_avg_sq": self.max_exp_avg_sq.state_dict(),
-                "adam_steps": dict(self.adam_steps)}
+                "adam_steps": dict(self.adam_steps),
+                "regions": {"\n".join(names) + f"@{world}": b.cpu()
+                            for (names, world), b in self.regions.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.steps = int(state["steps"])
@@ -874,6 +1009,10 @@ class TopKCompressor(SparseCompressor):
         self.exp_avg_sq.load_state_dict(state.get("exp_avg_sq", {}))
         self.max_exp_avg_sq.load_state_dict(state.get("max_exp_avg_sq", {}))
         self.adam_steps = {str(n): int(t) for n, t in state.get("adam_steps", {}).items()}
+        self.regions = {}
+        for key, bounds in state.get("regions", {}).items():  # "name\nname...@world"
+            names, _, world = key.rpartition("@")
+            self.regions[(tuple(names.split("\n")), int(world))] = bounds.clone()
 
 
 class ComplexContext:

@@ -27,7 +27,8 @@ from horovod.torch.compression import Compression
 
 from .compression import ComplexContext, RankMismatchError, SparseCompressor
 from .corrections import correction_groups
-from .exchange import sparse_allgather_async
+from .exchange import EXCHANGES, sparse_allgather_async, sparse_alltoall_async
+from .packing import row_nbytes
 from .selection import segment_views, stacked_probe
 
 __all__ = ["DistributedOptimizer", "CommStats", "TopKDistributedOptimizer"]
@@ -41,18 +42,27 @@ _HorovodOptimizer = _hvd_optimizer._DistributedOptimizer
 class CommStats:
     """Communication counters of one optimizer step (this rank), or totals over steps.
 
-    ``bytes_sent``: what this rank contributed to collectives (sparse payloads, plus dense
-    tensors at their size); ``bytes_received``: what the allgathers delivered to it (plus dense
-    tensors); ``dense_bytes``: what a dense allreduce of the same gradients would contribute;
-    ``compress_ms``: time in ``compress()``; ``wait_ms``: time blocked in ``synchronize()``
-    (communication not hidden behind backward, plus decompression).
+    ``bytes_sent``: what this rank contributed to collectives (sparse payloads -- for the
+    sparse allreduce its alltoall rows for other ranks and its allgather row --, plus dense
+    tensors at their size); ``bytes_received``: what the collectives delivered to it (plus
+    dense tensors); ``dense_bytes``: what a dense allreduce of the same gradients would
+    contribute; ``link_bytes``: the bytes this rank's link carries each way under the model
+    that chooses the exchanges (``exchange.exchange_bytes``: a ring allreduce's ``2 (P-1)/P``
+    of each dense tensor, ``P-1`` payloads for an allgather, ``P-1`` rows of each phase for
+    the sparse allreduce); ``allgather_tensors`` / ``sparse_allreduce_tensors``: how many
+    of the ``sparse_tensors`` took each exchange; ``compress_ms``: time in ``compress()``;
+    ``wait_ms``: time blocked in ``synchronize()`` (communication not hidden behind
+    backward, plus decompression).
     """
 
     steps: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     dense_bytes: int = 0
+    link_bytes: int = 0
     sparse_tensors: int = 0
+    allgather_tensors: int = 0
+    sparse_allreduce_tensors: int = 0
     dense_tensors: int = 0
     compress_ms: float = 0.0
     wait_ms: float = 0.0
@@ -89,7 +99,8 @@ class _Group:
     ``group_bytes``): the group is compressed in the backward hook of its last gradient."""
 
     def __init__(self, key):
-        self.key = key  # (device, dtype, correction key): one pipeline run needs one of each
+        self.key = key  # (device, dtype, correction key, exchange): one pipeline run each
+        self.exchange = key[3]  # "allgather" or "sparse_allreduce"
         self.correction = None  # its params' MomentumCorrection / AdamCorrection, or None
         self.params = []
         self.names = []
@@ -141,6 +152,7 @@ class _TopKMethods:
         self._user_groups = groups if self._sparse else None
         self._plan = None  # param -> _Group for this step's sparse gradients
         self._plan_key = None
+        self._plan_logged = set()  # (world, exchange counts) already logged
         self._planned = False  # the plan of the step in progress is known
         self._trained = []  # this step's exchanged params: updated by the optimizer, requires_grad
         self._trained_set = frozenset()
@@ -171,11 +183,14 @@ class _TopKMethods:
             return self._plan
         user_group = self._user_group_index(trained)
         groups, current, by_user_group = [], None, {}
+        kinds = {}
         for p in reversed(trained):
-            if p.is_complex() or not comp.wants_sparse(p, world):
+            kind = "dense" if p.is_complex() else comp.exchange_for(p, world)
+            kinds[p] = kind
+            if kind == "dense":
                 continue
             correction = self._correction.get(p)
-            gkey = (p.device, p.dtype, correction.key() if correction else None)
+            gkey = (p.device, p.dtype, correction.key() if correction else None, kind)
             if user_group is not None:
                 current = by_user_group.get((user_group[p], gkey))
                 if current is None:
@@ -191,7 +206,28 @@ class _TopKMethods:
             current.correction = correction
         self._plan = {p: g for g in groups for p in g.params}
         self._plan_key = key
+        self._log_plan(kinds, world)
         return self._plan
+
+    def _log_plan(self, kinds, world):
+        """Log, once per (world size, choice), which exchange each tensor takes and the bytes
+        the model predicts for the step (rank 0, INFO)."""
+        count = {e: sum(1 for k in kinds.values() if k == e) for e in EXCHANGES}
+        key = (world, tuple(count.values()))
+        if key in self._plan_logged or mpi_ops.rank() != 0 or not logger.isEnabledFor(logging.INFO):
+            return
+        self._plan_logged.add(key)
+        comp = self._compression
+        model = {e: 0 for e in count}
+        dense_all = 0
+        for p, kind in kinds.items():
+            dense_all += _ring_bytes(p.numel() * p.element_size(), world)
+            model[kind] += (_ring_bytes(p.numel() * p.element_size(), world) if kind == "dense"
+                            else comp.exchange_costs(p, world)[kind])
+        logger.info("hvd_topk: exchange plan at %d ranks, ratio %.4g: %s; the model's bytes per rank "
+                    "and step: %s (dense training: %.1f KB)", world, comp.current_ratio(),
+                    ", ".join(f"{count[e]} {e}" for e in count),
+                    ", ".join(f"{e} {model[e] / 1e3:.1f} KB" for e in count), dense_all / 1e3)
 
     def _trained_of_step(self):
         """The params exchanged this step: those the wrapped optimizer updates (in its
@@ -285,18 +321,31 @@ class _TopKMethods:
             kwargs = group.correction.compress_kwargs()
         payload, ctx = comp.compress_group([group.ready[p] for p in group.params], group.names,
                                            scale=self._loss_scale(), world=world,
-                                           **kwargs)  # (nbytes,) uint8
+                                           exchange=group.exchange, **kwargs)  # (nbytes,) uint8
         ctx.divisor = world if self.op == mpi_ops.Average else 1
         group.ctx = ctx
-        group.handle = sparse_allgather_async(payload, name=self._group_name(group),
-                                              process_set=self.process_set)
+        stats = self._step_stats
+        if group.exchange == "sparse_allreduce":
+            # Phase 1 now (it overlaps the rest of backward); phase 2 in synchronize().
+            group.handle = sparse_alltoall_async(payload, world, name=self._group_name(group),
+                                                 process_set=self.process_set)
+            row1 = payload.numel() // world
+            row2 = row_nbytes(ctx.regions.row2_spec(ctx.header_words, ctx.value_dtype, ctx.index_dtype))
+            stats.bytes_sent += (world - 1) * row1 + row2
+            stats.bytes_received += (world - 1) * row1 + world * row2
+            stats.link_bytes += (world - 1) * (row1 + row2)
+            stats.sparse_allreduce_tensors += len(group.params)
+        else:
+            group.handle = sparse_allgather_async(payload, name=self._group_name(group),
+                                                  process_set=self.process_set)
+            stats.bytes_sent += payload.numel()
+            stats.bytes_received += payload.numel() * world
+            stats.link_bytes += (world - 1) * payload.numel()
+            stats.allgather_tensors += len(group.params)
         if group.correction is not None:
             self._corrected.update(group.params)
-        stats = self._step_stats
         stats.compress_ms += (time.perf_counter() - t0) * 1e3
         stats.sparse_tensors += len(group.params)
-        stats.bytes_sent += payload.numel()
-        stats.bytes_received += payload.numel() * world
 
     def _grouped_allreduce_grad_async(self, ps):
         # Horovod's grouped allreduce (``groups`` with its compressors), counted in comm_stats.
@@ -315,6 +364,7 @@ class _TopKMethods:
         stats.dense_tensors += 1
         stats.bytes_sent += sent
         stats.bytes_received += sent
+        stats.link_bytes += _ring_bytes(sent, self.process_set.size())
 
     @staticmethod
     def _group_name(group, suffix=""):
@@ -412,6 +462,11 @@ class _TopKMethods:
                 p.grad.zero_().add_(comp.decompress(output, ctx))
             else:
                 p.grad.set_(comp.decompress(output, ctx))  # dense: no check, no sync
+        for group in groups:  # the sparse allreduce's phase 2: sum at the owners, allgather
+            if group.exchange == "sparse_allreduce":
+                group.handle = sparse_allgather_async(comp.reduce_regions(group.handle(), group.ctx),
+                                                      name=self._group_name(group, ".sar"),
+                                                      process_set=self.process_set)
         for group in groups:
             comp.scatter(group.handle(), group.ctx, self._own_storage(group))
         handles.clear()
@@ -421,8 +476,13 @@ class _TopKMethods:
         by_ctx = {id(g.ctx): g for g in groups}
         while redo:  # an unlucky sample somewhere (rare): exchange those groups again, exactly
             for ctx in redo:
-                gathered = mpi_ops.allgather(comp.redo(ctx), name=self._group_name(by_ctx[id(ctx)], ".redo"),
-                                             process_set=self.process_set)
+                name = self._group_name(by_ctx[id(ctx)], ".redo")
+                payload = comp.redo(ctx)
+                if ctx.exchange == "sparse_allreduce":
+                    received = sparse_alltoall_async(payload, ctx.regions.world, name=name,
+                                                     process_set=self.process_set)()
+                    payload, name = comp.reduce_regions(received, ctx), name + ".sar"
+                gathered = mpi_ops.allgather(payload, name=name, process_set=self.process_set)
                 comp.scatter(gathered, ctx, ctx.out)
             redo, _ = comp.check(redo)
         for group in groups:
@@ -617,6 +677,11 @@ class _TopKMethods:
             comp.steps = broadcast_object(comp.steps, root_rank=root_rank, name="hvd_topk.sync.steps")
             comp.world_size = self.process_set.size()
             self._check_model = True  # a new rank may have joined: compare models again
+
+
+def _ring_bytes(nbytes, world):
+    """What a ring allreduce of ``nbytes`` carries on each rank's link, each way."""
+    return 2 * (world - 1) * nbytes // world if world > 1 else 0
 
 
 def _check_groups(groups):

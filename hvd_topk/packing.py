@@ -23,12 +23,12 @@ because ``k`` depends only on the tensor's size, the ratio and the step, known e
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["payload_nbytes", "pack", "pack_header", "unpack", "HEADER_BYTES", "FLAG_NONFINITE",
-           "FLAG_INEXACT"]
+__all__ = ["payload_nbytes", "pack", "pack_header", "unpack", "pack_rows", "unpack_rows", "row_nbytes",
+           "HEADER_BYTES", "FLAG_NONFINITE", "FLAG_INEXACT", "FLAG_MISMATCH"]
 
 #: Bytes of the per-rank header: int32 signature, int32 flags.
 HEADER_BYTES = 8
@@ -37,6 +37,9 @@ FLAG_NONFINITE = 1
 #: Header flag: the sender's sampled selection was not provably exact (an unlucky sample);
 #: every rank then redoes this exchange with the sender's exact selection.
 FLAG_INEXACT = 2
+#: Header flag (sparse allreduce): a region's owner received a row from a rank that sent a
+#: payload for something else; every rank raises ``RankMismatchError`` after the exchange.
+FLAG_MISMATCH = 4
 
 
 def payload_nbytes(k: int, value_dtype: torch.dtype, index_dtype: torch.dtype, header_words: int = 2) -> int:
@@ -67,8 +70,6 @@ def unpack(buf: torch.Tensor, k: int, value_dtype: torch.dtype, index_dtype: tor
     ``world * nbytes`` (with ``world=None``: not a multiple of ``nbytes``) -- the ranks then
     disagree on the tensor's size, ``k`` or wire dtypes.
     """
-    vbytes = k * _itemsize(value_dtype)
-    hbytes = 4 * header_words
     nbytes = payload_nbytes(k, value_dtype, index_dtype, header_words)
     if world is None:
         world = buf.numel() // nbytes
@@ -76,13 +77,39 @@ def unpack(buf: torch.Tensor, k: int, value_dtype: torch.dtype, index_dtype: tor
         raise ValueError(
             f"gathered payload of {buf.numel()} bytes is not {world} rank payloads of {nbytes} "
             "bytes: ranks disagree on this tensor's size, ratio or wire dtypes")
-    rows = buf.view(world, nbytes)  # (world, nbytes)
-    # clone(): a fresh, aligned buffer (a slice's storage offset may not fit the wider dtype).
-    headers = rows[:, :hbytes].reshape(-1).clone().view(torch.int32).view(world, header_words)
-    body = rows[:, hbytes:]
-    values = body[:, :vbytes].reshape(-1).clone().view(value_dtype).view(world, k)  # (world, k)
-    indices = body[:, vbytes:].reshape(-1).clone().view(index_dtype).view(world, k)  # (world, k)
-    return headers, values, indices
+    headers, values, indices = unpack_rows(buf, world, [(header_words, torch.int32), (k, value_dtype),
+                                                        (k, index_dtype)])
+    return headers, values, indices  # (world, header_words), (world, k), (world, k)
+
+
+def row_nbytes(spec: Sequence[Tuple[int, torch.dtype]]) -> int:
+    """Bytes of one row of ``(count, dtype)`` parts (see ``unpack_rows``)."""
+    return sum(count * _itemsize(dtype) for count, dtype in spec)
+
+
+def pack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(rows, count_i)`` tensors of any dtypes -> ``(rows * row_bytes,)`` uint8, row by row:
+    row j is ``[parts[0][j] | parts[1][j] | ...]`` as raw bytes (one rank's part of an alltoall
+    or an allgather)."""
+    rows = parts[0].shape[0]
+    return torch.cat([p.contiguous().view(torch.uint8).reshape(rows, -1) for p in parts], dim=1).reshape(-1)
+
+
+def unpack_rows(buf: torch.Tensor, rows: int,
+                spec: Sequence[Tuple[int, torch.dtype]]) -> List[torch.Tensor]:
+    """Split ``(rows * row_bytes,)`` uint8 into one ``(rows, count)`` tensor per ``(count, dtype)``
+    of ``spec`` (the inverse of ``pack_rows``). Raises ``ValueError`` on a size mismatch."""
+    nbytes = row_nbytes(spec)
+    if buf.numel() != rows * nbytes:
+        raise ValueError(f"{buf.numel()} bytes are not {rows} rows of {nbytes} bytes")
+    view = buf.view(rows, nbytes)
+    out, at = [], 0
+    for count, dtype in spec:
+        width = count * _itemsize(dtype)
+        # clone(): a fresh, aligned buffer (a slice's storage offset may not fit the wider dtype).
+        out.append(view[:, at:at + width].reshape(-1).clone().view(dtype).view(rows, count))
+        at += width
+    return out
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ Two hosts (network namespaces, one rank each, one CPU thread per rank), links sh
 - ``none``: the same training step with no exchange at all -- the floor;
 - ``dense``: ``hvd.DistributedOptimizer`` (allreduce);
 - ``fp16``: ``hvd.DistributedOptimizer(compression=hvd.Compression.fp16)``;
-- ``topk1`` / ``topk0.1``: ``hvd_topk.DistributedOptimizer`` with ``TopKCompressor(0.01 / 0.001)``;
+- ``topk1`` / ``topk0.1``: ``hvd_topk.DistributedOptimizer`` with ``TopKCompressor(0.01 / 0.001)``
+  (``exchange="auto"``); a suffix ``ag`` / ``sar`` forces the allgather / the sparse allreduce
+  (``topk1sar``);
 - ``powersgd4``: PyTorch DDP (gloo backend) with the PowerSGD comm hook, rank 4.
 
 Models: ResNet-18, ``mlp`` (5.3M parameters, batch 16: the communication-bound extreme) and
@@ -43,7 +45,21 @@ REPO = Path(__file__).resolve().parent.parent
 NETEM = REPO / "scripts" / "netem.sh"
 METHODS = ["none", "dense", "fp16", "topk1", "topk0.1", "powersgd4"]
 LABELS = {"none": "no communication (floor)", "dense": "dense allreduce", "fp16": "Horovod fp16",
-          "topk1": "Top-K 1%", "topk0.1": "Top-K 0.1%", "powersgd4": "DDP PowerSGD rank 4"}
+          "topk1": "Top-K 1%", "topk0.1": "Top-K 0.1%", "powersgd4": "DDP PowerSGD rank 4",
+          "topk1ag": "Top-K 1%, allgather", "topk0.1ag": "Top-K 0.1%, allgather",
+          "topk1sar": "Top-K 1%, sparse allreduce", "topk0.1sar": "Top-K 0.1%, sparse allreduce"}
+EXCHANGE_SUFFIX = {"ag": "allgather", "sar": "sparse_allreduce"}
+
+
+def topk_method(method: str):
+    """``topk<percent>[ag|sar]`` -> (ratio, exchange), or None for other methods."""
+    if not method.startswith("topk"):
+        return None
+    body, exchange = method[4:], "auto"
+    for suffix, name in EXCHANGE_SUFFIX.items():
+        if body.endswith(suffix):
+            body, exchange = body[:-len(suffix)], name
+    return float(body) / 100, exchange
 IFACE = "hvd0"
 MASTER = "10.77.0.1"
 
@@ -106,8 +122,9 @@ def horovod_optimizer(method: str, model, opt):
     import hvd_topk
 
     named = model.named_parameters()
-    if method.startswith("topk"):
-        comp = hvd_topk.TopKCompressor(float(method[4:]) / 100, warmup_steps=0)
+    if topk_method(method):
+        ratio, exchange = topk_method(method)
+        comp = hvd_topk.TopKCompressor(ratio, warmup_steps=0, exchange=exchange)
         return hvd_topk.DistributedOptimizer(opt, named_parameters=named, compression=comp, log_every=0)
     comp = hvd.Compression.fp16 if method == "fp16" else hvd.Compression.none
     return hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
@@ -172,9 +189,18 @@ def worker(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
+        # The byte model's bytes per step on this rank's link (hvd_topk's comm_stats; a ring
+        # allreduce of every gradient for Horovod's dense and fp16).
+        if hasattr(opt, "comm_stats"):
+            model_bytes = opt.comm_stats.link_bytes
+        elif args.method in ("dense", "fp16"):
+            model_bytes = 2 * (world - 1) / world * params * (4 if args.method == "dense" else 2)
+        else:
+            model_bytes = None
         print("RESULT " + json.dumps({"step_ms": 1e3 * statistics.median(times),
                                       "step_ms_all": [1e3 * t for t in times],
-                                      "bytes_per_step": sent / args.steps, "params": params}),
+                                      "bytes_per_step": sent / args.steps, "params": params,
+                                      "model_bytes": model_bytes}),
               flush=True)
 
 
@@ -217,7 +243,8 @@ def summarize(runs: list) -> list:
         steps = [r["step_ms"] for r in rs]
         out.append({"model": model, "rate": rate, "method": method, "params": rs[0]["params"],
                     "step_ms": statistics.median(steps), "step_ms_runs": steps,
-                    "bytes_per_step": statistics.median(r["bytes_per_step"] for r in rs)})
+                    "bytes_per_step": statistics.median(r["bytes_per_step"] for r in rs),
+                    "model_bytes": rs[0].get("model_bytes")})
     return out
 
 
@@ -227,16 +254,18 @@ def markdown(results: list) -> str:
                      and q["method"] == method), None)
 
     lines = ["| model | link | method | step ms | runs (ms) | x floor | MB on the wire per step "
-             "| % of dense bytes |",
-             "|---|---|---|---:|---|---:|---:|---:|"]
+             "| % of dense bytes | byte model MB | wire / model |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
         floor, dense = find(r, "none"), find(r, "dense")
         x_floor = f"{r['step_ms'] / floor['step_ms']:.2f}" if floor else "-"
         share = (f"{100 * r['bytes_per_step'] / dense['bytes_per_step']:.2f}%"
                  if dense and r["method"] != "none" else "-")
         runs = ", ".join(f"{t:.0f}" for t in r["step_ms_runs"])
+        mb = r.get("model_bytes")
+        model = f"{mb / 1e6:.3f} | {r['bytes_per_step'] / mb:.3f}" if mb else "- | -"
         lines.append(f"| {r['model']} | {r['rate']} | {LABELS[r['method']]} | {r['step_ms']:.0f} | "
-                     f"{runs} | {x_floor} | {r['bytes_per_step'] / 1e6:.3f} | {share} |")
+                     f"{runs} | {x_floor} | {r['bytes_per_step'] / 1e6:.3f} | {share} | {model} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hvd_topk import TopKCompressor, num_selected, pack, sparse_is_cheaper, unpack
+from hvd_topk import TopKCompressor, exchange_bytes, num_selected, pack, unpack
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -124,13 +124,14 @@ def test_compress_without_name_points_to_our_optimizer():
 
 
 def test_density_aware_decision():
-    # P * k * payload_bytes < 2 * n * value_bytes
-    assert sparse_is_cheaper(numel=1000, k=10, world=2, grad_bytes=4, payload_bytes=8)
-    assert not sparse_is_cheaper(numel=1000, k=10, world=100, grad_bytes=4, payload_bytes=8)
-    assert sparse_is_cheaper(numel=1000, k=10, world=99, grad_bytes=4, payload_bytes=8)
-    comp = TopKCompressor(0.01, min_numel=0, warmup_steps=0)
+    # allgather: (P-1) (8 + 8 k) against a ring allreduce's 2 (P-1)/P * 4 n
+    cost = exchange_bytes(numel=1000, k=10, world=2, grad_bytes=4, value_bytes=4, index_bytes=4)
+    assert cost["allgather"] < cost["dense"]
+    cost = exchange_bytes(numel=1000, k=10, world=100, grad_bytes=4, value_bytes=4, index_bytes=4)
+    assert cost["allgather"] > cost["dense"]
+    comp = TopKCompressor(0.01, min_numel=0, warmup_steps=0, exchange="allgather")
     assert comp.wants_sparse(torch.zeros(100_000), world=8)
-    assert not comp.wants_sparse(torch.zeros(100_000), world=256)  # 256*1000*8 > 2*1e5*4
+    assert not comp.wants_sparse(torch.zeros(100_000), world=256)  # 255*8008 > 2*255/256*4e5
     assert not TopKCompressor(0.01).wants_sparse(torch.zeros(100), world=2)  # below min_numel
     assert not comp.wants_sparse(torch.zeros(10, dtype=torch.int64), world=2)  # not floating
 

@@ -32,3 +32,22 @@ def test_models_that_differ_fail_clearly_on_every_rank(check):
     for rank in range(2):
         assert f"rank {rank}/2 {check}: OK" in out, out
     assert out.count(MISMATCHES[check]) >= 2, out  # the same message on both ranks
+
+
+def test_hostile_inputs_on_the_sparse_allreduce():
+    """The same cases on ``exchange="sparse_allreduce"``: the same outcomes."""
+    env = {"HVD_TOPK_TEST_EXCHANGE": "sparse_allreduce"}
+    out = run_ranks("hostile_worker.py", *RUNS_THROUGH, backend="gloo", np=2, timeout=300, env=env)
+    for check in RUNS_THROUGH:
+        for rank in range(2):
+            assert f"rank {rank}/2 {check}: OK" in out, out
+
+
+@pytest.mark.parametrize("check", sorted(MISMATCHES))
+def test_models_that_differ_fail_clearly_on_the_sparse_allreduce(check):
+    """Rows of another size or signature reach the region owners: the same messages."""
+    env = {"HVD_TOPK_TEST_EXCHANGE": "sparse_allreduce"}
+    out = run_ranks("hostile_worker.py", check, backend="gloo", np=2, timeout=120, env=env)
+    for rank in range(2):
+        assert f"rank {rank}/2 {check}: OK" in out, out
+    assert out.count(MISMATCHES[check]) >= 2, out

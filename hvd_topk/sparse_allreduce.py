@@ -1,0 +1,311 @@
+"""The sparse allreduce: a space-partitioned reduce-scatter (``alltoall``) and an ``allgather``
+of Top-K entries, after Ok-Topk (Li & Hoefler, PPoPP'22), on Horovod's public collectives.
+
+Each tensor's index space is cut into P *regions*, one per rank (its *owner*), balanced by load::
+
+    rank r:   local top-k of its compensated gradient                      k entries
+              bucket them by region; at most c = ceil(capacity * k / P) of the largest per
+              region (the rest stay in r's residual, as if not selected)
+       │ alltoall: row j (c entries + header) goes to rank j          (P-1) * row1 bytes/rank
+    owner j:  sum every rank's entries of region j (in rank order; only j does), keep the
+              R = ceil(k / P) largest sums of the region: the global selection; divide by P
+       │ allgather of every owner's R entries + load statistics       (P-1) * row2 bytes/rank
+    every rank: scatter the P * R entries (each index once) -> the same dense gradient, bit for
+              bit (each sum was computed once, by its owner); what r sent that no owner kept
+              goes back into r's residual: nothing is lost, only delayed.
+
+Bytes per rank stay about ``(capacity + 1) * k * (P-1)/P`` entries whatever P is, against
+``(P-1) * k`` for the allgather (``exchange.exchange_bytes``).
+
+**The global selection** keeps the R largest sums of each region: exactly ``P * R >= k``
+entries, the top-k of the summed sparse gradient when the regions hold equal shares of it.
+The regions are balanced on the measured load: each owner reports, with its entries, how many
+entries the ranks had for its region (*demand*, before the capacity cut) and ``QUANTILES - 1``
+quantiles of the indices it received; every rank rebuilds the load's distribution over the
+index space from those numbers and cuts it into P equal parts (``refresh_bounds``). Every rank
+holds the same gathered numbers, so every rank computes the same regions, with no extra round;
+they are refreshed every ``region_refresh`` steps (``TopKCompressor``). Balance is a matter of
+bytes and of how close the selection is to the exact global top-k, never of correctness: a
+tensor whose mass sits in one region still trains (the excess waits in the residuals).
+
+The functions here are the pipeline's pure steps (device tensors in, device tensors out; no
+host sync, fixed sizes from the ``RegionPlan``); ``TopKCompressor`` keeps the state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+
+from .exchange import scatter_add_
+from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
+from .selection import GroupLayout, _magnitude, _order
+
+__all__ = ["RegionPlan", "QUANTILES", "region_sizes", "uniform_bounds", "to_regions",
+           "reduce_region", "finish", "refresh_bounds"]
+
+#: Load statistics per (owner, tensor): the demand, then QUANTILES - 1 inner quantiles.
+QUANTILES = 8
+#: The share of the load spread uniformly over the index space when regions are refreshed:
+#: no region collapses to nothing because it was idle for a while.
+_PRIOR = 0.05
+
+
+def region_sizes(k: int, world: int, capacity: float) -> Tuple[int, int]:
+    """``(c, R)`` for a tensor sending ``k`` entries over ``world`` ranks: at most ``c`` entries
+    per (sender, region), and ``R`` entries kept per region (``P * R >= k``)."""
+    if k == 0:
+        return 0, 0
+    c = min(k, math.ceil(capacity * k / world))
+    return c, math.ceil(k / world)
+
+
+@dataclass
+class RegionPlan:
+    """The fixed sizes of one group's sparse allreduce over ``world`` ranks (host numbers, built
+    once per layout; index tensors cached per device).
+
+    Arguments:
+        layout: the group's segments and their ``k``.
+        world: ranks, hence regions per segment.
+        capacity: a sender's entries per region are at most ``ceil(capacity * k_s / P)``.
+    """
+
+    layout: GroupLayout
+    world: int
+    capacity: float
+    caps: Tuple[int, ...] = field(init=False)  # c_s: slots per (sender, region) of segment s
+    keeps: Tuple[int, ...] = field(init=False)  # R_s: entries each owner keeps of segment s
+    _device: Dict[torch.device, Dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sizes = [region_sizes(k, self.world, self.capacity) for k in self.layout.ks]
+        self.caps = tuple(c for c, _ in sizes)
+        self.keeps = tuple(r for _, r in sizes)
+
+    @property
+    def slots(self) -> int:
+        """C: entries of one alltoall row (every segment's ``c_s``)."""
+        return sum(self.caps)
+
+    @property
+    def kept(self) -> int:
+        """R: entries of one owner's allgather row."""
+        return sum(self.keeps)
+
+    def row1_spec(self, value_dtype, index_dtype) -> List[Tuple[int, torch.dtype]]:
+        """An alltoall row: [signature, demand per segment] int32, C values, C indices."""
+        S = self.layout.segments
+        return [(1 + S, torch.int32), (self.slots, value_dtype), (self.slots, index_dtype)]
+
+    def row2_spec(self, header_words, value_dtype, index_dtype) -> List[Tuple[int, torch.dtype]]:
+        """An owner's allgather row: its header (as the allgather path's), R values, R indices,
+        then ``(S, QUANTILES)`` load statistics (demand, quantiles) in the index dtype."""
+        S = self.layout.segments
+        return [(header_words, torch.int32), (self.kept, value_dtype), (self.kept, index_dtype),
+                (S * QUANTILES, index_dtype)]
+
+    def tensors(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        device = torch.device(device)
+        cached = self._device.get(device)
+        if cached is not None:
+            return cached
+        lt = self.layout.tensors(device)
+        S = self.layout.segments
+
+        def host(values):
+            return torch.tensor(values, dtype=torch.long).to(device)
+
+        caps, keeps = host(self.caps), host(self.keeps)
+        col1 = torch.repeat_interleave(lt["segs"][:S], caps, output_size=self.slots)  # (C,)
+        col2 = torch.repeat_interleave(lt["segs"][:S], keeps, output_size=self.kept)  # (R,)
+        t = {
+            "caps": caps, "cap_off": torch.cumsum(caps, 0) - caps,  # (S,)
+            "col1": col1,  # (C,) segment of each alltoall slot
+            "col2": col2,  # (R,) segment of each kept slot
+            "rank2": torch.arange(self.kept, device=device) - (torch.cumsum(keeps, 0) - keeps)[col2],
+            "start1": lt["offsets"][col1], "max1": lt["lengths"][col1] - 1,  # (C,)
+            "start2": lt["offsets"][col2], "max2": lt["lengths"][col2] - 1,  # (R,)
+        }
+        self._device[device] = t
+        return t
+
+
+def uniform_bounds(layout: GroupLayout, world: int, device) -> torch.Tensor:
+    """``(S, P + 1)`` int64 region starts of each segment (local indices), equal lengths:
+    region j of segment s is ``[b[s, j], b[s, j + 1])``."""
+    rows = [[(j * n) // world for j in range(world + 1)] for n in layout.sizes]
+    return torch.tensor(rows, dtype=torch.long).to(device)
+
+
+def to_regions(sel: torch.Tensor, sent: torch.Tensor, plan: RegionPlan, bounds: torch.Tensor,
+               signature: torch.Tensor, index_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: this rank's selected entries, bucketed by region, as the alltoall's rows.
+
+    Arguments:
+        sel: ``(K,)`` int64 positions in the group (segment by segment).
+        sent: ``(K,)`` their values as they travel (wire dtype, loss-scaled).
+        bounds: ``(S, P + 1)`` region starts (``uniform_bounds`` / ``refresh_bounds``).
+        signature: ``(1,)`` int32, what this rank believes it sends.
+        index_dtype: the wire's index dtype.
+
+    Returns:
+        ``(payload, in_cap)``: ``(P * row1,)`` uint8, row j for rank j; ``(K,)`` bool, the
+        entries that fit their region's ``c_s`` slots (the largest of each region). Empty slots
+        carry index -1.
+    """
+    layout, P = plan.layout, plan.world
+    S, C, K = layout.segments, plan.slots, layout.k
+    lt, t = layout.tensors(sel.device), plan.tensors(sel.device)
+    seg = lt["slot_seg"]  # (K,)
+    # Every segment's inner boundaries, in group positions: one ascending array.
+    inner = (bounds[:, 1:P] + lt["offsets"][:S, None]).reshape(-1)  # (S * (P-1),)
+    region = torch.searchsorted(inner, sel, right=True) - seg * (P - 1)  # (K,) in [0, P)
+    key = seg * P + region  # (K,) (segment, owner)
+    order = _order(key, _magnitude(sent))  # by (segment, owner), largest first
+    sorted_key = key.index_select(0, order)
+    first = torch.searchsorted(sorted_key, torch.arange(S * P + 1, device=sel.device))  # (S*P + 1,)
+    demand = (first[1:] - first[:-1]).view(S, P)  # (S, P) entries bound for each owner
+    rank = torch.arange(K, device=sel.device) - first.index_select(0, sorted_key)  # (K,) rank in its region
+    sseg = seg.index_select(0, order)
+    fits = rank < t["caps"].index_select(0, sseg)
+    dest = torch.where(fits, region.index_select(0, order) * C + t["cap_off"].index_select(0, sseg) + rank,
+                       P * C)  # (K,) slot in the rows; P * C: dropped
+    vals = torch.zeros(P * C + 1, dtype=sent.dtype, device=sent.device)
+    vals.index_put_((dest,), sent.index_select(0, order))
+    local = sel - lt["slot_start"]  # (K,) index within its tensor
+    idx = torch.full((P * C + 1,), -1, dtype=index_dtype, device=sel.device)
+    idx.index_put_((dest,), local.index_select(0, order).to(index_dtype))
+    in_cap = torch.empty(K, dtype=torch.bool, device=sel.device)
+    in_cap.index_put_((order,), fits)
+    header = torch.cat([signature.reshape(1, 1).expand(P, 1), demand.t().to(torch.int32)], dim=1)  # (P, 1+S)
+    payload = pack_rows([header, vals[:-1].view(P, C), idx[:-1].view(P, C)])
+    return payload, in_cap
+
+
+def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, header: torch.Tensor,
+                  divisor: float, dtype: torch.dtype, value_dtype: torch.dtype,
+                  index_dtype: torch.dtype, to_wire) -> torch.Tensor:
+    """Step 2, at the owner: sum every rank's entries of this rank's region, keep the ``R_s``
+    largest sums of each segment, divided by ``divisor``; returns this rank's allgather row.
+
+    Arguments:
+        received: the alltoall's output, ``(P * row1,)`` uint8 (row r from rank r).
+        signature: this rank's signature; a row with another one (or rows of another size) sets
+            ``FLAG_MISMATCH`` in the returned header, for every rank to see.
+        header: ``(header_words,)`` int32, this rank's own header (its flags).
+        dtype: the gradient's dtype (the sums are taken in it, as a dense allreduce would).
+        to_wire: ``(values, value_dtype) -> values`` in the wire dtype (clamped to its range).
+
+    Returns:
+        ``(row2,)`` uint8: header, R values, R local indices (-1: empty slot), statistics.
+    """
+    layout, P = plan.layout, plan.world
+    S, C, R, n = layout.segments, plan.slots, plan.kept, layout.numel
+    device = received.device
+    t, lt = plan.tensors(device), layout.tensors(device)
+    header = header.clone()
+    try:
+        hdr, vals, idx = unpack_rows(received, P, plan.row1_spec(value_dtype, index_dtype))
+    except ValueError:  # rows of another size: another k, layout or wire dtype on some rank
+        header[1] = header[1] | FLAG_MISMATCH
+        stats = torch.full((S * QUANTILES,), -1, dtype=index_dtype, device=device)
+        return pack_rows([header.view(1, -1), torch.zeros(1, R, dtype=value_dtype, device=device),
+                          torch.full((1, R), -1, dtype=index_dtype, device=device), stats.view(1, -1)])
+    header[1] = header[1] | (hdr[:, 0] != signature).any().to(torch.int32) * FLAG_MISMATCH
+    valid = idx >= 0  # (P, C)
+    pos = torch.minimum(idx.long().clamp(min=0), t["max1"]) + t["start1"]  # (P, C) group positions
+    flat = pos.reshape(-1)  # (P*C,) rank 0's entries first
+    acc = torch.zeros(n, dtype=dtype, device=device)
+    scatter_add_(acc, flat, vals.to(dtype).masked_fill(~valid, 0).reshape(-1))  # rank order
+    sums = acc.index_select(0, flat)  # (P*C,) the region's sums, at every entry that got one
+    # Each position once: the first entry that names it represents it.
+    ids = torch.arange(P * C, device=device)
+    at = torch.where(valid.reshape(-1), flat, n)  # n: an empty slot
+    claim = torch.full((n + 1,), P * C, dtype=torch.long, device=device)
+    claim.scatter_reduce_(0, at, ids, "amin")
+    unique = claim.index_select(0, at) == ids
+    seg = torch.where(unique & valid.reshape(-1), t["col1"].repeat(P), S)  # (P*C,); S sorts last
+    order = _order(seg, _magnitude(sums))  # by segment, largest sum first
+    first = torch.searchsorted(seg.index_select(0, order), lt["segs"])  # (S + 1,)
+    have = first[1:] - first[:-1]  # (S,) distinct positions of each segment
+    ok = t["rank2"] < have.index_select(0, t["col2"])  # (R,)
+    pick = order.index_select(0, (first.index_select(0, t["col2"]) + t["rank2"]).clamp(max=max(P * C - 1, 0)))
+    out_vals = sums.index_select(0, pick)
+    if divisor != 1:
+        out_vals = out_vals / divisor
+    out_vals = to_wire(out_vals.masked_fill(~ok, 0), value_dtype)
+    out_idx = torch.where(ok, flat.index_select(0, pick) - t["start2"], -1).to(index_dtype)
+    # Load statistics: the demand, and quantiles of the positions received, per segment.
+    demand = hdr[:, 1:].sum(0).to(index_dtype)  # (S,)
+    ordered = torch.sort(at).values  # (P*C,) by segment (positions are), empty slots last
+    fs = torch.searchsorted(ordered, lt["offsets"])  # (S + 1,)
+    got = fs[1:] - fs[:-1]  # (S,)
+    j = torch.arange(1, QUANTILES, device=device)
+    qi = (fs[:-1, None] + (got[:, None] * j) // QUANTILES).clamp(max=max(P * C - 1, 0))  # (S, Q-1)
+    quant = torch.where(got[:, None] > 0, ordered[qi] - lt["offsets"][:S, None], -1).to(index_dtype)
+    stats = torch.cat([demand[:, None], quant], dim=1)  # (S, Q)
+    return pack_rows([header.view(1, -1), out_vals.view(1, R), out_idx.view(1, R), stats.view(1, -1)])
+
+
+def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dtype: torch.dtype,
+           index_dtype: torch.dtype, out: torch.Tensor
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3, on every rank: scatter every owner's kept entries into ``out`` (zeroed here).
+
+    Returns:
+        ``(headers, kept, stats)``: ``(P, header_words)`` int32; ``(n + 1,)`` bool, the
+        positions some owner kept (the last entry is a sink); ``(P, S, QUANTILES)`` statistics.
+        Raises ``ValueError`` when ``gathered`` is not P rows of this plan's size.
+    """
+    layout, P = plan.layout, plan.world
+    n = layout.numel
+    t = plan.tensors(out.device)
+    headers, vals, idx, stats = unpack_rows(gathered, P, plan.row2_spec(header_words, value_dtype,
+                                                                        index_dtype))
+    valid = idx >= 0  # (P, R)
+    pos = torch.minimum(idx.long().clamp(min=0), t["max2"]) + t["start2"]  # (P, R)
+    out.zero_()
+    # Regions are disjoint: each position arrives once, so any order gives the same bits.
+    scatter_add_(out, pos.reshape(-1), vals.masked_fill(~valid, 0).reshape(-1))
+    kept = torch.zeros(n + 1, dtype=torch.bool, device=out.device)
+    kept[torch.where(valid, pos, n).reshape(-1)] = True
+    return headers, kept, stats.view(P, layout.segments, QUANTILES)
+
+
+def refresh_bounds(bounds: torch.Tensor, stats: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """New ``(S, P + 1)`` region starts from the owners' statistics ``(P, S, QUANTILES)``.
+
+    Each region's demand is spread evenly between its quantile points (a piecewise-linear
+    cumulative load over the segment; regions that received nothing spread it evenly over
+    their length), ``_PRIOR`` of the total is spread uniformly, and the segment is cut where
+    the cumulative load reaches ``j / P`` of the total. Same inputs, same bits, on every rank.
+    """
+    S, P1 = bounds.shape
+    P, Q = P1 - 1, QUANTILES
+    device = bounds.device
+    lo, hi = bounds[:, :-1].double(), bounds[:, 1:].double()  # (S, P)
+    demand = stats[:, :, 0].t().double().clamp(min=0)  # (S, P)
+    quant = stats[:, :, 1:].permute(1, 0, 2).double()  # (S, P, Q-1)
+    frac = torch.arange(1, Q, device=device, dtype=torch.float64) / Q
+    even = lo[..., None] + (hi - lo)[..., None] * frac  # (S, P, Q-1)
+    inner = torch.where(quant >= 0, quant, even)
+    inner = torch.minimum(torch.maximum(inner, lo[..., None]), hi[..., None]).cummax(dim=-1).values
+    sizes = torch.tensor(layout.sizes, dtype=torch.float64, device=device)  # (S,)
+    x = torch.cat([torch.cat([lo[..., None], inner], dim=-1).reshape(S, P * Q), sizes[:, None]], dim=1)
+    width = x[:, 1:] - x[:, :-1]  # (S, P*Q)
+    mass = torch.repeat_interleave(demand / Q, Q, dim=1)  # (S, P*Q)
+    total = demand.sum(dim=1, keepdim=True)
+    mass = mass + (_PRIOR * total + 1e-9) * width / sizes[:, None]
+    y = torch.cat([torch.zeros(S, 1, dtype=torch.float64, device=device), torch.cumsum(mass, dim=1)], dim=1)
+    targets = y[:, -1:] * torch.arange(1, P, device=device, dtype=torch.float64) / P  # (S, P-1)
+    i = torch.searchsorted(y, targets).clamp(1, P * Q)  # y[i-1] < target <= y[i]
+    y0, y1 = y.gather(1, i - 1), y.gather(1, i)
+    x0, x1 = x.gather(1, i - 1), x.gather(1, i)
+    cut = x0 + (x1 - x0) * ((targets - y0) / (y1 - y0).clamp(min=1e-300))
+    cut = torch.minimum(cut.round().long().clamp(min=0), sizes.long()[:, None]).cummax(dim=1).values
+    return torch.cat([torch.zeros(S, 1, dtype=torch.long, device=device), cut, sizes.long()[:, None]], dim=1)
+

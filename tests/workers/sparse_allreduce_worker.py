@@ -1,0 +1,198 @@
+"""Multi-rank checks of the sparse allreduce (run by tests/test_sparse_allreduce.py, on 2, 3
+and 4 ranks, Gloo and MPI).
+
+The reference is written here from the algorithm's description, with dense tensors and plain
+loops, no hvd_topk code: every rank's own top-k (torch.topk) of its compensated gradient;
+per region (the bounds the compressor holds before the step: how regions are balanced is a
+performance choice, what is done with them is what is checked), each rank's ``c`` largest
+entries; each owner's sum in rank order and its ``R`` largest sums; the average of those. The
+residual is the compensated gradient minus what this rank sent *and an owner kept*.
+Tolerance: rtol 1e-6 / atol 1e-7 on gradients (summation order is the only possible
+difference); residuals must be equal; parameters bit-identical across ranks.
+"""
+
+import math
+import os
+
+import horovod.torch as hvd
+import torch
+import torch.nn as nn
+
+import hvd_topk
+from exchange_worker import DEVICE, allgather_dense, assert_same_on_all_ranks, batch, make_model, run_checks
+
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def reference_step(c, ratio, bounds, capacity):
+    """The sparse allreduce of ``c`` ((n,) this rank's compensated gradient), computed densely.
+    Returns (the averaged result (n,), this rank's residual after the step (n,))."""
+    P, n = hvd.size(), c.numel()
+    k = hvd_topk.num_selected(n, ratio)
+    cap, keep = min(k, math.ceil(capacity * k / P)), math.ceil(k / P)
+    every = allgather_dense(c)  # (P, n)
+    b = bounds.tolist()
+    total = torch.zeros(n, dtype=c.dtype, device=c.device)
+    kept_by_rank = [set() for _ in range(P)]
+    sent_by_rank = [dict() for _ in range(P)]  # region -> positions rank r sent its owner
+    for r in range(P):
+        top = torch.topk(every[r].abs(), k).indices.tolist()
+        for j in range(P):
+            mine = [i for i in top if b[j] <= i < b[j + 1]]
+            mine.sort(key=lambda i: -abs(every[r][i].item()))
+            sent_by_rank[r][j] = mine[:cap]
+    for j in range(P):
+        acc = torch.zeros(n, dtype=c.dtype, device=c.device)
+        touched = []
+        for r in range(P):  # rank order
+            for i in sent_by_rank[r][j]:
+                acc[i] += every[r][i]
+                if i not in touched:
+                    touched.append(i)
+        if not touched:
+            continue
+        pos = torch.tensor(touched, device=c.device)
+        best = pos[torch.topk(acc[pos].abs(), min(keep, len(touched))).indices]
+        total[best] = acc[best]
+        chosen = set(best.tolist())
+        for r in range(P):
+            kept_by_rank[r] |= chosen & set(sent_by_rank[r][j])
+    residual = c.clone()
+    mine = sorted(kept_by_rank[hvd.rank()])
+    residual[mine] = 0
+    applied = c - residual
+    assert torch.equal(residual + applied, c)  # the identity of error feedback, exactly
+    return total / P, residual
+
+
+def check_matches_reference(steps=6, grouped=False, momentum=0.0, ratio=0.05, refresh=2):
+    """Through hvd_topk.DistributedOptimizer: gradients and residuals equal the reference at
+    every step, the regions refreshed every ``refresh`` steps; parameters bit-identical."""
+    model = make_model()
+    comp = hvd_topk.TopKCompressor(ratio, exchange="sparse_allreduce", min_numel=0, density_aware=False,
+                                   warmup_steps=0, region_refresh=refresh,
+                                   group_bytes=(1 << 30) if grouped else None,
+                                   momentum_correction=False)
+    opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum),
+                                        named_parameters=model.named_parameters(), compression=comp)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    names = [n for n, _ in model.named_parameters()]
+    residual = {n: torch.zeros(p.numel(), device=DEVICE) for n, p in model.named_parameters()}
+    for step in range(steps):
+        opt.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        want = {}
+        group = tuple(reversed(names)) if grouped else None
+        for name, p in model.named_parameters():
+            key = (group, hvd.size()) if grouped else ((name,), hvd.size())
+            if key in comp.regions:
+                bounds = comp.regions[key].cpu()[list(key[0]).index(name)]
+            else:
+                bounds = torch.tensor([(j * p.numel()) // hvd.size() for j in range(hvd.size() + 1)])
+            c = p.grad.detach().reshape(-1) + residual[name]
+            want[name], residual[name] = reference_step(c, ratio, bounds, comp.region_capacity)
+        opt.synchronize()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.reshape(-1), want[name], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, s=step, n=name: f"step {s} {n}: {m}")
+            assert torch.equal(comp.memory.get(name), residual[name]), f"step {step}: residual of {name}"
+        with opt.skip_synchronize():
+            opt.step()
+        stats = opt.comm_stats
+        assert stats.sparse_allreduce_tensors == 6 and stats.allgather_tensors == 0, stats
+    assert_same_on_all_ranks(model, "sparse allreduce")
+    moved = [n for (names_, _), b in comp.regions.items() for n in names_
+             if not torch.equal(b.cpu(), torch.stack([torch.tensor([(j * m) // hvd.size()
+                                                                     for j in range(hvd.size() + 1)])
+                                                     for m in _sizes(model, names_)]))]
+    assert hvd.size() == 1 or moved, "no region was ever rebalanced"
+
+
+def _sizes(model, names):
+    params = dict(model.named_parameters())
+    return [params[n].numel() for n in names]
+
+
+def check_grouped():
+    check_matches_reference(grouped=True)
+
+
+def check_momentum():
+    """SGD momentum without correction: the wrapped optimizer applies momentum to the result."""
+    check_matches_reference(momentum=0.9, steps=4)
+
+
+class Concentrated(nn.Module):
+    """One parameter whose gradient lives in its first 2% of entries: one region gets it all."""
+
+    def __init__(self, n=20000):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(n, device=DEVICE))
+        self.hot = n // 50
+
+    def forward(self, step):
+        g = torch.Generator().manual_seed(97 * hvd.rank() + step)
+        target = torch.zeros_like(self.w)
+        target[:self.hot] = torch.randn(self.hot, generator=g).to(DEVICE)
+        return (self.w * target).sum()
+
+
+def check_all_mass_in_one_region(steps=12):
+    """Every entry of the gradient is in region 0 at first: correct at every step (against the
+    reference), the regions move to the hot entries, and nothing is lost."""
+    model = Concentrated()
+    comp = hvd_topk.TopKCompressor(0.01, exchange="sparse_allreduce", min_numel=0, density_aware=False,
+                                   warmup_steps=0, region_refresh=3)
+    opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                        named_parameters=model.named_parameters(), compression=comp)
+    residual = torch.zeros(model.w.numel(), device=DEVICE)
+    fed = torch.zeros_like(residual)  # every gradient this rank produced
+    applied = torch.zeros_like(residual)  # every averaged result
+    for step in range(steps):
+        opt.zero_grad()
+        model(step).backward()
+        key = (("w",), hvd.size())
+        n = model.w.numel()
+        bounds = (comp.regions[key].cpu()[0] if key in comp.regions
+                  else torch.tensor([(j * n) // hvd.size() for j in range(hvd.size() + 1)]))
+        fed += model.w.grad.reshape(-1)
+        c = model.w.grad.detach().reshape(-1) + residual
+        want, residual = reference_step(c, 0.01, bounds, comp.region_capacity)
+        opt.synchronize()
+        torch.testing.assert_close(model.w.grad.reshape(-1), want, rtol=RTOL, atol=ATOL)
+        assert torch.equal(comp.memory.get("w"), residual)
+        applied += model.w.grad.reshape(-1)
+        with opt.skip_synchronize():
+            opt.step()
+    # Nothing lost: the sum over ranks of (what was fed - what is still owed) was applied.
+    owed = allgather_dense(fed - comp.memory.get("w")).sum(0) / hvd.size()
+    torch.testing.assert_close(applied, owed, rtol=1e-5, atol=1e-5)
+    b = comp.regions[(("w",), hvd.size())].cpu()[0]
+    if hvd.size() > 1:
+        assert b[1] < model.hot, f"regions did not move to the hot entries: {b.tolist()}"
+    assert_same_on_all_ranks(model, "concentrated gradient")
+
+
+def check_auto_choice():
+    """``exchange="auto"``: the allgather at 2 and 3 ranks, the sparse allreduce from 4 (a
+    1% tensor of 100k entries), and the same choice as the byte model."""
+    comp = hvd_topk.TopKCompressor(0.01)
+    t = torch.zeros(100_000)
+    costs = hvd_topk.exchange_bytes(100_000, 1000, hvd.size(), 4, 4, 4)
+    want = min(("dense", "allgather", "sparse_allreduce"), key=lambda e: costs[e])
+    assert comp.exchange_for(t, hvd.size()) == want, (costs, comp.exchange_for(t, hvd.size()))
+    assert want == ("allgather" if hvd.size() < 4 else "sparse_allreduce"), costs
+
+
+CHECKS = {
+    "reference": check_matches_reference,
+    "grouped": check_grouped,
+    "momentum": check_momentum,
+    "one_region": check_all_mass_in_one_region,
+    "auto": check_auto_choice,
+}
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    run_checks(CHECKS)
