@@ -716,7 +716,7 @@ class TopKCompressor(SparseCompressor):
                                     + _SAME_MODEL) from None
         ctx.headers = headers
         pend = self._pending[ctx.names]
-        took = kept.index_select(0, pend.sel) & ctx.in_cap  # (K,) applied somewhere
+        took = sar.was_kept(pend.sel, kept) & ctx.in_cap  # (K,) applied somewhere
         pend.v.index_copy_(0, pend.sel, torch.where(took, pend.v.index_select(0, pend.sel), pend.vals))
         if pend.u is not None and pend.u_vals is not None:
             pend.u.index_copy_(0, pend.sel, torch.where(took, pend.u.index_select(0, pend.sel), pend.u_vals))

@@ -45,7 +45,7 @@ from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
 from .selection import GroupLayout, _magnitude, _order
 
 __all__ = ["RegionPlan", "QUANTILES", "region_sizes", "uniform_bounds", "to_regions",
-           "reduce_region", "finish", "refresh_bounds"]
+           "reduce_region", "finish", "was_kept", "refresh_bounds"]
 
 #: Load statistics per (owner, tensor): the demand, then QUANTILES - 1 inner quantiles.
 QUANTILES = 8
@@ -218,30 +218,31 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     header[1] = header[1] | (hdr[:, 0] != signature).any().to(torch.int32) * FLAG_MISMATCH
     valid = idx >= 0  # (P, C)
     pos = torch.minimum(idx.long().clamp(min=0), t["max1"]) + t["start1"]  # (P, C) group positions
-    flat = pos.reshape(-1)  # (P*C,) rank 0's entries first
-    acc = torch.zeros(n, dtype=dtype, device=device)
-    scatter_add_(acc, flat, vals.to(dtype).masked_fill(~valid, 0).reshape(-1))  # rank order
-    sums = acc.index_select(0, flat)  # (P*C,) the region's sums, at every entry that got one
-    # Each position once: the first entry that names it represents it.
-    ids = torch.arange(P * C, device=device)
-    at = torch.where(valid.reshape(-1), flat, n)  # n: an empty slot
-    claim = torch.full((n + 1,), P * C, dtype=torch.long, device=device)
-    claim.scatter_reduce_(0, at, ids, "amin")
-    unique = claim.index_select(0, at) == ids
-    seg = torch.where(unique & valid.reshape(-1), t["col1"].repeat(P), S)  # (P*C,); S sorts last
-    order = _order(seg, _magnitude(sums))  # by segment, largest sum first
-    first = torch.searchsorted(seg.index_select(0, order), lt["segs"])  # (S + 1,)
+    # Sum by position without a dense buffer: sort the P*C entries by position (stable: rank
+    # order within a position), number the runs of equal positions, add each run in order.
+    at = torch.where(valid, pos, n).reshape(-1)  # (P*C,) n: an empty slot, sorts last
+    order = torch.sort(at, stable=True).indices
+    ordered = at.index_select(0, order)  # (P*C,) ascending positions
+    head = torch.ones_like(ordered, dtype=torch.bool)
+    head[1:] = ordered[1:] != ordered[:-1]  # the first entry of each position
+    run = torch.cumsum(head, 0) - 1  # (P*C,) which position
+    sums = torch.zeros(P * C, dtype=dtype, device=device)
+    scatter_add_(sums, run, vals.to(dtype).masked_fill(~valid, 0).reshape(-1).index_select(0, order))
+    sums = sums.index_select(0, run)  # (P*C,) each entry's position's sum
+    seg = torch.where(head & (ordered < n), t["col1"].repeat(P).index_select(0, order), S)  # S sorts last
+    best = _order(seg, _magnitude(sums))  # by segment, largest sum first
+    first = torch.searchsorted(seg.index_select(0, best), lt["segs"])  # (S + 1,)
     have = first[1:] - first[:-1]  # (S,) distinct positions of each segment
     ok = t["rank2"] < have.index_select(0, t["col2"])  # (R,)
-    pick = order.index_select(0, (first.index_select(0, t["col2"]) + t["rank2"]).clamp(max=max(P * C - 1, 0)))
+    pick = best.index_select(0, (first.index_select(0, t["col2"]) + t["rank2"]).clamp(max=max(P * C - 1, 0)))
     out_vals = sums.index_select(0, pick)
     if divisor != 1:
         out_vals = out_vals / divisor
     out_vals = to_wire(out_vals.masked_fill(~ok, 0), value_dtype)
-    out_idx = torch.where(ok, flat.index_select(0, pick) - t["start2"], -1).to(index_dtype)
+    out_pos = ordered.clamp(max=n - 1).index_select(0, pick)
+    out_idx = torch.where(ok, out_pos - t["start2"], -1).to(index_dtype)
     # Load statistics: the demand, and quantiles of the positions received, per segment.
     demand = hdr[:, 1:].sum(0).to(index_dtype)  # (S,)
-    ordered = torch.sort(at).values  # (P*C,) by segment (positions are), empty slots last
     fs = torch.searchsorted(ordered, lt["offsets"])  # (S + 1,)
     got = fs[1:] - fs[:-1]  # (S,)
     j = torch.arange(1, QUANTILES, device=device)
@@ -257,8 +258,9 @@ def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dt
     """Step 3, on every rank: scatter every owner's kept entries into ``out`` (zeroed here).
 
     Returns:
-        ``(headers, kept, stats)``: ``(P, header_words)`` int32; ``(n + 1,)`` bool, the
-        positions some owner kept (the last entry is a sink); ``(P, S, QUANTILES)`` statistics.
+        ``(headers, kept, stats)``: ``(P, header_words)`` int32; ``(P * R,)`` int64, the
+        positions some owner kept, ascending (``n`` for empty slots); ``(P, S, QUANTILES)``
+        statistics.
         Raises ``ValueError`` when ``gathered`` is not P rows of this plan's size.
     """
     layout, P = plan.layout, plan.world
@@ -271,9 +273,16 @@ def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dt
     out.zero_()
     # Regions are disjoint: each position arrives once, so any order gives the same bits.
     scatter_add_(out, pos.reshape(-1), vals.masked_fill(~valid, 0).reshape(-1))
-    kept = torch.zeros(n + 1, dtype=torch.bool, device=out.device)
-    kept[torch.where(valid, pos, n).reshape(-1)] = True
+    kept = torch.sort(torch.where(valid, pos, n).reshape(-1)).values
     return headers, kept, stats.view(P, layout.segments, QUANTILES)
+
+
+def was_kept(sel: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` bool: which of ``sel``'s positions are in ``kept`` (ascending, from ``finish``)."""
+    if kept.numel() == 0:
+        return torch.zeros_like(sel, dtype=torch.bool)
+    at = torch.searchsorted(kept, sel).clamp(max=kept.numel() - 1)
+    return kept.index_select(0, at) == sel
 
 
 def refresh_bounds(bounds: torch.Tensor, stats: torch.Tensor, layout: GroupLayout) -> torch.Tensor:

@@ -1,26 +1,36 @@
-"""Alpha-beta model of dense ring allreduce vs Top-K allgather, from 2 hosts to 256.
+"""Alpha-beta model of dense ring allreduce, Top-K allgather and Top-K sparse allreduce, from 2
+workers to 1024.
 
-Per step and rank (Thakur, Rabenseifner & Gropp 2005, ring algorithms; P workers, n gradient
-entries of b bytes, k = ratio * n selected entries of b_v + b_i bytes, alpha the latency of one
-message, beta the link's bandwidth in bytes/s)::
+Per step and rank (Thakur, Rabenseifner & Gropp 2005, ring and pairwise algorithms; P workers, n
+gradient entries of b bytes, k = ratio * n selected entries, alpha the latency of one message,
+beta the link's bandwidth in bytes/s; the bytes are ``hvd_topk.exchange_bytes``, the model that
+``TopKCompressor(exchange="auto")`` chooses with)::
 
-    allreduce (ring):  T_ar = 2 (P-1) alpha + 2 (P-1)/P * n b / beta
-    allgather (ring):  T_ag =   (P-1) alpha +   (P-1)   * k (b_v + b_i) / beta
-    step              = floor + T_comm (+ for Top-K: compress + P k * scatter cost)
+    allreduce (ring):         T_ar  = 2 (P-1) alpha + bytes_dense / beta     (2 (P-1)/P n b)
+    allgather (ring):         T_ag  =   (P-1) alpha + bytes_allgather / beta  ((P-1) k entries)
+    sparse allreduce:         T_sar = 2 (P-1) alpha + bytes_sar / beta        (~3 k (P-1)/P entries)
+                                      (a pairwise alltoall, then a ring allgather)
+    step = floor + T_comm (+ for Top-K: compress + scatter cost per entry received
+                           (+ for the sparse allreduce: its calibrated extra work))
 
-The allgather's bytes grow with P while the allreduce's stay ~2 n b, so the sparse exchange
-loses once P k (b_v + b_i) >= 2 n b, i.e. P >= 1/ratio with fp32 values and int32 indices. The
-density-aware exchange (``hvd_topk.sparse_is_cheaper``) allreduces densely from there on.
+The allgather's bytes grow with P while the allreduce's stay ~2 n b: the allgather loses from
+P ~ 1/ratio. The sparse allreduce's stay near 3 k b_entry whatever P, so only its 2 (P-1)
+latencies grow. "auto" is what the byte model picks (the whole model taken as one tensor here;
+the optimizer decides per tensor).
 
-Calibration (``--measured docs/performance/network.json`` from ``bench_network.py``): the floor,
-the effective bandwidth ``beta = dense bytes on the wire / (dense step - floor)`` and the
-Top-K 1% overhead ``step - floor - T_ag`` of each model and link. The 2-host rows of the other
-methods (fp16, Top-K 0.1%) are held out and printed next to the model's prediction, and so are
-3-host runs (``--measured-3``): their communication is predicted from the 2-host calibration
-(only the compute floor is taken from the 3-host run, whose ranks share the same cores). Run::
+Calibration (``--measured docs/performance/network.json`` from ``bench_network.py``, 2 hosts):
+the floor, the effective bandwidth ``beta = dense bytes on the wire / (dense step - floor)`` and
+the Top-K 1% overhead ``step - floor - T_ag`` of each model and link. ``--measured-sar`` (runs
+of ``bench_network.py --hosts 3 / 4 --methods ...,topk1ag,topk1sar``): the sparse allreduce's
+extra work per step, taken from the largest host count, and a check of every such run against
+the model (its step time from the 2-host calibration and its own floor, its bytes on rank 0's
+link against the byte model). Models without a measurement (ResNet-50) use the nominal link and
+no floor: communication time only. Run::
 
     python scripts/scaling_model.py --measured docs/performance/network.json \
-        --measured-3 docs/performance/hosts3/network.json --out-dir docs/performance
+        --measured-3 docs/performance/hosts3/network.json \
+        --measured-sar docs/performance/sparse_allreduce/hosts3/network.json \
+                       docs/performance/sparse_allreduce/hosts4/network.json --out-dir docs/performance
 """
 
 from __future__ import annotations
@@ -32,10 +42,14 @@ from pathlib import Path
 from typing import Dict, List
 
 import hvd_topk
+from hvd_topk.exchange import EXCHANGES, cheapest_exchange
+from hvd_topk.sparse_allreduce import region_sizes
 
-RATES = {"1gbit": 1e9 / 8, "10gbit": 10e9 / 8}  # bytes/s
-PARAMS = {"resnet18": 11_173_962, "mlp": 5_256_202, "mlp10m": 10_056_010}  # examples/models.py, 10 classes
-WORLDS = [2, 8, 16, 32, 64, 128, 256]
+RATES = {"1gbit": 1e9 / 8, "10gbit": 10e9 / 8, "100gbit": 100e9 / 8}  # bytes/s
+PARAMS = {"resnet18": 11_173_962, "mlp": 5_256_202, "mlp10m": 10_056_010,  # examples/models.py
+          "resnet50": 25_557_032}  # torchvision resnet50, 1000 classes: not measured here
+WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+EXCHANGE_LABEL = {"dense": "allreduce", "allgather": "allgather", "sparse_allreduce": "sparse allreduce"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measured-3", default=None,
                    help="network.json of a 3-host run (bench_network.py --hosts 3): predicted from "
                         "the 2-host calibration and its own floor, printed against the measurement")
+    p.add_argument("--measured-sar", nargs="*", default=[],
+                   help="network.json of runs with topk*ag / topk*sar methods on 3+ hosts")
     p.add_argument("--out-dir", default=None, help="write scaling.md and scaling.png")
     return p.parse_args(argv)
 
@@ -67,17 +83,24 @@ def ring_allgather_s(p: int, nbytes_per_rank: float, alpha: float, beta: float) 
 
 
 def predict(p: int, n: int, ratio: float, floor_s: float, compress_s: float, alpha: float,
-            beta: float, scatter_s: float, value_bytes: int = 4, index_bytes: int = 4) -> Dict[str, float]:
-    """Predicted step seconds of dense, Top-K (allgather always) and density-aware Top-K."""
+            beta: float, scatter_s: float, value_bytes: int = 4, index_bytes: int = 4,
+            sar_extra_s: float = 0.0, capacity: float = 2.0) -> Dict[str, float]:
+    """Predicted step seconds of dense, Top-K allgather, Top-K sparse allreduce, and of what
+    the byte model picks (``auto``; ``chosen`` names it)."""
     k = hvd_topk.num_selected(n, ratio)
-    dense = floor_s + ring_allreduce_s(p, n * value_bytes, alpha, beta)
-    sparse = (floor_s + compress_s + p * k * scatter_s
-              + ring_allgather_s(p, k * (value_bytes + index_bytes), alpha, beta))
-    cheaper = hvd_topk.sparse_is_cheaper(n, k, p, value_bytes, value_bytes + index_bytes)
-    # Density-aware: the optimizer's decision (per tensor; here the model as a whole). The
-    # dense path skips compress, so it costs exactly what dense training costs.
-    aware = sparse if cheaper else dense
-    return {"dense": dense, "topk": sparse, "aware": aware, "sparse_chosen": float(cheaper)}
+    costs = hvd_topk.exchange_bytes(n, k, p, value_bytes, value_bytes, index_bytes, capacity)
+    live = 1.0 if p > 1 else 0.0  # one rank sends nothing
+    c, r = region_sizes(k, max(p, 2), capacity)
+    times = {
+        "dense": floor_s + live * (2 * (p - 1) * alpha + costs["dense"] / beta),
+        "allgather": floor_s + compress_s + p * k * scatter_s
+        + live * ((p - 1) * alpha + costs["allgather"] / beta),
+        "sparse_allreduce": floor_s + compress_s + sar_extra_s + p * (c + r) * scatter_s
+        + live * (2 * (p - 1) * alpha + costs["sparse_allreduce"] / beta),
+    }
+    chosen = cheapest_exchange(costs, EXCHANGES)
+    return {**times, "auto": times[chosen], "chosen": chosen,
+            **{f"bytes_{e}": float(b) for e, b in costs.items()}}
 
 
 def load_results(path: str) -> List[dict]:
@@ -96,30 +119,59 @@ def calibrate(measured: List[dict], model: str, rate: str) -> Dict[str, float]:
     k = hvd_topk.num_selected(n, 0.01)
     t_ag = ring_allgather_s(2, k * 8, 0.0, beta)
     compress = max(rows["topk1"]["step_ms"] / 1e3 - floor - t_ag, 0.0) if "topk1" in rows else 0.0
-    return {"floor": floor, "beta": beta, "compress": compress, "n": n, "rows": rows}
+    return {"floor": floor, "beta": beta, "compress": compress, "n": n, "rows": rows, "sar_extra": 0.0}
+
+
+def _hosts(results: List[dict]) -> int:
+    return int(results[0].get("hosts", 0)) if results else 0
+
+
+def sar_extra(cal: Dict[str, float], rows: Dict[str, dict], p: int, alpha: float, scatter: float) -> float:
+    """The sparse allreduce's extra work per step at ``p`` hosts (the owners' sums, two phases
+    in place of one): its measured step minus the allgather's, minus what the model already
+    explains of the difference."""
+    if "topk1sar" not in rows or "topk1ag" not in rows:
+        return 0.0
+    base = dict(floor_s=rows["none"]["step_ms"] / 1e3 if "none" in rows else cal["floor"],
+                compress_s=cal["compress"], alpha=alpha, beta=cal["beta"], scatter_s=scatter)
+    r = predict(p, cal["n"], 0.01, **base)
+    measured = (rows["topk1sar"]["step_ms"] - rows["topk1ag"]["step_ms"]) / 1e3
+    return max(measured - (r["sparse_allreduce"] - r["allgather"]), 0.0)
 
 
 def build(args: argparse.Namespace) -> str:
     measured = load_results(args.measured) if args.measured else []
+    sar_runs = [(path, load_results(path)) for path in args.measured_sar]
     alpha, scatter = args.alpha_us * 1e-6, args.scatter_ns * 1e-9
-    out = ["| model | link | P | dense ms | Top-K 1% allgather ms | Top-K 1% density-aware ms | "
-           "exchange picked | Top-K 0.1% ms |", "|---|---|---:|---:|---:|---:|---|---:|"]
-    checks, curves = [], {}
+    out = ["| model | link | calibrated | P | dense ms | Top-K 1% allgather ms | Top-K 1% sparse "
+           "allreduce ms | Top-K 1% auto ms | auto picks | Top-K 0.1% auto ms | picks |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    checks, curves, cals = [], {}, {}
     for model in PARAMS:
         for rate, line_beta in RATES.items():
-            if measured and any(r["model"] == model and r["rate"] == rate for r in measured):
+            calibrated = bool(measured) and any(r["model"] == model and r["rate"] == rate for r in measured)
+            if calibrated:
                 cal = calibrate(measured, model, rate)
             else:  # uncalibrated: nominal link, no floor
-                cal = {"floor": 0.0, "beta": line_beta, "compress": 0.0, "n": PARAMS[model], "rows": {}}
+                cal = {"floor": 0.0, "beta": line_beta, "compress": 0.0, "n": PARAMS[model], "rows": {},
+                       "sar_extra": 0.0}
+            # The sparse allreduce's extra work, from the run with the most hosts.
+            for path, runs in sorted(sar_runs, key=lambda pr: _sar_hosts(pr[0])):
+                rows = {r["method"]: r for r in runs if r["model"] == model and r["rate"] == rate}
+                if calibrated and rows:
+                    cal["sar_extra"] = sar_extra(cal, rows, _sar_hosts(path), alpha, scatter)
+            cals[(model, rate)] = cal
             n = cal["n"]
+            kw = dict(floor_s=cal["floor"], compress_s=cal["compress"], alpha=alpha, beta=cal["beta"],
+                      scatter_s=scatter, sar_extra_s=cal["sar_extra"])
             curve = []
             for p in WORLDS:
-                r1 = predict(p, n, 0.01, cal["floor"], cal["compress"], alpha, cal["beta"], scatter)
-                r01 = predict(p, n, 0.001, cal["floor"], cal["compress"], alpha, cal["beta"], scatter)
+                r1, r01 = predict(p, n, 0.01, **kw), predict(p, n, 0.001, **kw)
                 curve.append((p, r1, r01))
-                picked = "allgather" if r1["sparse_chosen"] else "allreduce"
-                out.append(f"| {model} | {rate} | {p} | {1e3 * r1['dense']:.0f} | {1e3 * r1['topk']:.0f} | "
-                           f"{1e3 * r1['aware']:.0f} | {picked} | {1e3 * r01['aware']:.0f} |")
+                out.append(f"| {model} | {rate} | {'yes' if calibrated else 'no'} | {p} | {1e3 * r1['dense']:.0f} | "
+                           f"{1e3 * r1['allgather']:.0f} | {1e3 * r1['sparse_allreduce']:.0f} | "
+                           f"{1e3 * r1['auto']:.0f} | {EXCHANGE_LABEL[r1['chosen']]} | "
+                           f"{1e3 * r01['auto']:.0f} | {EXCHANGE_LABEL[r01['chosen']]} |")
             curves[(model, rate)] = curve
             rows = cal["rows"]
             for method, ratio, vb in (("fp16", None, 2), ("topk0.1", 0.001, 4)):
@@ -129,24 +181,90 @@ def build(args: argparse.Namespace) -> str:
                     pred = cal["floor"] + ring_allreduce_s(2, n * vb, alpha, cal["beta"])
                 else:
                     pred = predict(2, n, ratio, cal["floor"], cal["compress"], alpha, cal["beta"],
-                                   scatter)["topk"]
+                                   scatter)["allgather"]
                 checks.append(f"| {model} | {rate} | {method} | {1e3 * pred:.0f} | "
                               f"{rows[method]['step_ms']:.0f} |")
     text = "\n".join(out) + "\n"
+    text += wins(curves)
     if args.measured_3:
         text += three_host_check(measured, load_results(args.measured_3), alpha, scatter)
+    if sar_runs:
+        text += sar_check(cals, sar_runs, alpha, scatter)
     if checks:
         text += ("\nHeld-out 2-host check (not used to calibrate):\n\n| model | link | method | "
                  "predicted ms | measured ms |\n|---|---|---|---:|---:|\n" + "\n".join(checks) + "\n")
-    crossover = math.ceil(1 / 0.01)
-    text += (f"\nWith fp32 values and int32 indices the allgather moves more bytes than the ring "
-             f"allreduce from P >= 1/ratio: P >= {crossover} at 1%, P >= 1000 at 0.1%.\n")
     if args.out_dir:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "scaling.md").write_text(text)
         plot(curves, out_dir / "scaling.png")
     return text
+
+
+def _sar_hosts(path: str) -> int:
+    """The host count of a ``.../hosts<N>/network.json`` path."""
+    digits = "".join(ch for ch in Path(path).parent.name if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def wins(curves) -> str:
+    """Per model and link: where each exchange is the fastest Top-K 1% option, and whether
+    Top-K 1% (auto) beats dense up to the largest P."""
+    lines = ["\nWhere each exchange is fastest (Top-K 1%), and whether auto beats dense:\n",
+             "| model | link | allgather fastest at P | sparse allreduce fastest at P | dense fastest at P "
+             "| auto < dense up to P |", "|---|---|---|---|---|---|"]
+    for (model, rate), curve in curves.items():
+        best = {"dense": [], "allgather": [], "sparse_allreduce": []}
+        beats = 0  # the largest P up to which auto beats dense at every P
+        for p, r1, _ in curve:
+            best[min(EXCHANGES, key=lambda e: r1[e])].append(p)
+        for p, r1, _ in curve:
+            if r1["auto"] >= r1["dense"]:
+                break
+            beats = p
+        lines.append(f"| {model} | {rate} | " + " | ".join(_span(best[e]) for e in
+                                                          ("allgather", "sparse_allreduce", "dense"))
+                     + f" | {beats or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _span(ps: List[int]) -> str:
+    return ", ".join(map(str, ps)) if ps else "-"
+
+
+def sar_check(cals, sar_runs, alpha: float, scatter: float) -> str:
+    """Each 3+-host run against the model: step time (the 2-host calibration, the run's own
+    floor, the calibrated sparse-allreduce extra) and rank 0's bytes against the byte model."""
+    lines = []
+    for path, runs in sar_runs:
+        p = _sar_hosts(path)
+        for r in runs:
+            cal = cals.get((r["model"], r["rate"]))
+            if cal is None or r["method"] == "none":
+                continue
+            floor_rows = [q for q in runs if q["model"] == r["model"] and q["rate"] == r["rate"]
+                          and q["method"] == "none"]
+            floor = floor_rows[0]["step_ms"] / 1e3 if floor_rows else cal["floor"]
+            kw = dict(floor_s=floor, compress_s=cal["compress"], alpha=alpha, beta=cal["beta"],
+                      scatter_s=scatter, sar_extra_s=cal["sar_extra"])
+            m = r["method"]
+            if m == "dense":
+                pred = predict(p, cal["n"], 0.01, **kw)["dense"]
+            else:
+                ratio = 0.01 if m.startswith("topk1") else 0.001
+                pred = predict(p, cal["n"], ratio, **kw)["sparse_allreduce" if m.endswith("sar") else "allgather"]
+            wire, model_b = r["bytes_per_step"], r.get("model_bytes")
+            lines.append(f"| {r['model']} | {r['rate']} | {p} | {m} | {r['step_ms']:.0f} | {1e3 * pred:.0f} | "
+                         f"{100 * (1e3 * pred - r['step_ms']) / r['step_ms']:+.0f}% | {wire / 1e6:.3f} | "
+                         + (f"{model_b / 1e6:.3f} | {100 * (wire - model_b) / model_b:+.1f}% |"
+                            if model_b else "- | - |"))
+    if not lines:
+        return ""
+    return ("\nMulti-host runs (`bench_network.py --hosts 3 / 4`) against the model: step time from "
+            "the 2-host calibration and the run's own floor; bytes rank 0's link carried (TCP/IP "
+            "headers included) against the byte model (`comm_stats.link_bytes`):\n\n"
+            "| model | link | hosts | method | measured ms | model ms | error | wire MB | model MB | "
+            "wire vs model |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
 
 
 def three_host_check(measured2: List[dict], measured3: List[dict], alpha: float, scatter: float) -> str:
@@ -162,8 +280,9 @@ def three_host_check(measured2: List[dict], measured3: List[dict], alpha: float,
             preds = {
                 "dense": floor3 + ring_allreduce_s(3, n * 4, alpha, cal["beta"]),
                 "fp16": floor3 + ring_allreduce_s(3, n * 2, alpha, cal["beta"]),
-                "topk1": predict(3, n, 0.01, floor3, cal["compress"], alpha, cal["beta"], scatter)["topk"],
-                "topk0.1": predict(3, n, 0.001, floor3, cal["compress"], alpha, cal["beta"], scatter)["topk"],
+                "topk1": predict(3, n, 0.01, floor3, cal["compress"], alpha, cal["beta"], scatter)["allgather"],
+                "topk0.1": predict(3, n, 0.001, floor3, cal["compress"], alpha, cal["beta"],
+                                   scatter)["allgather"],
             }
             for method, pred in preds.items():
                 if method in rows3:
@@ -179,7 +298,8 @@ def three_host_check(measured2: List[dict], measured3: List[dict], alpha: float,
                                  f"{100 * (1e3 * by_bytes - got) / got:+.0f}% | {got:.0f} |")
     if not lines:
         return ""
-    return ("\n3-host check (from the 2-host calibration; only the compute floor is the 3-host "
+    return ("\n3-host check of the older runs (Open MPI's default algorithms, not rings: "
+            "from the 2-host calibration; only the compute floor is the 3-host "
             "run's). *ring*: the alpha-beta model; *wire*: the same beta over the bytes rank 0's "
             "link really carried:\n\n| model | link | method | ring ms | error | ring MB | wire MB | "
             "wire ms | error | measured ms |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
@@ -200,21 +320,27 @@ def plot(curves, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.8), squeeze=False)
-    for ax, ((model, rate), curve) in zip(axes[0], curves.items()):
+    keys = [key for key in curves if key[0] in ("resnet18", "resnet50", "mlp10m")]
+    cols = len(RATES)
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (model, rate) in zip(axes.flat, keys):
+        curve = curves[(model, rate)]
         ps = [c[0] for c in curve]
         ax.plot(ps, [1e3 * c[1]["dense"] for c in curve], "o-", label="dense allreduce")
-        ax.plot(ps, [1e3 * c[1]["topk"] for c in curve], "s--", label="Top-K 1%, allgather")
-        ax.plot(ps, [1e3 * c[1]["aware"] for c in curve], "^-", label="Top-K 1%, density-aware")
-        ax.plot(ps, [1e3 * c[2]["aware"] for c in curve], "v-", label="Top-K 0.1%, density-aware")
+        ax.plot(ps, [1e3 * c[1]["allgather"] for c in curve], "s--", label="Top-K 1%, allgather")
+        ax.plot(ps, [1e3 * c[1]["sparse_allreduce"] for c in curve], "^-", label="Top-K 1%, sparse allreduce")
+        ax.plot(ps, [1e3 * c[2]["auto"] for c in curve], "v:", label="Top-K 0.1%, auto")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("workers P")
-        ax.set_title(f"{model}, {rate}")
+        ax.set_title(f"{model}, {rate}", fontsize=9)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
     axes[0][0].set_ylabel("predicted step time (ms)")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(args: argparse.Namespace) -> str:
