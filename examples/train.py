@@ -55,6 +55,8 @@ def add_compression_flags(p):
                    help="keep local momentum at sent coordinates (DGC masks it)")
     p.add_argument("--min-numel", type=int, default=None,
                    help="tensors smaller than this go dense (default: the library's)")
+    p.add_argument("--exchange", default="auto", choices=["auto", "allgather", "sparse_allreduce"],
+                   help="how Top-K entries travel (auto: the fewest bytes per tensor)")
     p.add_argument("--no-density-aware", action="store_true",
                    help="always use the sparse allgather, even where a dense allreduce is cheaper")
     p.add_argument("--value-dtype", default="auto", choices=["auto", "fp16", "bf16"],
@@ -110,6 +112,7 @@ def make_compression(args):
                       adam_correction=tristate[args.adam_correction],
                       momentum_masking=not args.no_momentum_masking,
                       density_aware=not args.no_density_aware, local_clip_norm=args.local_clip_norm,
+                      exchange=args.exchange,
                       value_dtype={"auto": None, "fp16": torch.float16,
                                    "bf16": torch.bfloat16}[args.value_dtype])
         if args.warmup_steps is not None:

@@ -143,7 +143,7 @@ class SparseCompressor(Compressor, abc.ABC):
     Per step, the optimizer:
 
     1. asks ``exchange_for(grad, world)`` for each gradient (``"dense"``: a dense allreduce;
-       ``"allgather"`` or ``"sparse_allreduce"``) and ``group_bytes(device)`` for how many
+       ``"allgather"`` or ``"sparse_allreduce"``) and ``group_bytes(device, exchange)`` for how many
        bytes of gradients to compress together (a group takes one exchange);
     2. calls ``compress_group(grads, names, ..., exchange=...)`` for each group once its
        gradients are ready (in the backward hooks: no host sync allowed), and allgathers the
@@ -168,7 +168,7 @@ class SparseCompressor(Compressor, abc.ABC):
         return self.exchange_for(tensor, world) != "dense"
 
     @abc.abstractmethod
-    def group_bytes(self, device: torch.device) -> int:
+    def group_bytes(self, device: torch.device, exchange: str = "allgather") -> int:
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -335,8 +335,10 @@ class TopKCompressor(SparseCompressor):
             run, one payload, one allgather), up to about this many bytes: groups cut the
             per-tensor kernel launches that dominate small tensors on a GPU (Cupcake, MLSys'23,
             compresses fused buckets for the same reason). ``k`` stays per tensor (DGC's
-            semantics). ``None`` (default): 32 MiB on accelerators, 0 on CPU (each tensor on
-            its own: the CPU kernel runs per tensor anyway, and sends start sooner).
+            semantics). ``None`` (default): 32 MiB on accelerators; on CPU 0 for the
+            allgather (each tensor on its own: the CPU kernel runs per tensor anyway, sends
+            start sooner, and Horovod fuses the allgathers), 32 MiB for the sparse allreduce
+            (Horovod does not fuse alltoalls, and each costs ``2 (P-1)`` message latencies).
 
     Step by step, for a group of gradients ``g_s``: ``selection.py``'s pipeline (update ->
     threshold -> candidates -> exact top-k) then the residual write below; nothing is read
@@ -492,11 +494,14 @@ class TopKCompressor(SparseCompressor):
             return allowed[0]
         return cheapest_exchange(self.exchange_costs(tensor, world), allowed)
 
-    def group_bytes(self, device: torch.device) -> int:
-        """Gradient bytes compressed together on ``device`` (``group_bytes`` resolved)."""
+    def group_bytes(self, device: torch.device, exchange: str = "allgather") -> int:
+        """Gradient bytes compressed together on ``device`` for ``exchange`` (``group_bytes``
+        resolved)."""
         if self._group_bytes is not None:
             return self._group_bytes
-        return 0 if torch.device(device).type == "cpu" else 32 << 20
+        if torch.device(device).type == "cpu" and exchange == "allgather":
+            return 0
+        return 32 << 20
 
     def _layout(self, sizes: Tuple[int, ...]) -> GroupLayout:
         ratio = self.current_ratio()

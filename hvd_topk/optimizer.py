@@ -199,7 +199,7 @@ class _TopKMethods:
             else:
                 nbytes = p.numel() * p.element_size()
                 if (current is None or current.key != gkey
-                        or current.nbytes + nbytes > comp.group_bytes(p.device)):
+                        or current.nbytes + nbytes > comp.group_bytes(p.device, kind)):
                     current = _Group(gkey)
                     groups.append(current)
             current.add(p, self._parameter_names.get(p))

@@ -303,7 +303,7 @@ def refresh_bounds(bounds: torch.Tensor, stats: torch.Tensor, layout: GroupLayou
     even = lo[..., None] + (hi - lo)[..., None] * frac  # (S, P, Q-1)
     inner = torch.where(quant >= 0, quant, even)
     inner = torch.minimum(torch.maximum(inner, lo[..., None]), hi[..., None]).cummax(dim=-1).values
-    sizes = torch.tensor(layout.sizes, dtype=torch.float64, device=device)  # (S,)
+    sizes = layout.tensors(device)["lengths"].double()  # (S,)
     x = torch.cat([torch.cat([lo[..., None], inner], dim=-1).reshape(S, P * Q), sizes[:, None]], dim=1)
     width = x[:, 1:] - x[:, :-1]  # (S, P*Q)
     mass = torch.repeat_interleave(demand / Q, Q, dim=1)  # (S, P*Q)

@@ -44,6 +44,25 @@ def test_compress_group_makes_no_sync(no_kernel, momentum, scale, value_dtype):
         comp.step_done()
 
 
+@pytest.mark.parametrize("value_dtype", [None, torch.float16])
+def test_sparse_allreduce_makes_no_sync(no_kernel, value_dtype):
+    """Both phases of the sparse allreduce (bucketing, the owner's sums, the scatter, the
+    residual's take-back, a region refresh) on one rank: no sync until ``check``."""
+    comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, value_dtype=value_dtype, region_refresh=1)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n in (300_000, 5000, 70_000)]
+    for _ in range(2):
+        with recording() as rec:
+            rows, ctx = comp.compress_group(grads, ["a", "b", "c"], momentum=0.9, world=1,
+                                            exchange="sparse_allreduce")
+            comp.scatter(comp.reduce_regions(rows, ctx), ctx)
+        assert rec.syncs == []
+        with recording() as rec:
+            comp.check([ctx])
+        assert [op for op, _ in rec.syncs] == ["Tensor.tolist"]
+        comp.step_done()
+
+
 def test_a_device_loss_scale_makes_no_sync(no_kernel):
     """GradScaler's scale stays a tensor: the residual is kept unscaled without reading it."""
     comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0)

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import hvd_topk
 
@@ -30,18 +31,24 @@ def test_ring_formulas():
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.001])
-def test_density_aware_switch_matches_the_optimizer_rule(ratio):
+def test_model_picks_what_the_compressor_picks(ratio):
+    """scaling_model.py's "auto" is the compressor's own choice, and its times add up."""
     m = load("scaling_model")
     n = 1_000_000
-    k = hvd_topk.num_selected(n, ratio)
-    for p in (2, 8, 64, 99, 100, 101, 256, 999, 1000, 1001):
+    comp = hvd_topk.TopKCompressor(ratio, warmup_steps=0)
+    for p in (2, 3, 4, 8, 64, 99, 100, 101, 256, 999, 1000, 1024):
         r = m.predict(p, n, ratio, floor_s=0.1, compress_s=0.01, alpha=0.0, beta=1e8, scatter_s=0.0)
-        assert bool(r["sparse_chosen"]) == hvd_topk.sparse_is_cheaper(n, k, p, 4, 8)
-        assert r["aware"] == (r["topk"] if r["sparse_chosen"] else r["dense"])
-    # With no latency or overheads the byte rule is the time rule: P k 8 < 2 n 4  <=>  P < 1/ratio.
-    below = m.predict(int(0.9 / ratio), n, ratio, 0.0, 0.0, 0.0, 1e8, 0.0)
-    above = m.predict(int(1.1 / ratio), n, ratio, 0.0, 0.0, 0.0, 1e8, 0.0)
-    assert below["topk"] < below["dense"] and above["topk"] > above["dense"]
+        assert r["chosen"] == comp.exchange_for(torch.zeros(n), p), p
+        assert r["auto"] == r[r["chosen"]]
+    # With no latency or overheads the time is the bytes over beta, and the bytes are the library's.
+    r = m.predict(64, n, ratio, 0.0, 0.0, 0.0, 1e8, 0.0)
+    k = hvd_topk.num_selected(n, ratio)
+    costs = hvd_topk.exchange_bytes(n, k, 64, 4, 4, 4)
+    for e in ("dense", "allgather", "sparse_allreduce"):
+        assert r[e] == pytest.approx(costs[e] / 1e8)
+    # The sparse allreduce's bytes stay flat in P; the allgather's grow past dense.
+    big = m.predict(1024, n, ratio, 0.0, 0.0, 0.0, 1e8, 0.0)
+    assert big["sparse_allreduce"] < big["dense"] < big["allgather"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

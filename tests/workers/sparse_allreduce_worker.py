@@ -71,7 +71,7 @@ def check_matches_reference(steps=6, grouped=False, momentum=0.0, ratio=0.05, re
     model = make_model()
     comp = hvd_topk.TopKCompressor(ratio, exchange="sparse_allreduce", min_numel=0, density_aware=False,
                                    warmup_steps=0, region_refresh=refresh,
-                                   group_bytes=(1 << 30) if grouped else None,
+                                   group_bytes=(1 << 30) if grouped else 0,
                                    momentum_correction=False)
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum),
                                         named_parameters=model.named_parameters(), compression=comp)
