@@ -168,7 +168,8 @@ def build(args: argparse.Namespace) -> str:
             for p in WORLDS:
                 r1, r01 = predict(p, n, 0.01, **kw), predict(p, n, 0.001, **kw)
                 curve.append((p, r1, r01))
-                out.append(f"| {model} | {rate} | {'yes' if calibrated else 'no'} | {p} | {1e3 * r1['dense']:.0f} | "
+                out.append(f"| {model} | {rate} | {'yes' if calibrated else 'no'} | {p} | "
+                           f"{1e3 * r1['dense']:.0f} | "
                            f"{1e3 * r1['allgather']:.0f} | {1e3 * r1['sparse_allreduce']:.0f} | "
                            f"{1e3 * r1['auto']:.0f} | {EXCHANGE_LABEL[r1['chosen']]} | "
                            f"{1e3 * r01['auto']:.0f} | {EXCHANGE_LABEL[r01['chosen']]} |")
@@ -252,9 +253,11 @@ def sar_check(cals, sar_runs, alpha: float, scatter: float) -> str:
                 pred = predict(p, cal["n"], 0.01, **kw)["dense"]
             else:
                 ratio = 0.01 if m.startswith("topk1") else 0.001
-                pred = predict(p, cal["n"], ratio, **kw)["sparse_allreduce" if m.endswith("sar") else "allgather"]
+                exchange = "sparse_allreduce" if m.endswith("sar") else "allgather"
+                pred = predict(p, cal["n"], ratio, **kw)[exchange]
             wire, model_b = r["bytes_per_step"], r.get("model_bytes")
-            lines.append(f"| {r['model']} | {r['rate']} | {p} | {m} | {r['step_ms']:.0f} | {1e3 * pred:.0f} | "
+            lines.append(f"| {r['model']} | {r['rate']} | {p} | {m} | {r['step_ms']:.0f} | "
+                         f"{1e3 * pred:.0f} | "
                          f"{100 * (1e3 * pred - r['step_ms']) / r['step_ms']:+.0f}% | {wire / 1e6:.3f} | "
                          + (f"{model_b / 1e6:.3f} | {100 * (wire - model_b) / model_b:+.1f}% |"
                             if model_b else "- | - |"))
@@ -280,7 +283,8 @@ def three_host_check(measured2: List[dict], measured3: List[dict], alpha: float,
             preds = {
                 "dense": floor3 + ring_allreduce_s(3, n * 4, alpha, cal["beta"]),
                 "fp16": floor3 + ring_allreduce_s(3, n * 2, alpha, cal["beta"]),
-                "topk1": predict(3, n, 0.01, floor3, cal["compress"], alpha, cal["beta"], scatter)["allgather"],
+                "topk1": predict(3, n, 0.01, floor3, cal["compress"], alpha, cal["beta"],
+                                 scatter)["allgather"],
                 "topk0.1": predict(3, n, 0.001, floor3, cal["compress"], alpha, cal["beta"],
                                    scatter)["allgather"],
             }
