@@ -184,6 +184,10 @@ class SparseCompressor(Compressor, abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
+    def reset_regions(self) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
     def scatter(self, gathered: torch.Tensor, ctx: SparseContext,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -700,6 +704,11 @@ class TopKCompressor(SparseCompressor):
         elif bounds.device != device:
             bounds = self.regions[key] = bounds.to(device)
         return bounds
+
+    def reset_regions(self) -> None:
+        """Forget the sparse allreduce's regions: every group starts again from equal ones.
+        Called on every rank after a membership change (the regions must agree everywhere)."""
+        self.regions = {}
 
     def reduce_regions(self, received: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
         """The sparse allreduce's middle step, at this rank as the owner of its regions: sum

@@ -670,12 +670,16 @@ class _TopKMethods:
 
     def sync_topk_state(self, root_rank=0):
         """Make the ranks agree after a membership change (Horovod Elastic): the step count
-        (it sets the warm-up ratio, hence ``k``) comes from ``root_rank``. Residuals stay per
-        rank: a rank that joins starts with none, a rank that left takes its own with it."""
+        (it sets the warm-up ratio, hence ``k``) comes from ``root_rank``; the sparse
+        allreduce's regions restart equal. Residuals stay per rank: a rank that joins starts
+        with none, a rank that left takes its own with it."""
         comp = self._compression
         if self._sparse:
             comp.steps = broadcast_object(comp.steps, root_rank=root_rank, name="hvd_topk.sync.steps")
             comp.world_size = self.process_set.size()
+            # The sparse allreduce's regions must agree on every rank, and a joining rank has
+            # none: every rank starts again from equal regions (rebalanced within 10 steps).
+            comp.reset_regions()
             self._check_model = True  # a new rank may have joined: compare models again
 
 

@@ -4,8 +4,8 @@
 #   1. install: Horovod with NCCL built by scripts/install.sh from the carried sdist (or a
 #      carried prebuilt wheel), into the Python that has the system's CUDA torch;
 #   2. `horovodrun --check-build` must list [X] NCCL, MPI, Gloo and PyTorch;
-#   3. the exchange checks of tests/workers/exchange_worker.py (sparse result against the dense
-#      reference) on CUDA tensors, one rank per GPU (NCCL refuses two ranks on one GPU; on a
+#   3. the exchange checks of tests/workers/exchange_worker.py and sparse_allreduce_worker.py
+#      (sparse result against the dense reference) on CUDA tensors, one rank per GPU (NCCL refuses two ranks on one GPU; on a
 #      1-GPU machine HOROVOD_ELASTIC=1 makes the one rank go through the whole exchange, under
 #      MPI only, since Gloo reads that variable as elastic rendezvous);
 #   4. scripts/bench_compression.py on the GPU; 5. scripts/bench_step.py (when present);
@@ -125,19 +125,22 @@ if ((NP == 1)); then export HOROVOD_ELASTIC=1; backends=(mpi); fi
 
 step "3. sparse exchange on CUDA tensors ($NP rank(s): ${backends[*]}) against the dense reference"
 for backend in "${backends[@]}"; do
+  for worker in exchange_worker sparse_allreduce_worker; do
     HVD_TOPK_TEST_DEVICE=cuda PYTHONPATH="$REPO/tests:$REPO/tests/workers" \
-        limit 300 python - "$backend" "$NP" <<'PY'
+        limit 300 python - "$backend" "$NP" "$worker" <<'PY'
+import importlib
 import sys
-from exchange_worker import CHECKS
 from launch import run_ranks
-backend, np = sys.argv[1], int(sys.argv[2])
-out = run_ranks("exchange_worker.py", backend=backend, np=np, timeout=240)
+backend, np, worker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+CHECKS = importlib.import_module(worker).CHECKS
+out = run_ranks(f"{worker}.py", backend=backend, np=np, timeout=240)
 print(out)
 missing = [f"rank {r}/{np} [{backend}] {c}: OK" for c in CHECKS for r in range(np)
            if f"rank {r}/{np} [{backend}] {c}: OK" not in out]
 assert not missing, f"checks that did not pass: {missing}"
-print(f"exchange [{backend}]: all {len(CHECKS)} checks OK on {np} rank(s)")
+print(f"{worker} [{backend}]: all {len(CHECKS)} checks OK on {np} rank(s)")
 PY
+  done
 done
 
 OUTDIR="${OUT:-$(mktemp -d)}"  # the benchmark tables
