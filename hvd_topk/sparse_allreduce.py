@@ -197,7 +197,7 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
         signature: this rank's signature; a row with another one (or rows of another size) sets
             ``FLAG_MISMATCH`` in the returned header, for every rank to see.
         header: ``(header_words,)`` int32, this rank's own header (its flags).
-        dtype: the gradient's dtype (the sums are taken in it, as a dense allreduce would).
+        dtype: the gradient's dtype (the sums are taken in it, at least in float32).
         to_wire: ``(values, value_dtype) -> values`` in the wire dtype (clamped to its range).
 
     Returns:
@@ -226,8 +226,9 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     head = torch.ones_like(ordered, dtype=torch.bool)
     head[1:] = ordered[1:] != ordered[:-1]  # the first entry of each position
     run = torch.cumsum(head, 0) - 1  # (P*C,) which position
-    sums = torch.zeros(P * C, dtype=dtype, device=device)
-    scatter_add_(sums, run, vals.to(dtype).masked_fill(~valid, 0).reshape(-1).index_select(0, order))
+    acc = torch.promote_types(dtype, torch.float32)  # half-precision sums of P values could overflow
+    sums = torch.zeros(P * C, dtype=acc, device=device)
+    scatter_add_(sums, run, vals.to(acc).masked_fill(~valid, 0).reshape(-1).index_select(0, order))
     sums = sums.index_select(0, run)  # (P*C,) each entry's position's sum
     seg = torch.where(head & (ordered < n), t["col1"].repeat(P).index_select(0, order), S)  # S sorts last
     best = _order(seg, _magnitude(sums))  # by segment, largest sum first

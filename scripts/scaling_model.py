@@ -84,10 +84,12 @@ def ring_allgather_s(p: int, nbytes_per_rank: float, alpha: float, beta: float) 
 
 def predict(p: int, n: int, ratio: float, floor_s: float, compress_s: float, alpha: float,
             beta: float, scatter_s: float, value_bytes: int = 4, index_bytes: int = 4,
-            sar_extra_s: float = 0.0, capacity: float = 2.0) -> Dict[str, float]:
+            sar_entry_s: float = 0.0, capacity: float = 2.0) -> Dict[str, float]:
     """Predicted step seconds of dense, Top-K allgather, Top-K sparse allreduce, and of what
-    the byte model picks (``auto``; ``chosen`` names it)."""
+    the byte model picks (``auto``; ``chosen`` names it). ``sar_entry_s``: the sparse
+    allreduce's extra work per selected entry (bucketing, the owner's sort and sums)."""
     k = hvd_topk.num_selected(n, ratio)
+    sar_extra_s = sar_entry_s * k
     costs = hvd_topk.exchange_bytes(n, k, p, value_bytes, value_bytes, index_bytes, capacity)
     live = 1.0 if p > 1 else 0.0  # one rank sends nothing
     c, r = region_sizes(k, max(p, 2), capacity)
@@ -119,24 +121,25 @@ def calibrate(measured: List[dict], model: str, rate: str) -> Dict[str, float]:
     k = hvd_topk.num_selected(n, 0.01)
     t_ag = ring_allgather_s(2, k * 8, 0.0, beta)
     compress = max(rows["topk1"]["step_ms"] / 1e3 - floor - t_ag, 0.0) if "topk1" in rows else 0.0
-    return {"floor": floor, "beta": beta, "compress": compress, "n": n, "rows": rows, "sar_extra": 0.0}
+    return {"floor": floor, "beta": beta, "compress": compress, "n": n, "rows": rows, "sar_entry": 0.0}
 
 
 def _hosts(results: List[dict]) -> int:
     return int(results[0].get("hosts", 0)) if results else 0
 
 
-def sar_extra(cal: Dict[str, float], rows: Dict[str, dict], p: int, alpha: float, scatter: float) -> float:
-    """The sparse allreduce's extra work per step at ``p`` hosts (the owners' sums, two phases
-    in place of one): its measured step minus the allgather's, minus what the model already
-    explains of the difference."""
+def sar_entry(cal: Dict[str, float], rows: Dict[str, dict], p: int, alpha: float, scatter: float) -> float:
+    """The sparse allreduce's extra work per selected entry at ``p`` hosts (bucketing, the
+    owners' sorts and sums): its measured Top-K 1% step minus the allgather's, minus what the
+    model already explains of the difference, over k."""
     if "topk1sar" not in rows or "topk1ag" not in rows:
         return 0.0
     base = dict(floor_s=rows["none"]["step_ms"] / 1e3 if "none" in rows else cal["floor"],
                 compress_s=cal["compress"], alpha=alpha, beta=cal["beta"], scatter_s=scatter)
     r = predict(p, cal["n"], 0.01, **base)
     measured = (rows["topk1sar"]["step_ms"] - rows["topk1ag"]["step_ms"]) / 1e3
-    return max(measured - (r["sparse_allreduce"] - r["allgather"]), 0.0)
+    extra = max(measured - (r["sparse_allreduce"] - r["allgather"]), 0.0)
+    return extra / hvd_topk.num_selected(cal["n"], 0.01)
 
 
 def build(args: argparse.Namespace) -> str:
@@ -154,16 +157,17 @@ def build(args: argparse.Namespace) -> str:
                 cal = calibrate(measured, model, rate)
             else:  # uncalibrated: nominal link, no floor
                 cal = {"floor": 0.0, "beta": line_beta, "compress": 0.0, "n": PARAMS[model], "rows": {},
-                       "sar_extra": 0.0}
-            # The sparse allreduce's extra work, from the run with the most hosts.
-            for path, runs in sorted(sar_runs, key=lambda pr: _sar_hosts(pr[0])):
+                       "sar_entry": 0.0}
+            # The sparse allreduce's extra work, from the run with the fewest hosts (these
+            # hosts share 2 cores: the fewer, the less the sharing inflates compute).
+            for path, runs in sorted(sar_runs, key=lambda pr: -_sar_hosts(pr[0])):
                 rows = {r["method"]: r for r in runs if r["model"] == model and r["rate"] == rate}
                 if calibrated and rows:
-                    cal["sar_extra"] = sar_extra(cal, rows, _sar_hosts(path), alpha, scatter)
+                    cal["sar_entry"] = sar_entry(cal, rows, _sar_hosts(path), alpha, scatter)
             cals[(model, rate)] = cal
             n = cal["n"]
             kw = dict(floor_s=cal["floor"], compress_s=cal["compress"], alpha=alpha, beta=cal["beta"],
-                      scatter_s=scatter, sar_extra_s=cal["sar_extra"])
+                      scatter_s=scatter, sar_entry_s=cal["sar_entry"])
             curve = []
             for p in WORLDS:
                 r1, r01 = predict(p, n, 0.01, **kw), predict(p, n, 0.001, **kw)
@@ -186,6 +190,10 @@ def build(args: argparse.Namespace) -> str:
                 checks.append(f"| {model} | {rate} | {method} | {1e3 * pred:.0f} | "
                               f"{rows[method]['step_ms']:.0f} |")
     text = "\n".join(out) + "\n"
+    extras = [f"{m} {r}: {1e9 * c['sar_entry']:.0f} ns" for (m, r), c in cals.items() if c["sar_entry"]]
+    if extras:
+        text += ("\nThe sparse allreduce's extra work per selected entry, calibrated on the "
+                 "fewest-host `--measured-sar` run (its hosts share 2 cores): " + "; ".join(extras) + ".\n")
     text += wins(curves)
     if args.measured_3:
         text += three_host_check(measured, load_results(args.measured_3), alpha, scatter)
@@ -247,7 +255,7 @@ def sar_check(cals, sar_runs, alpha: float, scatter: float) -> str:
                           and q["method"] == "none"]
             floor = floor_rows[0]["step_ms"] / 1e3 if floor_rows else cal["floor"]
             kw = dict(floor_s=floor, compress_s=cal["compress"], alpha=alpha, beta=cal["beta"],
-                      scatter_s=scatter, sar_extra_s=cal["sar_extra"])
+                      scatter_s=scatter, sar_entry_s=cal["sar_entry"])
             m = r["method"]
             if m == "dense":
                 pred = predict(p, cal["n"], 0.01, **kw)["dense"]
