@@ -115,7 +115,7 @@ class _Group:
         self.nbytes += p.numel() * p.element_size()
 
     def drop(self, p):
-        i = self.params.index(p)
+        i = next(i for i, q in enumerate(self.params) if q is p)  # identity, not tensor ==
         del self.params[i], self.names[i]
 
 
@@ -157,6 +157,7 @@ class _TopKMethods:
         self._trained = []  # this step's exchanged params: updated by the optimizer, requires_grad
         self._trained_set = frozenset()
         self._trained_digest = 0  # crc32 of their names: the ranks must agree on it
+        self._groups_digest = 0  # crc32 of the plan's groups of several tensors (their names)
         self._trained_check = None  # handle of this step's allgather of the digests
         _HorovodOptimizer.__init__(self, params, named_parameters, compression,
                                    backward_passes_per_step, op, gradient_predivide_factor,
@@ -180,6 +181,7 @@ class _TopKMethods:
         key = (world, comp.current_ratio(), self._trained_set)
         self._planned = True
         if self._plan is not None and self._plan_key == key:
+            self._launch_model_check()
             return self._plan
         user_group = self._user_group_index(trained)
         groups, current, by_user_group = [], None, {}
@@ -206,6 +208,9 @@ class _TopKMethods:
             current.correction = correction
         self._plan = {p: g for g in groups for p in g.params}
         self._plan_key = key
+        self._groups_digest = zlib.crc32("|".join("\n".join(g.names) for g in groups
+                                                  if len(g.params) > 1).encode()) & 0x7FFFFFFF
+        self._launch_model_check()
         self._log_plan(kinds, world)
         return self._plan
 
@@ -236,9 +241,9 @@ class _TopKMethods:
         ``.grad`` is left alone and its residual and velocity are kept for later.
 
         Which params these are decides which collectives a rank joins, so every rank must
-        agree: the crc32 of their names is allgathered here (a CPU tensor, started in the
-        step's first hook so that it travels during backward) and compared by
-        ``_check_same_model`` before synchronize() waits on anything else."""
+        agree: the crc32 of their names is allgathered (with the plan's, see
+        ``_launch_model_check``) and compared by ``_check_same_model`` before synchronize()
+        waits on anything else."""
         update = self._requires_update
         trained = [p for g in self.param_groups for p in g["params"] if p in update and p.requires_grad]
         trained_set = frozenset(trained)
@@ -246,11 +251,17 @@ class _TopKMethods:
             names = sorted(self._parameter_names.get(p) for p in trained)
             self._trained_digest = zlib.crc32("\n".join(names).encode()) & 0x7FFFFFFF
         self._trained, self._trained_set = trained, trained_set
+        return trained
+
+    def _launch_model_check(self):
+        """Start this step's allgather of ``[trained-set digest, groups digest]`` (a CPU
+        tensor, in the step's first hook, so that it travels during backward). The groups
+        digest, the crc32 of the names of every group of several tensors, in order, catches
+        ranks that list the same params in another order and so would cut other groups."""
         if self.process_set.size() > 1:
             self._trained_check = mpi_ops.allgather_async(
-                torch.tensor([self._trained_digest], dtype=torch.int32), name="hvd_topk.trained_set",
-                process_set=self.process_set)
-        return trained
+                torch.tensor([self._trained_digest, self._groups_digest], dtype=torch.int32),
+                name="hvd_topk.trained_set", process_set=self.process_set)
 
     def _user_group_index(self, trained):
         """Param -> the index of its group in the ``groups`` argument (a param in no list is
@@ -288,6 +299,7 @@ class _TopKMethods:
         group = plan.get(p) if self._sparse else None
         if group is not None and (grad.is_sparse or grad.dtype != p.dtype):
             group.drop(p)  # a sparse (embedding) gradient takes Horovod's own path
+            self._launch_if_complete(group)  # the group's other gradients may all be ready
             self._plan[p] = group = None
         if group is None:
             self._count_dense(grad)
@@ -309,7 +321,7 @@ class _TopKMethods:
         return _InGroup(group), None
 
     def _launch_if_complete(self, group):
-        if group.handle is not None or len(group.ready) < len(group.params):
+        if group.handle is not None or not group.params or len(group.ready) < len(group.params):
             return
         t0 = time.perf_counter()
         comp = self._compression
@@ -552,9 +564,17 @@ class _TopKMethods:
             self._check_model = False
             self._compare_models()
         handle, self._trained_check = self._trained_check, None
-        digests = mpi_ops.synchronize(handle).tolist()  # (world,) int32 on the CPU
-        if any(d != digests[0] for d in digests):
+        digests = mpi_ops.synchronize(handle).view(-1, 2).tolist()  # (world, 2) int32 on the CPU
+        if any(d[0] != digests[0][0] for d in digests):
             self._compare_trained()
+        others = [r for r, d in enumerate(digests) if d[1] != digests[0][1]]
+        if others:
+            raise RankMismatchError(
+                f"hvd_topk: rank(s) {others} list the trained parameters in another order than rank 0 "
+                "(named_parameters or the optimizer's param_groups), and this step exchanges several "
+                "tensors together (group_bytes: by default on accelerators, and on CPU for the sparse "
+                "allreduce; or groups=): the ranks would cut them into different groups. Pass the "
+                "parameters in the same order on every rank, or group_bytes=0.")
 
     def _compare_models(self):
         mine = sorted((str(n), tuple(p.shape), str(p.dtype)) for p, n in self._parameter_names.items())

@@ -266,21 +266,35 @@ def check_sparse_embedding():
 
 
 def check_registration_order():
-    """Rank 1 registers parameters in reverse order: names, not positions, pair the tensors,
-    so the result is bit-identical to both ranks using the same order."""
+    """Rank 1 registers parameters in reverse order: names, not positions, pair the tensors
+    each exchanged on its own (group_bytes=0), so the result is bit-identical to both ranks
+    using the same order. (Grouped, the ranks would cut other groups: mismatch_order_grouped.)"""
     finals = []
     for reverse in (False, True):
         model = Net()
-        named = list(model.named_parameters())
-        if reverse and hvd.rank() == 1:
-            named = named[::-1]
-        comp = hvd_topk.TopKCompressor(0.05, min_numel=256, warmup_steps=0, exchange=EXCHANGE)
-        opt = hvd_topk.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1, momentum=0.9),
-                                            named_parameters=named, compression=comp)
+        opt = _ordered_optimizer(model, reverse, group_bytes=0)
         train(model, opt, 3)
         finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for n in finals[0]:
         assert torch.equal(finals[0][n], finals[1][n]), n
+
+
+def _ordered_optimizer(model, reverse, group_bytes):
+    """SGD momentum through hvd_topk on ``model``, its params listed in reverse on rank 1."""
+    named = list(model.named_parameters())
+    if reverse and hvd.rank() == 1:
+        named = named[::-1]
+    comp = hvd_topk.TopKCompressor(0.05, min_numel=256, warmup_steps=0, exchange=EXCHANGE,
+                                   group_bytes=group_bytes)
+    return hvd_topk.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1, momentum=0.9),
+                                         named_parameters=named, compression=comp)
+
+
+def check_mismatch_order_grouped():
+    """Rank 1 lists the params in reverse and the tensors travel in groups: the ranks would
+    cut other groups (and wait for each other's collectives forever): a clear error instead."""
+    model = Net()
+    expect_mismatch(model, _ordered_optimizer(model, True, group_bytes=1 << 30), "mismatch_order_grouped")
 
 
 def check_elastic_state():
