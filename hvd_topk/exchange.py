@@ -19,18 +19,36 @@ they keep) stays near ``3 k (P-1)/P``. ``exchange_bytes`` is the one byte model 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+from typing import Callable, Tuple
 
 import torch
 from horovod.torch import mpi_ops
 
 __all__ = ["sparse_allgather_async", "sparse_alltoall_async", "scatter_add_", "exchange_bytes",
-           "cheapest_exchange", "EXCHANGES"]
+           "ring_allreduce_bytes", "region_sizes", "cheapest_exchange", "EXCHANGES", "QUANTILES"]
 
 #: The exchanges a gradient can take, cheapest first when the model ties.
 EXCHANGES = ("dense", "allgather", "sparse_allreduce")
+#: The sparse allreduce's load statistics per (owner, tensor), in its allgather row: the
+#: demand, then QUANTILES - 1 inner quantiles (``sparse_allreduce.refresh_bounds``).
+QUANTILES = 8
+
+
+def region_sizes(k: int, world: int, capacity: float) -> Tuple[int, int]:
+    """The sparse allreduce's ``(c, R)`` for a tensor sending ``k`` entries over ``world``
+    ranks: at most ``c`` entries per (sender, region), and ``R`` entries kept per region
+    (``P * R >= k``)."""
+    if k == 0:
+        return 0, 0
+    c = min(k, math.ceil(capacity * k / world))
+    return c, math.ceil(k / world)
+
+
+def ring_allreduce_bytes(nbytes: int, world: int) -> int:
+    """Bytes a ring allreduce of ``nbytes`` carries on each rank's link, each way:
+    ``2 (P-1)/P * nbytes`` (0 for one rank)."""
+    return math.ceil(2 * (world - 1) * nbytes / world) if world > 1 else 0
 
 
 def exchange_bytes(numel: int, k: int, world: int, grad_bytes: int, value_bytes: int,
@@ -49,12 +67,11 @@ def exchange_bytes(numel: int, k: int, world: int, grad_bytes: int, value_bytes:
     With one rank nothing is sent; the model is then evaluated for two, so that a single-rank
     run compresses as a small job would.
     """
-    from .sparse_allreduce import QUANTILES, region_sizes
     p = max(world, 2)
     entry = value_bytes + index_bytes
     c, r = region_sizes(k, p, capacity)
     return {
-        "dense": math.ceil(2 * (p - 1) * numel * grad_bytes / p),
+        "dense": ring_allreduce_bytes(numel * grad_bytes, p),
         "allgather": (p - 1) * (8 + k * entry),
         "sparse_allreduce": (p - 1) * ((8 + c * entry) + (8 + r * entry + QUANTILES * index_bytes)),
     }

@@ -27,7 +27,7 @@ from horovod.torch.compression import Compression
 
 from .compression import ComplexContext, RankMismatchError, SparseCompressor
 from .corrections import correction_groups
-from .exchange import EXCHANGES, sparse_allgather_async, sparse_alltoall_async
+from .exchange import EXCHANGES, ring_allreduce_bytes, sparse_allgather_async, sparse_alltoall_async
 from .packing import row_nbytes
 from .selection import segment_views, stacked_probe
 
@@ -226,9 +226,9 @@ class _TopKMethods:
         model = {e: 0 for e in count}
         dense_all = 0
         for p, kind in kinds.items():
-            dense_all += _ring_bytes(p.numel() * p.element_size(), world)
-            model[kind] += (_ring_bytes(p.numel() * p.element_size(), world) if kind == "dense"
-                            else comp.exchange_costs(p, world)[kind])
+            dense = ring_allreduce_bytes(p.numel() * p.element_size(), world)
+            dense_all += dense
+            model[kind] += dense if kind == "dense" else comp.exchange_costs(p, world)[kind]
         logger.info("hvd_topk: exchange plan at %d ranks, ratio %.4g: %s; the model's bytes per rank "
                     "and step: %s (dense training: %.1f KB)", world, comp.current_ratio(),
                     ", ".join(f"{count[e]} {e}" for e in count),
@@ -376,7 +376,7 @@ class _TopKMethods:
         stats.dense_tensors += 1
         stats.bytes_sent += sent
         stats.bytes_received += sent
-        stats.link_bytes += _ring_bytes(sent, self.process_set.size())
+        stats.link_bytes += ring_allreduce_bytes(sent, self.process_set.size())
 
     @staticmethod
     def _group_name(group, suffix=""):
@@ -701,11 +701,6 @@ class _TopKMethods:
             # none: every rank starts again from equal regions (rebalanced within 10 steps).
             comp.reset_regions()
             self._check_model = True  # a new rank may have joined: compare models again
-
-
-def _ring_bytes(nbytes, world):
-    """What a ring allreduce of ``nbytes`` carries on each rank's link, each way."""
-    return 2 * (world - 1) * nbytes // world if world > 1 else 0
 
 
 def _check_groups(groups):

@@ -34,33 +34,21 @@ host sync, fixed sizes from the ``RegionPlan``); ``TopKCompressor`` keeps the st
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 import torch
 
-from .exchange import scatter_add_
+from .exchange import QUANTILES, region_sizes, scatter_add_
 from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
 from .selection import GroupLayout, _magnitude, _order
 
-__all__ = ["RegionPlan", "QUANTILES", "region_sizes", "uniform_bounds", "to_regions",
+__all__ = ["RegionPlan", "uniform_bounds", "to_regions",
            "reduce_region", "finish", "was_kept", "refresh_bounds"]
 
-#: Load statistics per (owner, tensor): the demand, then QUANTILES - 1 inner quantiles.
-QUANTILES = 8
 #: The share of the load spread uniformly over the index space when regions are refreshed:
 #: no region collapses to nothing because it was idle for a while.
 _PRIOR = 0.05
-
-
-def region_sizes(k: int, world: int, capacity: float) -> Tuple[int, int]:
-    """``(c, R)`` for a tensor sending ``k`` entries over ``world`` ranks: at most ``c`` entries
-    per (sender, region), and ``R`` entries kept per region (``P * R >= k``)."""
-    if k == 0:
-        return 0, 0
-    c = min(k, math.ceil(capacity * k / world))
-    return c, math.ceil(k / world)
 
 
 @dataclass

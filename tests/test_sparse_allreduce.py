@@ -9,7 +9,7 @@ import torch
 from launch import run_ranks
 
 import hvd_topk
-from hvd_topk import sparse_allreduce as sar
+from hvd_topk import exchange, sparse_allreduce as sar
 from hvd_topk.packing import pack_rows, row_nbytes, unpack_rows
 from hvd_topk.selection import GroupLayout
 
@@ -38,13 +38,13 @@ def test_rows_round_trip():
 
 
 def test_region_sizes_and_byte_model():
-    assert sar.region_sizes(1000, 4, 2.0) == (500, 250)
-    assert sar.region_sizes(10, 1024, 2.0) == (1, 1)
-    assert sar.region_sizes(100, 2, 2.0) == (100, 50)  # never more slots than entries
+    assert exchange.region_sizes(1000, 4, 2.0) == (500, 250)
+    assert exchange.region_sizes(10, 1024, 2.0) == (1, 1)
+    assert exchange.region_sizes(100, 2, 2.0) == (100, 50)  # never more slots than entries
     costs = hvd_topk.exchange_bytes(1_000_000, 10_000, 64, 4, 4, 4)
     assert costs["allgather"] == 63 * (8 + 10_000 * 8)
     c, r = math.ceil(2 * 10_000 / 64), math.ceil(10_000 / 64)
-    assert costs["sparse_allreduce"] == 63 * ((8 + c * 8) + (8 + r * 8 + sar.QUANTILES * 4))
+    assert costs["sparse_allreduce"] == 63 * ((8 + c * 8) + (8 + r * 8 + exchange.QUANTILES * 4))
     assert costs["dense"] == math.ceil(2 * 63 * 4_000_000 / 64)
     # the sparse allreduce's bytes stay bounded as the world grows; the allgather's do not
     big = hvd_topk.exchange_bytes(1_000_000, 10_000, 1024, 4, 4, 4)
