@@ -49,6 +49,8 @@ LABELS = {"none": "no communication (floor)", "dense": "dense allreduce", "fp16"
           "topk1ag": "Top-K 1%, allgather", "topk0.1ag": "Top-K 0.1%, allgather",
           "topk1sar": "Top-K 1%, sparse allreduce", "topk0.1sar": "Top-K 0.1%, sparse allreduce"}
 EXCHANGE_SUFFIX = {"ag": "allgather", "sar": "sparse_allreduce"}
+IFACE = "hvd0"
+MASTER = "10.77.0.1"
 
 
 def topk_method(method: str):
@@ -60,8 +62,6 @@ def topk_method(method: str):
         if body.endswith(suffix):
             body, exchange = body[:-len(suffix)], name
     return float(body) / 100, exchange
-IFACE = "hvd0"
-MASTER = "10.77.0.1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -194,7 +194,8 @@ def worker(args: argparse.Namespace) -> None:
         if hasattr(opt, "comm_stats"):
             model_bytes = opt.comm_stats.link_bytes
         elif args.method in ("dense", "fp16"):
-            model_bytes = 2 * (world - 1) / world * params * (4 if args.method == "dense" else 2)
+            from hvd_topk.exchange import ring_allreduce_bytes
+            model_bytes = ring_allreduce_bytes(params * (4 if args.method == "dense" else 2), world)
         else:
             model_bytes = None
         print("RESULT " + json.dumps({"step_ms": 1e3 * statistics.median(times),
@@ -324,7 +325,8 @@ def main(args: argparse.Namespace) -> list:
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "network.json").write_text(json.dumps({"results": results, "runs": runs}, indent=1))
+        (out / "network.json").write_text(json.dumps({"hosts": args.hosts, "results": results, "runs": runs},
+                                                     indent=1))
         (out / "network.md").write_text(table)
         plot(results, out / "network.png", args.hosts)
     return results

@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import hvd_topk
-from hvd_topk.exchange import EXCHANGES, cheapest_exchange
-from hvd_topk.sparse_allreduce import region_sizes
+from hvd_topk.exchange import EXCHANGES, cheapest_exchange, region_sizes, ring_allreduce_bytes
 
 RATES = {"1gbit": 1e9 / 8, "10gbit": 10e9 / 8, "100gbit": 100e9 / 8}  # bytes/s
 PARAMS = {"resnet18": 11_173_962, "mlp": 5_256_202, "mlp10m": 10_056_010,  # examples/models.py
@@ -105,6 +104,14 @@ def predict(p: int, n: int, ratio: float, floor_s: float, compress_s: float, alp
             **{f"bytes_{e}": float(b) for e, b in costs.items()}}
 
 
+def load_hosts(path: str) -> int:
+    """The host count bench_network.py recorded in a network.json (``--hosts``)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "hosts" not in data:
+        raise SystemExit(f"{path}: no host count (written by an older bench_network.py)")
+    return int(data["hosts"])
+
+
 def load_results(path: str) -> List[dict]:
     """bench_network.py's network.json: ``{"results": [...], "runs": [...]}`` (or, from older
     runs, the list of results itself)."""
@@ -124,10 +131,6 @@ def calibrate(measured: List[dict], model: str, rate: str) -> Dict[str, float]:
     return {"floor": floor, "beta": beta, "compress": compress, "n": n, "rows": rows, "sar_entry": 0.0}
 
 
-def _hosts(results: List[dict]) -> int:
-    return int(results[0].get("hosts", 0)) if results else 0
-
-
 def sar_entry(cal: Dict[str, float], rows: Dict[str, dict], p: int, alpha: float, scatter: float) -> float:
     """The sparse allreduce's extra work per selected entry at ``p`` hosts (bucketing, the
     owners' sorts and sums): its measured Top-K 1% step minus the allgather's, minus what the
@@ -144,7 +147,7 @@ def sar_entry(cal: Dict[str, float], rows: Dict[str, dict], p: int, alpha: float
 
 def build(args: argparse.Namespace) -> str:
     measured = load_results(args.measured) if args.measured else []
-    sar_runs = [(path, load_results(path)) for path in args.measured_sar]
+    sar_runs = [(load_hosts(path), load_results(path)) for path in args.measured_sar]
     alpha, scatter = args.alpha_us * 1e-6, args.scatter_ns * 1e-9
     out = ["| model | link | calibrated | P | dense ms | Top-K 1% allgather ms | Top-K 1% sparse "
            "allreduce ms | Top-K 1% auto ms | auto picks | Top-K 0.1% auto ms | picks |",
@@ -160,10 +163,10 @@ def build(args: argparse.Namespace) -> str:
                        "sar_entry": 0.0}
             # The sparse allreduce's extra work, from the run with the fewest hosts (these
             # hosts share 2 cores: the fewer, the less the sharing inflates compute).
-            for path, runs in sorted(sar_runs, key=lambda pr: -_sar_hosts(pr[0])):
+            for hosts, runs in sorted(sar_runs, key=lambda hr: -hr[0]):
                 rows = {r["method"]: r for r in runs if r["model"] == model and r["rate"] == rate}
                 if calibrated and rows:
-                    cal["sar_entry"] = sar_entry(cal, rows, _sar_hosts(path), alpha, scatter)
+                    cal["sar_entry"] = sar_entry(cal, rows, hosts, alpha, scatter)
             cals[(model, rate)] = cal
             n = cal["n"]
             kw = dict(floor_s=cal["floor"], compress_s=cal["compress"], alpha=alpha, beta=cal["beta"],
@@ -210,12 +213,6 @@ def build(args: argparse.Namespace) -> str:
     return text
 
 
-def _sar_hosts(path: str) -> int:
-    """The host count of a ``.../hosts<N>/network.json`` path."""
-    digits = "".join(ch for ch in Path(path).parent.name if ch.isdigit())
-    return int(digits) if digits else 0
-
-
 def wins(curves) -> str:
     """Per model and link: where each exchange is the fastest Top-K 1% option, and whether
     Top-K 1% (auto) beats dense up to the largest P."""
@@ -245,8 +242,7 @@ def sar_check(cals, sar_runs, alpha: float, scatter: float) -> str:
     """Each 3+-host run against the model: step time (the 2-host calibration, the run's own
     floor, the calibrated sparse-allreduce extra) and rank 0's bytes against the byte model."""
     lines = []
-    for path, runs in sar_runs:
-        p = _sar_hosts(path)
+    for p, runs in sar_runs:
         for r in runs:
             cal = cals.get((r["model"], r["rate"]))
             if cal is None or r["method"] == "none":
@@ -319,11 +315,12 @@ def three_host_check(measured2: List[dict], measured3: List[dict], alpha: float,
 
 
 def _ring_bytes(p: int, n: int, method: str) -> float:
-    """Bytes one rank sends per step in the model (ring algorithms)."""
+    """Bytes one rank's link carries per step in the byte model (``exchange_bytes``; ring
+    algorithms, the Top-K methods by allgather)."""
     if method in ("dense", "fp16"):
-        return 2 * (p - 1) / p * n * (4 if method == "dense" else 2)
+        return ring_allreduce_bytes(n * (4 if method == "dense" else 2), p)
     k = hvd_topk.num_selected(n, 0.01 if method == "topk1" else 0.001)
-    return (p - 1) * k * 8
+    return hvd_topk.exchange_bytes(n, k, p, 4, 4, 4)["allgather"]
 
 
 def plot(curves, path: Path) -> None:
