@@ -79,6 +79,21 @@ def _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky):
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(),
                                         compression=comp)
+
+    def expect(step, name, p, c):
+        sent, _ = own_topk(c, ratio, value_dtype)
+        return allgather_dense(sent).mean(0), c - sent
+
+    train_against_reference(model, opt, comp, steps, expect, sparse_tensors=6, dense_tensors=0)
+    assert_same_on_all_ranks(model, f"top-k {ratio}")
+
+
+def train_against_reference(model, opt, comp, steps, expect, **counts):
+    """Train ``steps`` steps through ``opt`` (an ``hvd_topk.DistributedOptimizer``); at each,
+    ``expect(step, name, p, c)`` -> ``(gradient, residual)``, both flat, is what the written-out
+    algorithm gives from the compensated gradient ``c`` (this step's plus the reference
+    residual). After ``synchronize()`` every gradient and residual must equal it, and each
+    ``comm_stats`` counter named in ``counts`` its value."""
     residual = {n: torch.zeros(p.numel(), device=DEVICE) for n, p in model.named_parameters()}
     for step in range(steps):
         opt.zero_grad()
@@ -86,20 +101,16 @@ def _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky):
         nn.functional.cross_entropy(model(x), y).backward()
         want = {}
         for name, p in model.named_parameters():
-            c = p.grad.detach().reshape(-1) + residual[name]
-            sent, _ = own_topk(c, ratio, value_dtype)
-            residual[name] = c - sent
-            want[name] = allgather_dense(sent).mean(0).view_as(p)
+            want[name], residual[name] = expect(step, name, p, p.grad.detach().reshape(-1) + residual[name])
         opt.synchronize()
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, want[name], rtol=RTOL, atol=ATOL,
+            torch.testing.assert_close(p.grad.reshape(-1), want[name], rtol=RTOL, atol=ATOL,
                                        msg=lambda m, s=step, n=name: f"step {s} {n}: {m}")
-            assert torch.equal(comp.memory.get(name), residual[name]), f"residual of {name}"
+            assert torch.equal(comp.memory.get(name), residual[name]), f"step {step}: residual of {name}"
         with opt.skip_synchronize():
             opt.step()
         stats = opt.comm_stats
-        assert stats.sparse_tensors == 6 and stats.dense_tensors == 0, stats
-    assert_same_on_all_ranks(model, f"top-k {ratio}")
+        assert all(getattr(stats, f) == v for f, v in counts.items()), stats
 
 
 def train(opt_factory, steps=5, momentum=0.9, inner=None):

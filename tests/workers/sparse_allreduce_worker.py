@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 import hvd_topk
-from exchange_worker import DEVICE, allgather_dense, assert_same_on_all_ranks, batch, make_model, run_checks
+from exchange_worker import (DEVICE, allgather_dense, assert_same_on_all_ranks, make_model, run_checks,
+                             train_against_reference)
 
 RTOL, ATOL = 1e-6, 1e-7
 
@@ -77,36 +78,29 @@ def check_matches_reference(steps=6, grouped=False, momentum=0.0, ratio=0.05, re
                                         named_parameters=model.named_parameters(), compression=comp)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     names = [n for n, _ in model.named_parameters()]
-    residual = {n: torch.zeros(p.numel(), device=DEVICE) for n, p in model.named_parameters()}
-    for step in range(steps):
-        opt.zero_grad()
-        x, y = batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        want = {}
-        group = tuple(reversed(names)) if grouped else None
-        for name, p in model.named_parameters():
-            key = (group, hvd.size()) if grouped else ((name,), hvd.size())
-            if key in comp.regions:
-                bounds = comp.regions[key].cpu()[list(key[0]).index(name)]
-            else:
-                bounds = torch.tensor([(j * p.numel()) // hvd.size() for j in range(hvd.size() + 1)])
-            c = p.grad.detach().reshape(-1) + residual[name]
-            want[name], residual[name] = reference_step(c, ratio, bounds, comp.region_capacity)
-        opt.synchronize()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad.reshape(-1), want[name], rtol=RTOL, atol=ATOL,
-                                       msg=lambda m, s=step, n=name: f"step {s} {n}: {m}")
-            assert torch.equal(comp.memory.get(name), residual[name]), f"step {step}: residual of {name}"
-        with opt.skip_synchronize():
-            opt.step()
-        stats = opt.comm_stats
-        assert stats.sparse_allreduce_tensors == 6 and stats.allgather_tensors == 0, stats
+    group = tuple(reversed(names)) if grouped else None
+
+    def expect(step, name, p, c):
+        bounds = _bounds_now(comp, group or (name,), name, p.numel())
+        return reference_step(c, ratio, bounds, comp.region_capacity)
+
+    train_against_reference(model, opt, comp, steps, expect, sparse_allreduce_tensors=6, allgather_tensors=0)
     assert_same_on_all_ranks(model, "sparse allreduce")
     moved = [n for (names_, _), b in comp.regions.items() for n in names_
-             if not torch.equal(b.cpu(), torch.stack([torch.tensor([(j * m) // hvd.size()
-                                                                     for j in range(hvd.size() + 1)])
-                                                     for m in _sizes(model, names_)]))]
+             if not torch.equal(b.cpu(), torch.stack([_equal_regions(m) for m in _sizes(model, names_)]))]
     assert hvd.size() == 1 or moved, "no region was ever rebalanced"
+
+
+def _equal_regions(n):
+    """The region starts every tensor of ``n`` entries begins with: ``P`` equal regions."""
+    return torch.tensor([(j * n) // hvd.size() for j in range(hvd.size() + 1)])
+
+
+def _bounds_now(comp, names, name, n):
+    """The region starts of tensor ``name`` (``n`` entries) in the group ``names`` for this
+    step: the compressor's, equal until its first refresh."""
+    key = (tuple(names), hvd.size())
+    return comp.regions[key].cpu()[list(names).index(name)] if key in comp.regions else _equal_regions(n)
 
 
 def _sizes(model, names):
@@ -152,10 +146,7 @@ def check_all_mass_in_one_region(steps=12):
     for step in range(steps):
         opt.zero_grad()
         model(step).backward()
-        key = (("w",), hvd.size())
-        n = model.w.numel()
-        bounds = (comp.regions[key].cpu()[0] if key in comp.regions
-                  else torch.tensor([(j * n) // hvd.size() for j in range(hvd.size() + 1)]))
+        bounds = _bounds_now(comp, ("w",), "w", model.w.numel())
         fed += model.w.grad.reshape(-1)
         c = model.w.grad.detach().reshape(-1) + residual
         want, residual = reference_step(c, 0.01, bounds, comp.region_capacity)
