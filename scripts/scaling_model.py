@@ -39,7 +39,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import hvd_topk
 from hvd_topk.exchange import EXCHANGES, cheapest_exchange, region_sizes, ring_allreduce_bytes
@@ -104,12 +104,13 @@ def predict(p: int, n: int, ratio: float, floor_s: float, compress_s: float, alp
             **{f"bytes_{e}": float(b) for e, b in costs.items()}}
 
 
-def load_hosts(path: str) -> int:
-    """The host count bench_network.py recorded in a network.json (``--hosts``)."""
+def load_multi_host(path: str) -> Tuple[int, List[dict]]:
+    """A multi-host network.json: ``(hosts, results)``, the host count bench_network.py
+    recorded (``--hosts``) and its results."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or "hosts" not in data:
         raise SystemExit(f"{path}: no host count (written by an older bench_network.py)")
-    return int(data["hosts"])
+    return int(data["hosts"]), data["results"]
 
 
 def load_results(path: str) -> List[dict]:
@@ -147,7 +148,7 @@ def sar_entry(cal: Dict[str, float], rows: Dict[str, dict], p: int, alpha: float
 
 def build(args: argparse.Namespace) -> str:
     measured = load_results(args.measured) if args.measured else []
-    sar_runs = [(load_hosts(path), load_results(path)) for path in args.measured_sar]
+    sar_runs = [load_multi_host(path) for path in args.measured_sar]
     alpha, scatter = args.alpha_us * 1e-6, args.scatter_ns * 1e-9
     out = ["| model | link | calibrated | P | dense ms | Top-K 1% allgather ms | Top-K 1% sparse "
            "allreduce ms | Top-K 1% auto ms | auto picks | Top-K 0.1% auto ms | picks |",
