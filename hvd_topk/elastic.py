@@ -10,7 +10,8 @@ Horovod's optimizer handler, one for the optimizers ``hvd_topk.DistributedOptimi
 2. ``restore()`` (after a rank failed mid-step): all of it rolls back to the last commit, so
    the residual updates of the failed step are undone along with its parameter updates;
 3. ``sync()`` (after the membership changed): Horovod broadcasts the optimizer state from
-   rank 0, and the step count follows, so every rank computes the same ``k`` again.
+   rank 0, and the step count follows, so every rank computes the same ``k`` again; the copy
+   of rank 0's hvd_topk state that the broadcast brings along is dropped (see below).
 
 Residuals (and Adam-correction moments) are per rank and stay so: a rank that joins starts
 with an empty residual and fresh moments (bias-corrected from its first step), and the
@@ -20,6 +21,7 @@ but not yet sent since its last selection of each entry (see README, "Reliabilit
 
 from __future__ import annotations
 
+from .checkpoint import split_topk_state
 from .optimizer import TopKDistributedOptimizer
 
 __all__ = ["TopKOptimizerStateHandler", "register_elastic_handler"]
@@ -35,10 +37,14 @@ if _state is not None:
 
         def __init__(self, optimizer):
             super().__init__(optimizer)
+            self._saved_optimizer_state, _ = split_topk_state(self._saved_optimizer_state)
             self._saved_topk = optimizer.topk_state_dict()
 
         def save(self):
             super().save()
+            # This rank's own hvd_topk state is kept apart (restore() loads it whatever the
+            # world size is by then), not in the optimizer state Horovod keeps.
+            self._saved_optimizer_state, _ = split_topk_state(self._saved_optimizer_state)
             self._saved_topk = self.value.topk_state_dict()  # CPU copies
 
         def restore(self):

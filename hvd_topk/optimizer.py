@@ -25,8 +25,9 @@ from horovod.torch import optimizer as _hvd_optimizer
 from horovod.torch.functions import broadcast_object
 from horovod.torch.compression import Compression
 
+from . import checkpoint
 from .compression import ComplexContext, RankMismatchError, SparseCompressor
-from .corrections import correction_groups
+from .corrections import AdamCorrection, correction_groups
 from .exchange import EXCHANGES, ring_allreduce_bytes, sparse_allgather_async, sparse_alltoall_async
 from .packing import row_nbytes
 from .selection import segment_views, stacked_probe
@@ -108,6 +109,8 @@ class _Group:
         self.ready = {}  # param -> the gradient to compress (this step)
         self.handle = None  # the allgather's wait(), once launched
         self.ctx = None
+        self.gathered = None  # its result, once waited for (see _bound_in_flight)
+        self.scattered = False  # scattered during backward already (see _bound_in_flight)
 
     def add(self, p, name):
         self.params.append(p)
@@ -133,7 +136,7 @@ class _TopKMethods:
 
     def __init__(self, params, named_parameters, compression, backward_passes_per_step,
                  op, gradient_predivide_factor, groups, sparse_as_dense, process_set, log_every,
-                 grad_scaler, nonfinite):
+                 grad_scaler, nonfinite, clip_grad_norm):
         self._step_stats = CommStats()
         self.comm_stats = CommStats()  # the last completed step
         self.comm_totals = CommStats()  # since construction
@@ -166,6 +169,16 @@ class _TopKMethods:
         self._correction = {}  # param -> its correction (corrections.py), where one applies
         if self._sparse:
             self._correction = correction_groups(self, compression)
+        self._clip_grad_norm = clip_grad_norm
+        self._clip_held = []  # clip_grad_norm: this step's params whose gradient waits for the norm
+        self._clip_released = False
+        self._stepping = False  # inside step(): the wrapped optimizer's step is ours to call
+        self._step_sync = False  # inside step()'s own synchronize()
+        self._sync_warned = False
+        self._resume_logged = False
+        self._in_flight = []  # (group, gathered bytes) allgathered this step, not yet scattered
+        self._in_flight_bytes = 0
+        self._in_flight_budget = 0
 
     def _groups_of_step(self):
         """Param -> ``_Group`` for the gradients sent sparsely this step. The same on every
@@ -175,6 +188,7 @@ class _TopKMethods:
         momentum setting: of ``group_bytes`` each, or as the ``groups`` argument says."""
         if self._planned:
             return self._plan
+        self._take_broadcast_state()
         comp = self._compression
         world = self.process_set.size()
         trained = self._trained_of_step()
@@ -254,13 +268,16 @@ class _TopKMethods:
         return trained
 
     def _launch_model_check(self):
-        """Start this step's allgather of ``[trained-set digest, groups digest]`` (a CPU
-        tensor, in the step's first hook, so that it travels during backward). The groups
+        """Start this step's allgather of ``[trained-set digest, groups digest, step count]`` (a
+        CPU tensor, in the step's first hook, so that it travels during backward). The groups
         digest, the crc32 of the names of every group of several tensors, in order, catches
-        ranks that list the same params in another order and so would cut other groups."""
+        ranks that list the same params in another order and so would cut other groups; the
+        step count (it sets the warm-up's ratio, hence ``k``) ranks that resumed from
+        different states."""
         if self.process_set.size() > 1:
+            steps = self._compression.steps & 0x7FFFFFFF
             self._trained_check = mpi_ops.allgather_async(
-                torch.tensor([self._trained_digest, self._groups_digest], dtype=torch.int32),
+                torch.tensor([self._trained_digest, self._groups_digest, steps], dtype=torch.int32),
                 name="hvd_topk.trained_set", process_set=self.process_set)
 
     def _user_group_index(self, trained):
@@ -280,6 +297,8 @@ class _TopKMethods:
         return index
 
     def _allreduce_grad_async(self, p):
+        if self._clip_grad_norm is not None and not self._clip_released:
+            return self._clip_and_release(p)
         plan = self._groups_of_step() if self._sparse else None
         if self._sparse and p not in self._trained_set:
             return None, None  # frozen, or not updated by the optimizer: not exchanged
@@ -358,6 +377,30 @@ class _TopKMethods:
             self._corrected.update(group.params)
         stats.compress_ms += (time.perf_counter() - t0) * 1e3
         stats.sparse_tensors += len(group.params)
+        if group.exchange == "allgather":
+            self._bound_in_flight(group, world * payload.numel())
+
+    def _bound_in_flight(self, group, gathered_bytes):
+        """Keep the gathered payloads of a step within a budget (an eighth of the trained
+        parameters' bytes, at least 1 MiB): past it, wait for the oldest groups' allgathers
+        and scatter them now, so that their buffers are freed during backward instead of all
+        waiting for synchronize(). At the warm-up's high ratios they would otherwise weigh
+        about ``world * ratio * 2`` times the model; at 1% the budget is rarely reached. Every
+        rank takes the same decisions (from the same byte counts)."""
+        if not self._in_flight:
+            trained = sum(p.numel() * p.element_size() for p in self._trained)
+            self._in_flight_budget = max(1 << 20, trained // 8)
+        self._in_flight.append((group, gathered_bytes))
+        self._in_flight_bytes += gathered_bytes
+        while len(self._in_flight) > 1 and self._in_flight_bytes > self._in_flight_budget:
+            oldest, nbytes = self._in_flight.pop(0)
+            self._in_flight_bytes -= nbytes
+            oldest.gathered = oldest.handle()
+            try:
+                self._compression.scatter(oldest.gathered, oldest.ctx, self._own_storage(oldest))
+            except RankMismatchError:
+                continue  # raised again by synchronize(), where every rank handles it alike
+            oldest.gathered, oldest.scattered = None, True
 
     def _grouped_allreduce_grad_async(self, ps):
         # Horovod's grouped allreduce (``groups`` with its compressors), counted in comm_stats.
@@ -416,6 +459,8 @@ class _TopKMethods:
         if not self.process_set.included():
             self._synchronized = True
             return
+        if not self._step_sync:
+            self._warn_explicit_synchronize()
         t0 = time.perf_counter()
         try:
             self._groups_of_step()  # if no hook ran this step
@@ -439,6 +484,48 @@ class _TopKMethods:
             self._plan_reset()
         self._finish_step(time.perf_counter() - t0)
 
+    def _warn_explicit_synchronize(self):
+        """Once: clipping ``p.grad`` after an explicit synchronize() clips corrected updates."""
+        if self._sync_warned or not self._correction or self._clip_grad_norm is not None:
+            return
+        self._sync_warned = True
+        warnings.warn(
+            "hvd_topk: with momentum or Adam correction, p.grad after optimizer.synchronize() holds "
+            "the corrected update (a velocity, or an Adam displacement in units of the learning "
+            "rate) for the sparsely sent parameters, not the averaged gradient: clipping it there "
+            "(torch.nn.utils.clip_grad_norm_) does not clip gradients. Pass clip_grad_norm=max_norm "
+            "to hvd_topk.DistributedOptimizer instead: each rank's gradient is then clipped before "
+            "it enters error feedback.", stacklevel=3)
+
+    def _clip_and_release(self, p):
+        """``clip_grad_norm``: hold each gradient of the step (sparse and dense alike) until
+        the last trained one is in -- the total norm needs all of them --, then multiply them
+        all by torch's ``clip_grad_norm_`` factor (a device tensor, no host sync) and send them
+        all. So nothing is compressed or sent before backward ends: the cost in overlap is in
+        the README ("Migrating")."""
+        self._groups_of_step()
+        if p not in self._trained_set:
+            return None, None  # frozen, or not updated by the optimizer: not exchanged
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # as _allreduce_grad_async does: every rank sends
+        held = self._clip_held
+        held.append(p)
+        if len(held) < len(self._trained):
+            return _HELD, None
+        self._clip_held = []
+        # In the param groups' order, as clip_grad_norm_(model.parameters()) sums them.
+        grads = [q.grad for q in self._trained]
+        factor = clip_factor(grads, self._clip_grad_norm, self._loss_scale())
+        for g in grads:
+            g.mul_(factor.to(g.device))
+        self._clip_released = True
+        try:
+            for q in held[:-1]:
+                self._handles[q] = self._allreduce_grad_async(q)
+            return self._allreduce_grad_async(p)  # Horovod's hook stores this one
+        finally:
+            self._clip_released = False
+
     def _planned_groups(self):
         """The groups of the current plan (a param dropped from its group maps to None)."""
         return set(g for g in (self._plan or {}).values() if g is not None)
@@ -446,10 +533,13 @@ class _TopKMethods:
     def _plan_reset(self):
         for group in self._planned_groups():
             group.ready.clear()
-            group.handle = group.ctx = None
+            group.handle = group.ctx = group.gathered = None
+            group.scattered = False
+        self._in_flight, self._in_flight_bytes = [], 0
         self._planned = False
         self._trained_check = None
         self._resparsify = []
+        self._clip_held = []
 
     def _exchange(self):
         """Horovod's synchronize() for a sparse compressor: start what backward did not, wait
@@ -480,7 +570,9 @@ class _TopKMethods:
                                                       name=self._group_name(group, ".sar"),
                                                       process_set=self.process_set)
         for group in groups:
-            comp.scatter(group.handle(), group.ctx, self._own_storage(group))
+            if not group.scattered:
+                gathered = group.gathered if group.gathered is not None else group.handle()
+                comp.scatter(gathered, group.ctx, self._own_storage(group))
         handles.clear()
         dense, self._dense_checked = self._dense_checked, []
         probe = stacked_probe([p.grad for p in dense])
@@ -564,9 +656,17 @@ class _TopKMethods:
             self._check_model = False
             self._compare_models()
         handle, self._trained_check = self._trained_check, None
-        digests = mpi_ops.synchronize(handle).view(-1, 2).tolist()  # (world, 2) int32 on the CPU
+        digests = mpi_ops.synchronize(handle).view(-1, 3).tolist()  # (world, 3) int32 on the CPU
         if any(d[0] != digests[0][0] for d in digests):
             self._compare_trained()
+        steps = [d[2] for d in digests]
+        if any(n != steps[0] for n in steps):
+            raise RankMismatchError(
+                f"hvd_topk: the ranks are at different hvd_topk steps ({steps}, by rank): their "
+                "states come from different places. After a resume load the same state on every "
+                "rank (README, Checkpoints): each rank its own optimizer.state_dict(), or rank 0's "
+                "on every rank, or rank 0's followed by hvd.broadcast_optimizer_state (this needs "
+                "an optimizer with state, e.g. SGD with momentum or Adam).")
         others = [r for r, d in enumerate(digests) if d[1] != digests[0][1]]
         if others:
             raise RankMismatchError(
@@ -632,7 +732,11 @@ class _TopKMethods:
                               "slowdown. You may want to consider using "
                               "optimizer.skip_synchronize() context if you use "
                               "optimizer.synchronize() in your code.", stacklevel=2)
-            self.synchronize()
+            self._step_sync = True
+            try:
+                self.synchronize()
+            finally:
+                self._step_sync = False
         self._synchronized = False
         if self._nonfinite:
             # Every rank saw the same flags in the same gathered buffers: all raise or all skip.
@@ -649,7 +753,7 @@ class _TopKMethods:
             logger.warning("hvd_topk: %s Step skipped (nonfinite='skip').", msg)
             return None
         if not self._corrected:
-            return super(self.__class__, self).step(closure)
+            return self._wrapped_step(closure)
         # Corrected tensors already carry the optimizer's recurrence (momentum, Adam): hide
         # them from the wrapped optimizer (it skips params without grad), apply them ourselves.
         corrected, self._corrected = self._corrected, set()
@@ -657,7 +761,7 @@ class _TopKMethods:
         for p in corrected:
             p.grad = None
         try:
-            loss = super(self.__class__, self).step(closure)
+            loss = self._wrapped_step(closure)
         finally:
             for p, g in stash.items():
                 p.grad = g
@@ -666,7 +770,48 @@ class _TopKMethods:
                 self._correction[p].apply(p, g)
         return loss
 
-    def load_state_dict(self, *args, **kwargs):
+    def _wrapped_step(self, closure):
+        self._stepping = True
+        try:
+            return super(self.__class__, self).step(closure)
+        finally:
+            self._stepping = False
+
+    def state_dict(self):
+        """The wrapped optimizer's ``state_dict()`` plus this rank's hvd_topk state.
+
+        With a sparse compressor, ``state_dict()["hvd_topk"]`` (also referenced from the first
+        param group, see ``checkpoint.py``) holds this rank's residuals, momentum-correction
+        velocities, Adam-correction moments and step counts, warm-up step and sparse-allreduce
+        regions, with the world size, ratio and parameters it belongs to: tensors, numbers
+        and strings only (``torch.load(weights_only=True)`` reads it). ``load_state_dict``
+        takes it back; each rank saving and loading its own file resumes bit-identically.
+        The rank-0 recipes (rank 0's file loaded on every rank, or loaded on rank 0 and sent
+        with ``hvd.broadcast_optimizer_state``) start every rank from rank 0's hvd_topk state
+        (README, "Checkpoints")."""
+        if self._sparse:
+            self._take_broadcast_state()
+        state = super(self.__class__, self).state_dict()
+        if not self._sparse:
+            return state
+        topk = self._compression.state_dict()
+        # Show corrected params' state as the wrapped optimizer's entries once it has state
+        # on this rank: a fresh rank shows none, so broadcast_optimizer_state initialises it.
+        show = bool(state["state"]) or topk["steps"] > 0 or bool(topk["residuals"])
+        corrected = []
+        for index, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            correction = self._correction.get(p)
+            if correction is not None and p.requires_grad:
+                corrected.append((index, self._parameter_names.get(p), _state_kind(correction), p, show))
+        checkpoint.pack_topk_state(state, topk, self._state_meta(), corrected)
+        return state
+
+    def load_state_dict(self, state_dict):
+        """The wrapped optimizer's state and, if ``state_dict`` holds one, hvd_topk's (see
+        ``state_dict``); a state saved at another world size or ratio, or for other
+        parameters, raises ``ValueError`` naming what differs, before anything is loaded."""
+        wrapped, blob = checkpoint.split_topk_state(state_dict) if self._sparse else (state_dict, None)
+        topk = checkpoint.unpack_topk_state(blob, self._state_meta()) if blob is not None else None
         # Horovod's drops pending handles (e.g. after an elastic reset); drop our per-step
         # state with them.
         self._corrected = set()
@@ -675,13 +820,55 @@ class _TopKMethods:
         self._scale = None
         self._step_stats = CommStats()
         self._plan_reset()
-        return _HorovodOptimizer.load_state_dict(self, *args, **kwargs)
+        self._take_broadcast_state(discard=True)
+        _HorovodOptimizer.load_state_dict(self, wrapped)
+        if topk is not None:
+            self._load_blob(blob, topk)
+
+    def _state_meta(self):
+        return {"world_size": self.process_set.size(), "rank": self.process_set.rank(),
+                "ratio": self._compression.ratio,
+                "params": checkpoint.param_shapes((n, p) for p, n in self._parameter_names.items())}
+
+    def _load_blob(self, blob, topk):
+        """Load a rank's hvd_topk state; the wrapped optimizer's entries for the params it
+        showed (``checkpoint.pack_topk_state``) are dropped: hvd_topk's state is the one used."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index in blob.get("shown", []):
+            self.state.pop(params[index], None)
+        self._compression.load_state_dict(topk)
+        self._plan_reset()
+        self._plan = None
+        if self.process_set.rank() == 0 and not self._resume_logged:
+            self._resume_logged = True
+            logger.info("hvd_topk: loaded the hvd_topk state of rank %d of %d (step %d, %d residuals). "
+                        "Every rank that loads this state (rank 0's file on every rank, or "
+                        "hvd.broadcast_optimizer_state) starts from these residuals, velocities "
+                        "and Adam moments: the average owed update is then rank %d's residual, "
+                        "not the mean of the ranks' (README, Checkpoints).", blob["rank"],
+                        blob["world_size"], topk["steps"], len(topk["residuals"]), blob["rank"])
+
+    def _take_broadcast_state(self, discard=False):
+        """Load (or, with ``discard``, drop) the hvd_topk state that ``hvd.broadcast_optimizer_state``
+        set as an option of the param groups (``checkpoint.pack_topk_state``): the same on every
+        rank, so every rank loads the same, locally, before the step's first exchange."""
+        blob = None
+        for g in self.param_groups:
+            blob = g.pop(checkpoint.STATE_KEY, blob)
+        if blob is None:
+            return
+        if discard:
+            params = [p for g in self.param_groups for p in g["params"]]
+            for index in blob.get("shown", []):
+                self.state.pop(params[index], None)
+            return
+        self._load_blob(blob, checkpoint.unpack_topk_state(blob, self._state_meta()))
 
     def topk_state_dict(self):
         """hvd_topk's own state on this rank (residuals, velocities, Adam moments, step
-        counts), or {} for dense training. Per rank: ``optimizer.state_dict()`` does not
-        include it (rank 0's residuals loaded on every rank would be counted ``world`` times); use
-        ``hvd_topk.save_checkpoint`` or ``hvd.elastic.TorchState``."""
+        counts), or {} for dense training: ``state_dict()["hvd_topk"]["state"]``, without
+        the wrapped optimizer's. ``hvd_topk.save_checkpoint`` gathers every rank's;
+        ``hvd.elastic.TorchState`` keeps it per rank."""
         return self._compression.state_dict() if self._sparse else {}
 
     def load_topk_state_dict(self, state):
@@ -695,12 +882,64 @@ class _TopKMethods:
         with none, a rank that left takes its own with it."""
         comp = self._compression
         if self._sparse:
+            # Horovod's sync broadcast rank 0's hvd_topk state too: residuals stay per rank.
+            self._take_broadcast_state(discard=True)
             comp.steps = broadcast_object(comp.steps, root_rank=root_rank, name="hvd_topk.sync.steps")
             comp.world_size = self.process_set.size()
             # The sparse allreduce's regions must agree on every rank, and a joining rank has
             # none: every rank starts again from equal regions (rebalanced within 10 steps).
             comp.reset_regions()
             self._check_model = True  # a new rank may have joined: compare models again
+
+
+_HELD = object()  # the handle of a gradient that clip_grad_norm holds until the step's last one
+
+
+def clip_factor(grads, max_norm, scale=1.0):
+    """``torch.nn.utils.clip_grad_norm_``'s factor ``min(1, max_norm / (norm + 1e-6))`` for the
+    total 2-norm of the unscaled gradients ``grads / scale`` (``scale``: the loss scale, a
+    float or a 0-dim device tensor), as a 0-dim tensor on the device: nothing is read back.
+    Where the norm is not finite the factor is 1, so that the non-finite check still finds
+    (and names) the tensor that holds the NaN/Inf."""
+    flat = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    flat = [torch.view_as_real(g) if g.is_complex() else g for g in flat]
+    total = torch.nn.utils.get_total_norm(flat)  # (,) on the first gradient's device
+    if isinstance(scale, torch.Tensor):
+        total = total / scale.to(total.device)
+    elif scale != 1.0:
+        total = total / scale
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+
+
+def _state_kind(correction):
+    """Which wrapped-optimizer state a correction's hvd_topk state stands for."""
+    if isinstance(correction, AdamCorrection):
+        return ("adam", bool(correction.group.get("amsgrad", False)))
+    return ("momentum", False)
+
+
+def _with_step_guard(base):
+    """``base`` (the wrapped optimizer's class) with a ``step`` that, called from outside
+    ``hvd_topk``'s own ``step()``, leaves the parameters as they were.
+
+    ``hvd.broadcast_optimizer_state`` does that call: on a rank whose optimizer has no state
+    yet it sets zero gradients and calls the wrapped class's ``step`` to create the state.
+    With weight decay that step would move the parameters of those ranks only (AdamW's
+    ``p *= 1 - lr * wd``), and after a resume the ranks would differ."""
+    def step(self, closure=None):
+        inner = super(guarded, self).step
+        if self._stepping:
+            return inner(closure)
+        with torch.no_grad():
+            saved = [(p, p.detach().clone()) for g in self.param_groups for p in g["params"]]
+            try:
+                return inner(closure)
+            finally:
+                for p, value in saved:
+                    p.copy_(value)
+    guarded = type(base.__name__, (base,), {"step": step, "__doc__": base.__doc__})
+    return guarded
 
 
 def _check_groups(groups):
@@ -740,7 +979,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
                          backward_passes_per_step=1, op=mpi_ops.Average,
                          gradient_predivide_factor=1.0, num_groups=0, groups=None,
                          sparse_as_dense=False, process_set=mpi_ops.global_process_set, *,
-                         log_every=100, grad_scaler=None, nonfinite="raise"):
+                         log_every=100, grad_scaler=None, nonfinite="raise", clip_grad_norm=None):
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, with a sparse path for Top-K.
 
     Same signature and behaviour as ``horovod.torch.DistributedOptimizer`` (hooks overlap
@@ -795,6 +1034,14 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
             on every rank; ``"skip"`` the step on every rank (counted in
             ``optimizer.skipped_steps``). Either way no residual takes the bad values in.
             A ``GradScaler`` sees the NaN gradient first and skips the step itself.
+        clip_grad_norm: clip each rank's gradient to this total 2-norm (over the params it
+            trains, as ``torch.nn.utils.clip_grad_norm_`` computes it, loss scale of
+            ``grad_scaler`` accounted for) before it enters error feedback and the
+            corrections; the average of such gradients is within the bound too. With
+            momentum or Adam correction, ``p.grad`` after ``synchronize()`` is a corrected
+            update, so clipping it there does not clip gradients: use this instead. The
+            step's gradients are then compressed and sent after the last one is computed,
+            not during backward. ``None`` (default): no clipping. Needs a sparse compressor.
 
     With a sparse compressor, a parameter that does not require grad (frozen), or that is no
     longer in ``optimizer.param_groups``, is not exchanged: its ``.grad`` is left as it is
@@ -839,6 +1086,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         raise ValueError(f"op must be hvd.Average, hvd.Sum or hvd.Adasum, got {op!r}")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if clip_grad_norm is not None and not (sparse and float(clip_grad_norm) > 0):
+        raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}" if sparse else
+                         "clip_grad_norm needs a sparse compressor (hvd_topk.TopKCompressor); with "
+                         "Horovod's compressors p.grad after synchronize() is the averaged gradient: "
+                         "clip it there")
     if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
@@ -846,10 +1098,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     attrs.update({k: v for k, v in _TopKMethods.__dict__.items()
                   if k not in ("__dict__", "__weakref__", "__module__", "__qualname__")})
     attrs["__doc__"] = optimizer.__class__.__doc__
-    cls = type(optimizer.__class__.__name__, (optimizer.__class__, TopKDistributedOptimizer), attrs)
+    base = _with_step_guard(optimizer.__class__) if sparse else optimizer.__class__
+    cls = type(optimizer.__class__.__name__, (base, TopKDistributedOptimizer), attrs)
     wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set, log_every,
-                  grad_scaler, nonfinite)
+                  grad_scaler, nonfinite, None if clip_grad_norm is None else float(clip_grad_norm))
     if sparse and mpi_ops.rank() == 0:
         logger.info("hvd_topk: %r over %d ranks", compression, process_set.size())
     return wrapped

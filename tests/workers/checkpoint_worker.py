@@ -18,16 +18,18 @@ from exchange_worker import batch, make_model
 import hvd_topk
 
 
-def build(kind="sgd"):
+def build(kind="sgd", min_numel=0, **kw):
+    """``min_numel=0``: every tensor sparse and corrected; 4096: the biases and the last layer
+    dense (stepped by the wrapped optimizer). ``kw`` goes to the optimizer."""
     model = make_model()
     if kind == "adamw":
         inner = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
-        comp = hvd_topk.TopKCompressor(0.01, min_numel=0, warmup_steps=4, adam_variance_steps=2)
+        comp = hvd_topk.TopKCompressor(0.01, min_numel=min_numel, warmup_steps=4, adam_variance_steps=2)
     else:
         inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        comp = hvd_topk.TopKCompressor(0.01, min_numel=0, warmup_steps=4)
+        comp = hvd_topk.TopKCompressor(0.01, min_numel=min_numel, warmup_steps=4)
     return model, hvd_topk.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
-                                                compression=comp)
+                                                compression=comp, **kw)
 
 
 def train(model, opt, steps):

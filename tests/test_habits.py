@@ -1,0 +1,20 @@
+"""The loops users already write (tests/workers/habits_worker.py), 2 ranks, Gloo and MPI:
+optimizer.state_dict() checkpoints (each rank its own file: bit-identical resume; rank 0's
+file on every rank; rank 0's state sent by hvd.broadcast_optimizer_state), states that do not
+fit, clip_grad_norm=, the warning for clipping after synchronize(), backward_passes_per_step,
+OneCycleLR's momentum cycle and torch.compile. One run of the worker per backend."""
+
+import pytest
+from launch import run_ranks
+
+CHECKS = ["own_files", "rank0_file", "rank0_broadcast", "mismatch", "clip_grad_norm",
+          "synchronize_warning", "backward_passes_per_step", "one_cycle_momentum", "torch_compile"]
+
+
+@pytest.mark.parametrize("backend", ["gloo", "mpi"])
+def test_user_habits(tmp_path, backend):
+    out = run_ranks("habits_worker.py", *CHECKS, backend=backend, np=2, timeout=300,
+                    env={"HVD_TOPK_HABITS_DIR": str(tmp_path)})
+    for check in CHECKS:
+        for rank in range(2):
+            assert f"rank {rank}/2 {check}: OK" in out, out

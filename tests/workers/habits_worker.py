@@ -1,0 +1,254 @@
+"""The loops PyTorch users already write, on hvd_topk (run by tests/test_habits.py, 2 ranks).
+
+Checkpoints through ``optimizer.state_dict()`` (each rank its own file: bit-identical to never
+stopping; rank 0's file on every rank, or rank 0's state sent by
+``hvd.broadcast_optimizer_state``: the ranks stay bit-identical to each other); states that do
+not fit raise; ``clip_grad_norm=`` clips each rank's gradient exactly as
+``torch.nn.utils.clip_grad_norm_`` would, before error feedback; the warning for clipping
+after ``synchronize()``; ``backward_passes_per_step``, ``OneCycleLR`` cycling SGD's momentum
+and ``torch.compile``. Files go to ``$HVD_TOPK_HABITS_DIR``.
+"""
+
+import os
+import warnings
+
+import horovod.torch as hvd
+import rank_checks
+import torch
+import torch.nn as nn
+from checkpoint_worker import build, train
+from exchange_worker import RTOL, ATOL, allgather_dense, assert_same_on_all_ranks, batch, make_model, own_topk
+
+import hvd_topk
+
+DIR = os.environ.get("HVD_TOPK_HABITS_DIR", ".")
+KINDS = ("sgd", "adamw")
+MIN_NUMEL = (0, 4096)  # every tensor corrected / the small ones dense, stepped by the optimizer
+
+
+def own_file(kind, min_numel):
+    return os.path.join(DIR, f"{kind}.{min_numel}.rank{hvd.rank()}.pt")
+
+
+def rank0_file(kind, min_numel):
+    return os.path.join(DIR, f"{kind}.{min_numel}.rank0.pt")
+
+
+def save_at_step_3():
+    """Each rank trains 3 steps and saves the usual dict with its own optimizer.state_dict()."""
+    for kind in KINDS:
+        for min_numel in MIN_NUMEL:
+            model, opt = build(kind, min_numel)
+            train(model, opt, range(3))
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, own_file(kind, min_numel))
+    hvd.barrier()
+
+
+def resume(kind, min_numel, path, load=True):
+    model, opt = build(kind, min_numel)
+    if load:
+        saved = torch.load(path, weights_only=True)  # tensors, numbers and strings only
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+    return model, opt
+
+
+def check_own_files():
+    save_at_step_3()
+    for kind in KINDS:
+        for min_numel in MIN_NUMEL:
+            model_a, opt_a = build(kind, min_numel)
+            train(model_a, opt_a, range(6))
+            model, opt = resume(kind, min_numel, own_file(kind, min_numel))
+            assert opt._compression.steps == 3
+            train(model, opt, range(3, 6))
+            for (name, a), (_, b) in zip(model_a.named_parameters(), model.named_parameters()):
+                assert torch.equal(a, b), f"{kind} {min_numel}: {name} differs from the uninterrupted run"
+
+
+def check_rank0_file():
+    """Horovod's examples: rank 0 saved, every rank loads that file."""
+    for kind in KINDS:
+        for min_numel in MIN_NUMEL:
+            model, opt = resume(kind, min_numel, rank0_file(kind, min_numel))
+            state = opt.topk_state_dict()
+            for name, r in state["residuals"].items():
+                g = allgather_dense(r)
+                assert torch.equal(g[0], g[1]), f"{kind}: every rank starts from rank 0's residual ({name})"
+            train(model, opt, range(3, 6))
+            assert_same_on_all_ranks(model, f"rank 0's file, {kind} {min_numel}")
+
+
+def check_rank0_broadcast():
+    """Horovod's other recipe: rank 0 loads, then broadcast_parameters / broadcast_optimizer_state
+    (which initialises the other ranks' optimizers with a zero-gradient step)."""
+    for kind in KINDS:
+        for min_numel in MIN_NUMEL:
+            model, opt = resume(kind, min_numel, rank0_file(kind, min_numel), load=hvd.rank() == 0)
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            hvd.broadcast_optimizer_state(opt, root_rank=0)
+            assert_same_on_all_ranks(model, f"after broadcast_optimizer_state, {kind} {min_numel}")
+            train(model, opt, range(3, 4))
+            assert opt._compression.steps == 4, opt._compression.steps
+            train(model, opt, range(4, 6))
+            assert_same_on_all_ranks(model, f"rank 0's state broadcast, {kind} {min_numel}")
+
+
+def expect_error(load, *words):
+    try:
+        load()
+    except ValueError as e:
+        assert all(w in str(e) for w in words), (words, e)
+    else:
+        raise AssertionError(f"loading a state that does not fit ({words}) did not raise")
+
+
+def check_mismatch():
+    saved = torch.load(own_file("sgd", 0), weights_only=True)["opt"]
+    model = make_model()
+    other_ratio = hvd_topk.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), named_parameters=model.named_parameters(),
+        compression=hvd_topk.TopKCompressor(0.02, min_numel=0))
+    expect_error(lambda: other_ratio.load_state_dict(saved), "ratio 0.01", "0.02")
+    wider = nn.Sequential(nn.Linear(64, 301), nn.ReLU(), nn.Linear(301, 200), nn.ReLU(), nn.Linear(200, 10))
+    other_model = hvd_topk.DistributedOptimizer(
+        torch.optim.SGD(wider.parameters(), lr=0.05, momentum=0.9), named_parameters=wider.named_parameters(),
+        compression=hvd_topk.TopKCompressor(0.01, min_numel=0))
+    expect_error(lambda: other_model.load_state_dict(saved), "parameters differ", "'0.weight (301, 64)'")
+    _, opt = build("sgd")
+    saved["hvd_topk"]["world_size"] = 4  # as if saved by a 4-rank run
+    expect_error(lambda: opt.load_state_dict(saved), "saved at 4 ranks", "this run has 2")
+    assert opt._compression.steps == 0  # nothing was loaded
+
+
+def check_clip_grad_norm():
+    """Each rank's gradient is clipped as torch.nn.utils.clip_grad_norm_ clips it (compared
+    on a twin model without hooks: bit-identical), then Top-K of it plus the residual is what
+    is averaged (reference: each rank's own torch.topk)."""
+    ratio, max_norm = 0.05, 0.5
+    model, twin = make_model(), make_model()
+    comp = hvd_topk.TopKCompressor(ratio, min_numel=0, density_aware=False, warmup_steps=0)
+    opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                        named_parameters=model.named_parameters(), compression=comp,
+                                        clip_grad_norm=max_norm)
+    residual = {n: torch.zeros(p.numel()) for n, p in model.named_parameters()}
+    clipped = 0
+    for step in range(3):
+        twin.load_state_dict(model.state_dict())
+        opt.zero_grad()
+        twin.zero_grad()
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        clipped += float(torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)) > max_norm
+        want = {}
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), f"step {step} {name}: not clipped as clip_grad_norm_ does"
+            sent, _ = own_topk(q.grad.reshape(-1) + residual[name], ratio)
+            want[name] = allgather_dense(sent).mean(0)
+            residual[name] = q.grad.reshape(-1) + residual[name] - sent
+        opt.synchronize()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.reshape(-1), want[name], rtol=RTOL, atol=ATOL)
+        with opt.skip_synchronize():
+            opt.step()
+    assert clipped == 3, "the bound should act at every step of this check"
+    assert_same_on_all_ranks(model, "clip_grad_norm")
+
+
+def check_synchronize_warning():
+    """Clipping after synchronize() with a correction: one warning naming clip_grad_norm=."""
+    for kw, warns in (({}, True), ({"clip_grad_norm": 1.0}, False)):
+        model, opt = build("sgd", **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(2):
+                opt.zero_grad()
+                x, y = batch(step)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.synchronize()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                with opt.skip_synchronize():
+                    opt.step()
+            train(model, opt, range(2, 3))  # step() synchronizing itself: no warning
+        ours = [w for w in caught if "clip_grad_norm=" in str(w.message)]
+        assert len(ours) == warns, [str(w.message) for w in caught]
+
+
+def check_backward_passes_per_step():
+    """Two passes accumulated locally == one pass over both batches (Top-K 1%, momentum
+    correction, 3 steps; rtol 1e-4: the summation order of the gradient differs)."""
+    models = []
+    for bpps in (1, 2):
+        model, opt = build("sgd", backward_passes_per_step=bpps)
+        for step in range(3):
+            opt.zero_grad()
+            batches = [batch(10 * step + i) for i in range(2)]
+            if bpps == 2:
+                for x, y in batches:
+                    nn.functional.cross_entropy(model(x), y).backward()
+            else:
+                sum(nn.functional.cross_entropy(model(x), y) for x, y in batches).backward()
+            opt.step()
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_on_all_ranks(models[1], "backward_passes_per_step=2")
+
+
+def check_one_cycle_momentum():
+    """OneCycleLR cycles SGD's momentum; the correction reads it every step: at ratio 1.0
+    without masking, momentum correction is momentum SGD, so it must match stock Horovod."""
+    results = []
+    for ours in (False, True):
+        model = make_model()
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if ours:
+            comp = hvd_topk.TopKCompressor(1.0, min_numel=0, density_aware=False, warmup_steps=0,
+                                           momentum_correction=True, momentum_masking=False)
+            opt = hvd_topk.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
+                                                compression=comp)
+        else:
+            opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters())
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6, cycle_momentum=True)
+        momenta = []
+        for step in range(6):
+            momenta.append(opt.param_groups[0]["momentum"])
+            opt.zero_grad()
+            x, y = batch(step)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+        assert len(set(momenta)) > 3, momenta
+        results.append(model)
+    for (name, a), (_, b) in zip(results[0].named_parameters(), results[1].named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def check_torch_compile():
+    """torch.compile(model) (AOT autograd; backend aot_eager, no C++ build): the hooks still
+    see every gradient, training matches eager mode and the ranks stay identical."""
+    models = []
+    for compiled in (False, True):
+        model, opt = build("sgd", min_numel=4096)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        for step in range(3):
+            opt.zero_grad()
+            x, y = batch(step)
+            nn.functional.cross_entropy(run(x), y).backward()
+            opt.step()
+        assert opt.comm_stats.sparse_tensors == 2 and opt.comm_stats.dense_tensors == 4, opt.comm_stats
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_on_all_ranks(models[1], "torch.compile")
+
+
+CHECKS = {"own_files": check_own_files, "rank0_file": check_rank0_file,
+          "rank0_broadcast": check_rank0_broadcast, "mismatch": check_mismatch,
+          "clip_grad_norm": check_clip_grad_norm, "synchronize_warning": check_synchronize_warning,
+          "backward_passes_per_step": check_backward_passes_per_step,
+          "one_cycle_momentum": check_one_cycle_momentum, "torch_compile": check_torch_compile}
+
+if __name__ == "__main__":
+    rank_checks.main(CHECKS)
