@@ -16,7 +16,7 @@ from .compression import (AdamSettings, RankMismatchError, SparseCompressor, Spa
                           TopKCompressor)
 from .exchange import EXCHANGES, exchange_bytes
 from .elastic import register_elastic_handler
-from .memory import ResidualMemory
+from .memory import ResidualMemory, held_bytes
 from .optimizer import CommStats, DistributedOptimizer, TopKDistributedOptimizer
 from .registry import COMPRESSORS, make_compressor, register_compressor
 from .packing import pack, payload_nbytes, unpack
@@ -34,6 +34,7 @@ __all__ = [
     "RankMismatchError",
     "CommStats",
     "ResidualMemory",
+    "held_bytes",
     "SparseContext",
     "SparseCompressor",
     "AdamSettings",

@@ -16,8 +16,9 @@ from . import sparse_allreduce as sar
 from .exchange import EXCHANGES, cheapest_exchange, exchange_bytes, scatter_add_
 from .memory import ResidualMemory
 from .packing import FLAG_INEXACT, FLAG_MISMATCH, FLAG_NONFINITE, pack_header, payload_nbytes, unpack
-from .selection import (AdamMoments, GroupLayout, exact_topk_fallback, fused_update_and_select,
-                        index_dtype, num_selected, segment_views, select_group, update_)
+from .selection import (AdamMoments, GroupLayout, PositionSet, exact_topk_fallback,
+                        fused_update_and_select, index_dtype, num_selected, segment_views,
+                        select_group, update_)
 
 __all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "AdamSettings", "RankMismatchError"]
 
@@ -62,9 +63,7 @@ class SparseContext:
     world: Optional[int] = None
     exchange: str = "allgather"  # or "sparse_allreduce" (then ``regions`` is its plan)
     regions: Optional[sar.RegionPlan] = field(default=None, repr=False)
-    in_cap: Optional[torch.Tensor] = field(default=None, repr=False)  # (K,) sent to an owner
     header: Optional[torch.Tensor] = field(default=None, repr=False)
-    payload: Optional[torch.Tensor] = field(default=None, repr=False)
     headers: Optional[torch.Tensor] = field(default=None, repr=False)
     out: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -222,19 +221,47 @@ class SparseCompressor(Compressor, abc.ABC):
         raise NotImplementedError
 
 
+class GroupCache:
+    """A cache with one entry per group in use: ``get`` replaces an entry that no longer fits
+    (a new ``k``), and ``prune`` (once per step) forgets the groups no step has used since the
+    last prune. Its size is bounded by the groups of one step, however long training runs."""
+
+    def __init__(self) -> None:
+        self._entries: Dict[Any, Any] = {}
+        self._used: set = set()
+
+    def get(self, key, fits, build):
+        """The entry for ``key`` if ``fits(entry)``, else a new one from ``build()``."""
+        entry = self._entries.get(key)
+        if entry is None or not fits(entry):
+            entry = self._entries[key] = build()
+        self._used.add(key)
+        return entry
+
+    def prune(self) -> None:
+        for key in [k for k in self._entries if k not in self._used]:
+            del self._entries[key]
+        self._used = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass
 class _Pending:
-    """One group's selection this step, kept until ``step_done()`` for ``unsend``/``redo``."""
+    """One group's selection this step, kept until it is committed (``step_done``, or
+    ``decompress`` outside the optimizer) or taken back (``unsend``). Until then the residual
+    still holds the compensated ``c`` and the velocity is unmasked, so taking it back or
+    selecting again restores nothing, and no copy of the sent values is kept."""
 
-    v: torch.Tensor  # (n,) residual buffer
+    v: torch.Tensor  # (n,) residual buffer, holding c until the commit
     u: Optional[torch.Tensor]  # (n,) velocity, or None
-    sel: torch.Tensor  # (K,) positions sent
-    vals: torch.Tensor  # (K,) v there before the residual write (unscaled)
-    u_vals: Optional[torch.Tensor]  # (K,) u there before masking
+    sent: PositionSet  # the K positions selected
     bad: torch.Tensor  # (S,) bool: segments whose gradient held a NaN/Inf
-    scale: float
-    zeroed: bool = False  # the residual write of an exact wire is done already (CPU kernel)
-    masked: bool = False  # the velocity is masked already (CPU kernel)
+    scale: object
+    value_dtype: torch.dtype
+    in_cap: Optional[PositionSet] = None  # sparse allreduce: those that fit an owner's row
+    applied: Optional[PositionSet] = None  # sparse allreduce: those some owner kept (committed)
 
 
 class TopKCompressor(SparseCompressor):
@@ -424,11 +451,13 @@ class TopKCompressor(SparseCompressor):
         # (name, ranks) of tensors some rank found non-finite since the optimizer last asked
         self.nonfinite: List[Tuple[str, List[int]]] = []
         self._pending: Dict[Tuple[str, ...], _Pending] = {}  # this step's selections, see unsend()
-        self._layouts: Dict[Tuple, GroupLayout] = {}  # (sizes, ratio) -> layout
-        self._signatures: Dict[Tuple, torch.Tensor] = {}  # (signature, device) -> (1,) int32
+        # Per-group caches, one entry per group in use (pruned at every step_done): a new
+        # ratio replaces a group's entry, it never adds one.
+        self._layouts = GroupCache()  # sizes -> GroupLayout
+        self._signatures = GroupCache()  # (names, device) -> (1,) int32 signature
         # Sparse allreduce: each group's region starts, (S, P + 1), keyed by (names, world)
         self.regions: Dict[Tuple[Tuple[str, ...], int], torch.Tensor] = {}
-        self._region_plans: Dict[Tuple, sar.RegionPlan] = {}
+        self._region_plans = GroupCache()  # (sizes, world) -> sar.RegionPlan
 
     def __repr__(self) -> str:
         return (f"TopKCompressor(ratio={self.ratio}, value_dtype={self.value_dtype}, "
@@ -453,25 +482,52 @@ class TopKCompressor(SparseCompressor):
     def step_done(self) -> None:
         """Called by the optimizer once per synchronized step."""
         self.steps += 1
-        self._pending.clear()
+        for names in list(self._pending):
+            self._commit(names)
+        for cache in (self._layouts, self._signatures, self._region_plans):
+            cache.prune()
 
     def unsend(self) -> None:
         """Take back this step's selections: each residual becomes ``e + g`` again (what was
         about to be sent stays owed) and masked momentum returns. Called by the optimizer when
         a step will not be applied (a non-finite gradient on some rank), so nothing that was
         sent in it is lost. A velocity or residual entry that overflowed is reset to 0."""
-        for pend in self._pending.values():
-            self._restore(pend)
+        for pend in self._pending.values():  # not committed: v still holds e + g
             torch.nan_to_num_(pend.v, nan=0.0, posinf=0.0, neginf=0.0)
             if pend.u is not None:
                 torch.nan_to_num_(pend.u, nan=0.0, posinf=0.0, neginf=0.0)
         self._pending.clear()
 
-    @staticmethod
-    def _restore(pend: _Pending) -> None:
-        pend.v.index_copy_(0, pend.sel, pend.vals)
-        if pend.u is not None and pend.u_vals is not None:
-            pend.u.index_copy_(0, pend.sel, pend.u_vals)
+    def _commit(self, names: Tuple[str, ...]) -> None:
+        """Step 5 for a group whose step is applied: the residual write ``v[sent] = c - sent``
+        (0 when the wire carries the values exactly) and DGC's momentum factor masking
+        ``u[sent] = 0`` -- where the sparse allreduce applied the entry, everywhere else."""
+        pend = self._pending.pop(names, None)
+        if pend is None or pend.sent.k == 0:
+            return
+        v, u = pend.v, pend.u
+        masking = u is not None and self.momentum_masking  # no stale momentum on what was sent
+        if pend.applied is not None:
+            # Some slots are invalid (padding at n - 1, maybe a valid position too): add each
+            # slot's change, -0.0 where invalid, so that duplicates leave the right bits
+            # (c + -(wire) is c - wire exactly; u + -u is +0, as a fill).
+            pos, ok = pend.applied.positions()
+            c = v.index_select(0, pos)
+            v.index_put_((pos,), torch.where(ok, -self._unscaled(self._wire(c, pend), pend), -0.0),
+                         accumulate=True)
+            if masking:
+                u.index_put_((pos,), torch.where(ok, -u.index_select(0, pos), -0.0), accumulate=True)
+            return
+        sel, _ = pend.sent.positions()
+        if pend.value_dtype == v.dtype and _is_one(pend.scale):
+            v.index_fill_(0, sel, 0)
+        else:
+            c = v.index_select(0, sel)  # (K,)
+            c = c.masked_fill(~torch.isfinite(c), 0)  # an overflow was sent as 0 (see _selected)
+            # what the wire did not carry
+            v.index_copy_(0, sel, c - self._unscaled(self._wire(c, pend), pend))
+        if masking:
+            u.index_fill_(0, sel, 0)
 
     # -- decisions ------------------------------------------------------------------------
     def exchange_costs(self, tensor: torch.Tensor, world: int) -> Dict[str, int]:
@@ -508,22 +564,14 @@ class TopKCompressor(SparseCompressor):
         return 32 << 20
 
     def _layout(self, sizes: Tuple[int, ...]) -> GroupLayout:
-        ratio = self.current_ratio()
-        key = (sizes, ratio)
-        layout = self._layouts.get(key)
-        if layout is None:
-            if len(self._layouts) > 256:  # the warm-up makes a new k every step
-                self._layouts.clear()
-            layout = self._layouts[key] = GroupLayout(sizes, tuple(num_selected(n, ratio) for n in sizes))
-        return layout
+        ks = tuple(num_selected(n, self.current_ratio()) for n in sizes)
+        return self._layouts.get(sizes, lambda layout: layout.ks == ks, lambda: GroupLayout(sizes, ks))
 
     def _header_base(self, ctx: SparseContext, device: torch.device) -> torch.Tensor:
         """``(1,)`` int32 signature on ``device``, cached (no host-to-device copy per step)."""
-        key = (ctx.signature, device)
-        t = self._signatures.get(key)
-        if t is None:
-            t = self._signatures[key] = torch.tensor([ctx.signature], dtype=torch.int32, device=device)
-        return t
+        sig = ctx.signature
+        return self._signatures.get((ctx.names, device), lambda entry: entry[0] == sig, lambda: (
+            sig, torch.tensor([sig], dtype=torch.int32, device=device)))[1]
 
     # -- compress -------------------------------------------------------------------------
     def compress(self, tensor: torch.Tensor, name: Optional[str] = None, *,
@@ -602,6 +650,7 @@ class TopKCompressor(SparseCompressor):
             if t.dtype != dtype or t.device != device:
                 raise ValueError(f"a group holds one dtype and device: {n!r} is {t.dtype} on {t.device}, "
                                  f"{names[0]!r} is {dtype} on {device}")
+        self._commit(tuple(names))  # a selection of these names not yet committed (no step_done)
         layout = self._layout(tuple(t.numel() for t in tensors))
         vdt = self.value_dtype or dtype
         idt = index_dtype(max(layout.sizes))
@@ -616,26 +665,27 @@ class TopKCompressor(SparseCompressor):
             inv = scale.reciprocal()
         else:
             inv = 1.0 / scale
-        exact = vdt == dtype and _is_one(scale)  # the wire carries the values unchanged
         if self.local_clip_norm is not None:
             g = self._clip(g, layout, inv, world)
-        pend = None
+        selected = None
         if self.local_clip_norm is None and not nesterov and adam is None:
-            pend = self._kernel_update(v, u, g, layout, momentum, inv, exact, scale)
-        if pend is None:
+            selected = self._kernel_update(v, u, g, layout, momentum, inv)
+        if selected is None:
             moments = self._adam_moments(names, layout, g, adam) if adam is not None else None
             bad = update_(v, g, layout, alpha=inv, u=u, momentum=momentum, nesterov=nesterov,
                           adam=moments)  # 1.
             sel, inexact = select_group(v, layout)  # 2.-4.
-            pend = self._selected(v, u, sel, bad, scale, layout)
+            vals, bad = self._selected(v, sel, bad, layout)
         else:
+            sel, vals, bad = selected
             inexact = None  # the kernel's selection is always exact
+        pend = _Pending(v, u, PositionSet(sel, layout.numel), bad, scale, vdt)
         self._pending[ctx.names] = pend
         ctx.world = world
         if exchange == "sparse_allreduce":
             ctx.world = world if world is not None else self.world_size
             ctx.regions = self._region_plan(layout, ctx.world)
-        return self._send(ctx, pend, inexact), ctx
+        return self._send(ctx, pend, sel, vals, inexact), ctx
 
     def _adam_moments(self, names: Sequence[str], layout: GroupLayout, like: torch.Tensor,
                       adam: AdamSettings) -> AdamMoments:
@@ -668,31 +718,27 @@ class TopKCompressor(SparseCompressor):
             update_variance=update_variance, lr=adam.lr, clip=self.adam_clip)
         return moments
 
-    def _send(self, ctx: SparseContext, pend: _Pending, inexact: Optional[torch.Tensor]) -> torch.Tensor:
-        """Step 5 and the payload: the residual write, the header with the flags, the bytes
-        (the sparse allreduce: this rank's entries bucketed into one alltoall row per owner;
-        its header travels later, in ``reduce_regions``' row)."""
-        exact = ctx.value_dtype == ctx.dtype and _is_one(pend.scale)
-        sent = self._write_residual(pend, ctx.value_dtype, exact)
+    def _send(self, ctx: SparseContext, pend: _Pending, sel: torch.Tensor, vals: torch.Tensor,
+              inexact: Optional[torch.Tensor]) -> torch.Tensor:
+        """The payload of the selected ``vals`` at ``sel``: the header with the flags, the values as they
+        travel, the indices (the sparse allreduce: this rank's entries bucketed into one
+        alltoall row per owner; its header travels later, in ``reduce_regions``' row). The
+        residual write (step 5) waits for ``_commit``."""
+        sent = self._wire(vals, pend)
         ctx.header = self._header(ctx, pend.bad, inexact)
         if ctx.exchange == "sparse_allreduce":
             ctx.header = ctx.header.to(sent.device)
-            ctx.payload, ctx.in_cap = sar.to_regions(pend.sel, sent, ctx.regions, self._bounds(ctx),
-                                                     self._header_base(ctx, sent.device), ctx.index_dtype)
-            return ctx.payload
-        indices = self._local_indices(pend.sel, ctx.layout, ctx.index_dtype)
-        ctx.payload = pack_header(ctx.header, sent, indices)
-        return ctx.payload
+            payload, in_cap = sar.to_regions(sel, sent, ctx.regions, self._bounds(ctx),
+                                             self._header_base(ctx, sent.device), ctx.index_dtype)
+            pend.in_cap = PositionSet(sel, ctx.numel, valid=in_cap)
+            return payload
+        indices = self._local_indices(sel, ctx.layout, ctx.index_dtype)
+        return pack_header(ctx.header, sent, indices)  # not kept: redo() builds it again
 
     # -- the sparse allreduce (sparse_allreduce.py) ----------------------------------------
     def _region_plan(self, layout: GroupLayout, world: int) -> sar.RegionPlan:
-        key = (layout.sizes, layout.ks, world)
-        plan = self._region_plans.get(key)
-        if plan is None:
-            if len(self._region_plans) > 256:  # the warm-up makes a new k every step
-                self._region_plans.clear()
-            plan = self._region_plans[key] = sar.RegionPlan(layout, world, self.region_capacity)
-        return plan
+        return self._region_plans.get((layout.sizes, world), lambda plan: plan.layout.ks == layout.ks,
+                                      lambda: sar.RegionPlan(layout, world, self.region_capacity))
 
     def _bounds(self, ctx: SparseContext) -> torch.Tensor:
         """The group's region starts ``(S, P + 1)`` on its device (equal regions at first)."""
@@ -730,28 +776,25 @@ class TopKCompressor(SparseCompressor):
                                     + _SAME_MODEL) from None
         ctx.headers = headers
         pend = self._pending[ctx.names]
-        took = sar.was_kept(pend.sel, kept) & ctx.in_cap  # (K,) applied somewhere
-        pend.v.index_copy_(0, pend.sel, torch.where(took, pend.v.index_select(0, pend.sel), pend.vals))
-        if pend.u is not None and pend.u_vals is not None:
-            pend.u.index_copy_(0, pend.sel, torch.where(took, pend.u.index_select(0, pend.sel), pend.u_vals))
+        pos, fits = pend.in_cap.positions()
+        pend.applied = PositionSet(pos, ctx.numel, valid=sar.was_kept(pos, kept) & fits)  # committed
         if (self.steps + 1) % self.region_refresh == 0:
             key = (ctx.names, ctx.regions.world)
             self.regions[key] = sar.refresh_bounds(self._bounds(ctx), stats, ctx.layout)
 
-    def _kernel_update(self, v, u, g, layout, momentum, inv, exact, scale) -> Optional[_Pending]:
-        """Steps 1-4 (and the zeroing of 5 when ``exact``) through the fused CPU kernel, one
-        call per segment; ``None`` where it does not apply (then the torch steps run)."""
+    def _kernel_update(self, v, u, g, layout, momentum, inv):
+        """Steps 1-4 through the fused CPU kernel, one call per segment: ``(sel, vals, bad)``,
+        or ``None`` where it does not apply (then the torch steps run)."""
         if v.device.type != "cpu" or v.dtype != torch.float32 or cpu_kernel() is None:
             return None
         inv = float(inv)  # a CPU tensor scale: read on the host, no device involved
-        mask_u = u is not None and self.momentum_masking
         parts = []
         for s, (vs, gs) in enumerate(zip(segment_views(v, layout), segment_views(g, layout))):
             if layout.ks[s] == 0:
                 continue
             us = None if u is None else u[layout.offsets[s]:layout.offsets[s + 1]]
-            out = fused_update_and_select(vs, us, gs, layout.ks[s], momentum, inv, zero_v=exact,
-                                          zero_u=mask_u)
+            out = fused_update_and_select(vs, us, gs, layout.ks[s], momentum, inv, zero_v=False,
+                                          zero_u=False)
             if out is None:
                 if parts:  # the kernel's conditions are the same for every segment of a group
                     raise AssertionError("CPU kernel declined a segment after accepting another")
@@ -760,23 +803,19 @@ class TopKCompressor(SparseCompressor):
         if not parts:
             return None
         if len(parts) == 1 and layout.segments == 1:
-            sel, vals, u_vals, finite = parts[0][1]
-            bad = torch.tensor([not finite])
-        else:
-            sel = torch.cat([idx + layout.offsets[s] for s, (idx, _, _, _) in parts])
-            vals = torch.cat([p[1] for _, p in parts])
-            u_vals = torch.cat([p[2] for _, p in parts]) if u is not None else None
-            flags = [False] * layout.segments
-            for s, (_, _, _, finite) in parts:
-                flags[s] = not finite
-            bad = torch.tensor(flags)
-        # The kernel already zeroed the residual (exact wire) and masked the velocity there.
-        return _Pending(v, u, sel, vals, u_vals, bad, scale, zeroed=exact, masked=mask_u)
+            sel, vals, _, finite = parts[0][1]
+            return sel, vals, torch.tensor([not finite])
+        sel = torch.cat([idx + layout.offsets[s] for s, (idx, _, _, _) in parts])
+        vals = torch.cat([p[1] for _, p in parts])
+        flags = [False] * layout.segments
+        for s, (_, _, _, finite) in parts:
+            flags[s] = not finite
+        return sel, vals, torch.tensor(flags)
 
     @staticmethod
-    def _selected(v, u, sel, bad, scale, layout: GroupLayout) -> _Pending:
-        """Read the selected values; an entry of ``v`` that overflowed (e + g beyond the
-        dtype) has the largest magnitude, so it is among them: send 0 there and flag it."""
+    def _selected(v, sel, bad, layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(vals, bad)``: the selected values; an entry of ``v`` that overflowed (e + g beyond
+        the dtype) has the largest magnitude, so it is among them: send 0 there and flag it."""
         vals = v.index_select(0, sel)  # (K,)
         overflow = ~torch.isfinite(vals)
         vals = vals.masked_fill(overflow, 0)
@@ -784,41 +823,32 @@ class TopKCompressor(SparseCompressor):
             bad = bad | overflow.any()
         else:
             per_seg = torch.zeros(layout.segments, dtype=torch.int32, device=v.device)
-            per_seg.index_add_(0, layout.tensors(v.device)["slot_seg"], overflow.to(torch.int32))
+            per_seg.index_add_(0, layout.slot_tables(v.device)["slot_seg"], overflow.to(torch.int32))
             bad = bad | (per_seg > 0)
-        u_vals = u.index_select(0, sel) if u is not None else None
-        pend = _Pending(v, u, sel, vals, u_vals, bad, scale)
-        return pend
+        return vals, bad
 
-    def _write_residual(self, pend: _Pending, vdt: torch.dtype, exact: bool) -> torch.Tensor:
-        """Step 5: ``v[sent] = c - sent`` (0 when the wire carries the values exactly), and
-        DGC's momentum factor masking ``u[sent] = 0``. Returns the values as they travel."""
-        v, sel, vals, scale = pend.v, pend.sel, pend.vals, pend.scale
-        if exact:
-            if not pend.zeroed:
-                v.index_fill_(0, sel, 0)
-            sent = vals
-        else:
-            if not _is_one(scale) and vals.element_size() < 4:
-                vals_scaled = vals.float() * scale  # a half-precision product could overflow
-            else:
-                vals_scaled = vals if _is_one(scale) else vals * scale
-            sent = _to_wire(vals_scaled, vdt)  # (K,) in the gradient's (loss-scaled) units
-            # e <- c - sent: keep what the narrower dtype (or its clamp) did not carry.
-            back = sent.to(v.dtype)
-            v.index_copy_(0, sel, vals - (back if _is_one(scale) else back * (1.0 / scale)))
-        if pend.u is not None and self.momentum_masking and not pend.masked:
-            pend.u.index_fill_(0, sel, 0)  # no stale momentum on what was sent
-        if pend.u is not None and not self.momentum_masking:
-            pend.u_vals = None  # nothing to give back
-        return sent
+    @staticmethod
+    def _wire(vals: torch.Tensor, pend: _Pending) -> torch.Tensor:
+        """``(K,)`` the values as they travel: loss-scaled back, in the wire dtype."""
+        scale = pend.scale
+        if not _is_one(scale) and vals.element_size() < 4:
+            vals = vals.float() * scale  # a half-precision product could overflow
+        elif not _is_one(scale):
+            vals = vals * scale
+        return _to_wire(vals, pend.value_dtype)
+
+    @staticmethod
+    def _unscaled(sent: torch.Tensor, pend: _Pending) -> torch.Tensor:
+        """The wire's values back in the residual's dtype and unscaled units."""
+        back = sent.to(pend.v.dtype)
+        return back if _is_one(pend.scale) else back * (1.0 / pend.scale)
 
     @staticmethod
     def _local_indices(sel: torch.Tensor, layout: GroupLayout, idt: torch.dtype) -> torch.Tensor:
         """``(K,)`` each slot's index within its own tensor, in the wire's index dtype."""
         if layout.segments == 1:
             return sel.to(idt)
-        return (sel - layout.tensors(sel.device)["slot_start"]).to(idt)
+        return (sel - layout.slot_tables(sel.device)["slot_start"]).to(idt)
 
     def _header(self, ctx: SparseContext, bad: torch.Tensor, inexact: Optional[torch.Tensor]) -> torch.Tensor:
         """``(header_words,)`` int32 on the device: signature, flags (, per-tensor flags).
@@ -879,7 +909,7 @@ class TopKCompressor(SparseCompressor):
         else:
             out.zero_()
         if ctx.k:
-            t = ctx.layout.tensors(gathered.device)
+            t = ctx.layout.slot_tables(gathered.device)
             # A rank that disagrees on the layout is caught by check(); clamp its indices
             # into each slot's own tensor so that the scatter never writes out of bounds.
             pos = torch.minimum(indices.long().clamp(min=0), t["slot_max"]) + t["slot_start"]  # (P, K)
@@ -951,20 +981,17 @@ class TopKCompressor(SparseCompressor):
                 views[s].fill_(float("nan"))
 
     def redo(self, ctx: SparseContext) -> torch.Tensor:
-        """This rank's payload for a group ``check`` returned: unchanged if this rank's own
-        selection was exact, else its exact selection (``torch.topk`` per tensor) replaces the
-        sampled one. Every rank then exchanges the group again."""
+        """This rank's payload for a group ``check`` returned, built again from the residual
+        (not yet committed: it still holds ``c``): the same bytes if this rank's own selection
+        was exact, else its exact selection (``torch.topk`` per tensor) replaces the sampled
+        one. Every rank then exchanges the group again."""
         own_inexact = bool(ctx.flags & FLAG_INEXACT)
-        if not own_inexact and ctx.exchange == "allgather":
-            return ctx.payload
-        pend = self._pending[ctx.names]
-        self._restore(pend)  # the residual (and masked velocity) as before the selection
-        # The sparse allreduce: the residual took back what was not kept; start again from
-        # before the selection even where this rank's own selection was exact.
-        sel = exact_topk_fallback(pend.v, ctx.layout) if own_inexact else pend.sel
-        fresh = self._selected(pend.v, pend.u, sel, pend.bad, pend.scale, ctx.layout)
-        self._pending[ctx.names] = fresh
-        return self._send(ctx, fresh, torch.zeros((), dtype=torch.bool, device=sel.device))
+        pend = self._pending[ctx.names]  # not committed: its residual still holds c
+        sel = exact_topk_fallback(pend.v, ctx.layout) if own_inexact else pend.sent.positions()[0]
+        vals, bad = self._selected(pend.v, sel, pend.bad, ctx.layout)
+        fresh = self._pending[ctx.names] = _Pending(pend.v, pend.u, PositionSet(sel, ctx.numel), bad,
+                                                    pend.scale, pend.value_dtype)
+        return self._send(ctx, fresh, sel, vals, torch.zeros((), dtype=torch.bool, device=sel.device))
 
     def decompress(self, payload: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Horovod's ``Compressor.decompress``: ``scatter`` then ``check`` (one host sync) for
@@ -980,6 +1007,7 @@ class TopKCompressor(SparseCompressor):
                              "through reduce_regions() and scatter() (hvd_topk.DistributedOptimizer)")
         out = self.scatter(payload, ctx)
         self.check([ctx])  # an inexact selection is still a valid sparse update: kept here
+        self._commit(ctx.names)
         return out.view(ctx.shapes[0]) if len(ctx.names) == 1 else out
 
     def adam_started(self, name: str) -> bool:

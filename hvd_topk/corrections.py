@@ -47,7 +47,10 @@ class MomentumCorrection:
         return _coupled_decay(self.group, p, grad, scale)
 
     def start(self, name: str, state: dict, comp) -> None:
-        """Nothing to hand over: the velocity starts at zero (DGC)."""
+        """The velocity starts at zero (DGC). A momentum buffer the wrapped optimizer built
+        while the tensor went dense (the warm-up's first steps on a large world) is freed:
+        the velocity replaces it, and one model-sized buffer is not kept twice."""
+        state.pop("momentum_buffer", None)
 
     def compress_kwargs(self) -> dict:
         return {"momentum": self.group["momentum"], "nesterov": bool(self.group["nesterov"])}
@@ -86,15 +89,17 @@ class AdamCorrection:
         exchanged densely (the first steps of the warm-up on a large world), its moments --
         those of the average gradient, the same on every rank -- and step count seed the
         rank's own, instead of zeros. ``state`` is the wrapped optimizer's for the param."""
-        if comp.adam_started(name) or "exp_avg" not in state:
+        if "exp_avg" not in state:
             return
         step = state.get("step", 0)
-        if isinstance(step, torch.Tensor):
-            if step.device.type != "cpu":
-                return  # capturable/fused: reading the count would be a host sync
+        if isinstance(step, torch.Tensor) and step.device.type == "cpu":
             step = int(step)  # a CPU tensor: no device involved
-        comp.start_adam(name, state["exp_avg"], state["exp_avg_sq"], step,
-                        state.get("max_exp_avg_sq") if self.group.get("amsgrad") else None)
+        # capturable/fused keep the count on the device: reading it would be a host sync, so
+        # those moments are not handed over (the rank's own start from zero).
+        if not comp.adam_started(name) and not isinstance(step, torch.Tensor):
+            comp.start_adam(name, state["exp_avg"], state["exp_avg_sq"], step,
+                            state.get("max_exp_avg_sq") if self.group.get("amsgrad") else None)
+        state.clear()  # the compressor's moments replace them: a moment is never kept twice
 
     def compress_kwargs(self) -> dict:
         beta1, beta2 = self.group["betas"]

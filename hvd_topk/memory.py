@@ -1,12 +1,14 @@
-"""Error-feedback memory: what Top-K did not send, per parameter name."""
+"""Error-feedback memory: what Top-K did not send, per parameter name; and ``held_bytes``,
+the memory an optimizer or compressor keeps alive."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence, Tuple
+import types
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["ResidualMemory"]
+__all__ = ["ResidualMemory", "held_bytes"]
 
 
 class ResidualMemory:
@@ -100,3 +102,46 @@ class ResidualMemory:
         self._residuals = {n: t.detach().clone().reshape(-1) for n, t in state.items()}
         self._groups.clear()  # rebuilt (and the loaded residuals copied in) at the next step
         self._views.clear()
+
+
+def held_bytes(*roots, exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensor storages reachable from ``roots`` (an optimizer, a compressor, ...),
+    each storage counted once, whatever the views of it: the memory those objects keep alive.
+
+    Follows dicts, lists, tuples, sets and the attributes (``__dict__``, ``__slots__``) of
+    objects, but not into tensors' own attributes or modules. Storages of ``exclude`` (the
+    parameters and their gradients, which dense training holds too) are not counted. What
+    Horovod keeps in C++ (its fusion buffer) is not visible here.
+    """
+    skip = {_storage_key(t) for t in exclude if isinstance(t, torch.Tensor)}
+    seen_objects, storages = set(), {}
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            if key is not None and key not in skip:
+                storages[key] = obj.untyped_storage().nbytes()
+            continue
+        if id(obj) in seen_objects or isinstance(obj, (str, bytes, int, float, bool, type(None),
+                                                       torch.dtype, torch.device, type)):
+            continue
+        seen_objects.add(id(obj))
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif not isinstance(obj, (torch.nn.Module, types.ModuleType, types.FunctionType)):
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            for cls in type(obj).__mro__:
+                for slot in getattr(cls, "__slots__", ()):
+                    if isinstance(slot, str) and hasattr(obj, slot):
+                        stack.append(getattr(obj, slot))
+    return sum(storages.values())
+
+
+def _storage_key(t: torch.Tensor):
+    if t.is_sparse or t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr())

@@ -47,7 +47,7 @@ from ._cpu_kernel import cpu_kernel
 __all__ = ["num_selected", "index_dtype", "select_topk", "GroupLayout", "AdamMoments",
            "adam_direction_", "update_", "thresholds",
            "candidates", "exact_topk", "exact_topk_fallback", "select_group", "fused_update_and_select",
-           "finite_probe", "SAMPLED_MIN_NUMEL"]
+           "finite_probe", "PositionSet", "SAMPLED_MIN_NUMEL"]
 
 # Below this many elements a segment has no sample: all its entries are candidates (small
 # tensors cost little either way).
@@ -99,8 +99,8 @@ def _sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:
 @dataclass
 class GroupLayout:
     """Where each segment lives in the group's flat buffer, its ``k``, and the per-step plan
-    (samples, candidate capacity). Built on the host once per (sizes, ks); its index tensors
-    are cached per device, so a step copies nothing from the host.
+    (samples, candidate capacity). Built on the host once per (sizes, ks); its per-segment
+    index tensors are cached per device, so a step copies nothing from the host.
 
     Arguments:
         sizes: entries of each segment, in buffer order.
@@ -115,6 +115,7 @@ class GroupLayout:
     capacity: int = field(init=False)  # candidate slots
     plans: Tuple[Optional[Tuple[int, int]], ...] = field(init=False)
     _device: Dict[torch.device, Dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _samples: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.sizes) != len(self.ks) or not self.sizes:
@@ -138,14 +139,16 @@ class GroupLayout:
         return len(self.sizes)
 
     def tensors(self, device: torch.device) -> Dict[str, torch.Tensor]:
-        """The layout's index tensors on ``device``, built once per device *on* the device
-        from per-segment numbers (a few hundred bytes cross from the host, not the ``(K,)``
-        and sample-sized arrays: a new ``k`` every warm-up step stays cheap on a GPU)."""
+        """The layout's per-segment and sample index tensors on ``device``, built once per
+        device *on* the device from per-segment numbers (a few hundred bytes cross from the
+        host). Their size depends on the segments and the sample plan, never on ``k``: the
+        ``(K,)`` tables are ``slot_tables()``, built per call, so that a layout kept for the whole run
+        holds no memory that grows with the ratio."""
         device = torch.device(device)
         cached = self._device.get(device)
         if cached is not None:
             return cached
-        S, K = self.segments, self.k
+        S = self.segments
         sampled = [s for s, plan in enumerate(self.plans) if plan is not None]
         counts = [-(-self.sizes[s] // self.plans[s][0]) for s in sampled]  # len(x[::stride])
         m_pos, taken = [-1] * S, 0  # -1: no sample, threshold -1, every entry is a candidate
@@ -157,34 +160,59 @@ class GroupLayout:
             return torch.tensor(values, dtype=torch.long).to(device)
 
         ks, lengths, offsets = host(self.ks), host(self.sizes), host(self.offsets)
-        segs = torch.arange(S + 1, device=device)
-        slot_seg = torch.repeat_interleave(segs[:S], ks, output_size=K)  # (K,) segment of each slot
-        slot_first = torch.cumsum(ks, 0) - ks  # (S,) first slot of each segment
         t = {
             "offsets": offsets,  # (S + 1,)
             "ends": offsets[1:],  # (S,)
             "lengths": lengths,  # (S,)
             "ks": ks,  # (S,)
-            "segs": segs,  # (S + 1,)
+            "slot_first": torch.cumsum(ks, 0) - ks,  # (S,) first slot of each segment
+            "segs": torch.arange(S + 1, device=device),  # (S + 1,)
             "m_pos": host(m_pos),  # (S,)
-            "slot_seg": slot_seg,  # (K,)
-            "slot_rank": torch.arange(K, device=device) - slot_first[slot_seg],  # (K,) rank in its segment
-            "slot_start": offsets[slot_seg],  # (K,) offset of its segment in the group
-            "slot_max": lengths[slot_seg] - 1,  # (K,) its segment's last local index
         }
-        if sampled:  # sample j of segment s sits at offset_s + j * stride_s
-            seg_of = host(sampled)
-            cnt = host(counts)
-            sample_seg = torch.repeat_interleave(seg_of, cnt, output_size=taken)  # (samples,)
-            which = torch.repeat_interleave(torch.arange(len(sampled), device=device), cnt, output_size=taken)
-            j = torch.arange(taken, device=device) - (torch.cumsum(cnt, 0) - cnt)[which]
-            strides = host([self.plans[s][0] for s in sampled])
-            t["sample_pos"] = offsets[sample_seg] + j * strides[which]
-            t["sample_seg"] = sample_seg
-        else:
-            t["sample_pos"] = t["sample_seg"] = torch.zeros(0, dtype=torch.long, device=device)
+        self._samples = taken
+        if sampled:  # (sampled segments,) tables of the strided samples
+            t["sampled"], t["sample_count"] = host(sampled), host(counts)
+            t["sample_stride"] = host([self.plans[s][0] for s in sampled])
         self._device[device] = t
         return t
+
+    def sample_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(sample_pos, sample_seg)``, both ``(samples,)`` int64: where step 2 samples and the
+        segment of each sample (sample ``j`` of segment ``s`` sits at ``offset_s + j *
+        stride_s``). Built per call from the cached per-segment tables: the sample's size
+        grows as ``k`` shrinks, and a kept copy would weigh up to the segment's own size."""
+        t = self.tensors(device)
+        if "sampled" not in t:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return empty, empty
+        taken, cnt = self._samples, t["sample_count"]
+        if len(cnt) == 1:
+            seg = t["sampled"][0]
+            pos = t["offsets"][seg] + torch.arange(taken, device=device) * t["sample_stride"][0]
+            return pos, seg.expand(taken)
+        sample_seg = torch.repeat_interleave(t["sampled"], cnt, output_size=taken)  # (samples,)
+        which = torch.repeat_interleave(torch.arange(len(cnt), device=device), cnt, output_size=taken)
+        j = torch.arange(taken, device=device) - (torch.cumsum(cnt, 0) - cnt)[which]
+        return t["offsets"][sample_seg] + j * t["sample_stride"][which], sample_seg
+
+    def slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """The ``(K,)`` tables of the payload's slots, built on ``device`` at each call (a few
+        kernels; not cached: at the warm-up's ratios they would weigh a quarter of the group).
+        A single tensor's tables broadcast from 0-dim tensors where they are constant."""
+        t = self.tensors(device)
+        if self.segments == 1:
+            zero = t["offsets"][0]
+            return {"slot_seg": torch.zeros(self.k, dtype=torch.long, device=device),
+                    "slot_rank": torch.arange(self.k, device=device),
+                    "slot_start": zero, "slot_max": t["lengths"][0] - 1}  # 0-dim
+        slot_seg = torch.repeat_interleave(t["segs"][:-1], t["ks"], output_size=self.k)  # (K,)
+        return {
+            "slot_seg": slot_seg,  # (K,) segment of each slot
+            # (K,) rank in its segment
+            "slot_rank": torch.arange(self.k, device=device) - t["slot_first"][slot_seg],
+            "slot_start": t["offsets"][slot_seg],  # (K,) offset of its segment in the group
+            "slot_max": t["lengths"][slot_seg] - 1,  # (K,) its segment's last local index
+        }
 
 
 # -- the pipeline's steps -------------------------------------------------------------------------
@@ -309,10 +337,11 @@ def thresholds(mag: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     ``mag = |v|`` (-1 for unsampled segments: every entry passes). One sort ranks every
     segment's samples at once (``_order``)."""
     t = layout.tensors(mag.device)
-    if t["sample_pos"].numel() == 0:
+    sample_pos, sample_seg = layout.sample_tables(mag.device)
+    if sample_pos.numel() == 0:
         return torch.full((layout.segments,), -1.0, dtype=mag.dtype, device=mag.device)
-    sampled = mag.index_select(0, t["sample_pos"])  # (samples,)
-    order = _order(t["sample_seg"], sampled)  # by segment, largest magnitude first
+    sampled = mag.index_select(0, sample_pos)  # (samples,)
+    order = _order(sample_seg, sampled)  # by segment, largest magnitude first
     thr = sampled.index_select(0, order.index_select(0, t["m_pos"].clamp(min=0)))  # (S,)
     return torch.where(t["m_pos"] >= 0, thr, torch.full_like(thr, -1.0))
 
@@ -353,7 +382,8 @@ def exact_topk(mag: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
     order = _order(seg, cmag)  # stable: ties keep ascending positions
     first = torch.searchsorted(seg.index_select(0, order), t["segs"])  # (S + 1,) first rank of each segment
     have = first[1:] - first[:-1]  # (S,) candidates per segment
-    take = (first.index_select(0, t["slot_seg"]) + t["slot_rank"]).clamp(max=layout.capacity - 1)
+    slots = layout.slot_tables(mag.device)
+    take = (first.index_select(0, slots["slot_seg"]) + slots["slot_rank"]).clamp(max=layout.capacity - 1)
     sel = pos.index_select(0, order.index_select(0, take))  # (K,)
     inexact = (have < t["ks"]).any() | full
     return sel, inexact
@@ -459,3 +489,50 @@ def stacked_probe(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     real = [t if t.numel() else t.new_zeros(1) for t in real]
     norms = torch._foreach_norm(real, float("inf"))
     return ~torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+
+
+class PositionSet:
+    """``k`` distinct positions of a group of ``n`` entries, some maybe marked invalid, kept
+    compactly from the selection until step 5 (``TopKCompressor``'s commit): as int32
+    positions, or -- when that is smaller, at ratios above 1/32 such as the warm-up's -- as a
+    bitmask of ``n`` bits. Whatever the ratio it weighs at most ``min(4 k, n / 8)`` bytes,
+    against ``8 k`` for the selection's own int64 positions. Encoding and decoding run on
+    the device and read nothing back to the host.
+
+    Arguments:
+        positions: ``(k,)`` int64, distinct, in ``[0, n)``, any order.
+        n: the group's entries.
+        valid: ``(k,)`` bool, or None (all valid): positions to leave out.
+    """
+
+    def __init__(self, positions: torch.Tensor, n: int, valid: Optional[torch.Tensor] = None) -> None:
+        self.n, self.k = n, positions.numel()
+        self.device = positions.device
+        self.bits = self.positions32 = None
+        self.partial = valid is not None
+        if valid is None and 4 * self.k <= (n + 7) // 8 and n < 2**31:
+            self.positions32 = positions.to(torch.int32)
+            return
+        mask = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=self.device)
+        if valid is None:
+            mask.index_fill_(0, positions, True)
+        else:
+            mask.index_put_((positions,), valid)
+        self.bits = (mask.view(torch.uint8).view(-1, 8) * _bit_weights(self.device)).sum(1, dtype=torch.uint8)
+
+    def positions(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(positions, valid)``: ``(k,)`` int64 positions (ascending from a bitmask) and
+        ``(k,)`` bool, or None when every position is valid. Invalid slots hold ``n - 1``."""
+        if self.positions32 is not None:
+            return self.positions32.long(), None
+        mask = (self.bits.unsqueeze(1) & _bit_weights(self.device)).ne(0).reshape(-1)[:self.n]
+        pos = torch.nonzero_static(mask, size=self.k, fill_value=self.n).squeeze(1)  # (k,)
+        if not self.partial:
+            return pos, None  # exactly k bits are set
+        return pos.clamp(max=self.n - 1), pos < self.n
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """``(8,)`` uint8 1, 2, 4, ..., 128, made on the device (no copy from the host)."""
+    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=device),
+                                    torch.arange(8, dtype=torch.uint8, device=device))

@@ -97,29 +97,32 @@ class RegionPlan:
                 (S * QUANTILES, index_dtype)]
 
     def tensors(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """The per-segment tables on ``device`` (cached: their size does not depend on ``k``)."""
         device = torch.device(device)
         cached = self._device.get(device)
         if cached is not None:
             return cached
-        lt = self.layout.tensors(device)
+        caps = torch.tensor(self.caps, dtype=torch.long).to(device)
+        t = {"caps": caps, "cap_off": torch.cumsum(caps, 0) - caps,  # (S,)
+             "keeps": torch.tensor(self.keeps, dtype=torch.long).to(device)}  # (S,)
+        self._device[device] = t
+        return t
+
+    def slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """The ``(C,)`` and ``(R,)`` tables of the rows' slots, built at each call (not cached:
+        they scale with ``k``, see ``GroupLayout.slot_tables``)."""
+        lt, t = self.layout.tensors(device), self.tensors(device)
         S = self.layout.segments
-
-        def host(values):
-            return torch.tensor(values, dtype=torch.long).to(device)
-
-        caps, keeps = host(self.caps), host(self.keeps)
-        col1 = torch.repeat_interleave(lt["segs"][:S], caps, output_size=self.slots)  # (C,)
+        keeps = t["keeps"]
+        col1 = torch.repeat_interleave(lt["segs"][:S], t["caps"], output_size=self.slots)  # (C,)
         col2 = torch.repeat_interleave(lt["segs"][:S], keeps, output_size=self.kept)  # (R,)
-        t = {
-            "caps": caps, "cap_off": torch.cumsum(caps, 0) - caps,  # (S,)
+        return {
             "col1": col1,  # (C,) segment of each alltoall slot
             "col2": col2,  # (R,) segment of each kept slot
             "rank2": torch.arange(self.kept, device=device) - (torch.cumsum(keeps, 0) - keeps)[col2],
             "start1": lt["offsets"][col1], "max1": lt["lengths"][col1] - 1,  # (C,)
             "start2": lt["offsets"][col2], "max2": lt["lengths"][col2] - 1,  # (R,)
         }
-        self._device[device] = t
-        return t
 
 
 def uniform_bounds(layout: GroupLayout, world: int, device) -> torch.Tensor:
@@ -147,8 +150,8 @@ def to_regions(sel: torch.Tensor, sent: torch.Tensor, plan: RegionPlan, bounds: 
     """
     layout, P = plan.layout, plan.world
     S, C, K = layout.segments, plan.slots, layout.k
-    lt, t = layout.tensors(sel.device), plan.tensors(sel.device)
-    seg = lt["slot_seg"]  # (K,)
+    lt, t, slots = layout.tensors(sel.device), plan.tensors(sel.device), layout.slot_tables(sel.device)
+    seg = slots["slot_seg"]  # (K,)
     # Every segment's inner boundaries, in group positions: one ascending array.
     inner = (bounds[:, 1:P] + lt["offsets"][:S, None]).reshape(-1)  # (S * (P-1),)
     region = torch.searchsorted(inner, sel, right=True) - seg * (P - 1)  # (K,) in [0, P)
@@ -164,7 +167,7 @@ def to_regions(sel: torch.Tensor, sent: torch.Tensor, plan: RegionPlan, bounds: 
                        P * C)  # (K,) slot in the rows; P * C: dropped
     vals = torch.zeros(P * C + 1, dtype=sent.dtype, device=sent.device)
     vals.index_put_((dest,), sent.index_select(0, order))
-    local = sel - lt["slot_start"]  # (K,) index within its tensor
+    local = sel - slots["slot_start"]  # (K,) index within its tensor
     idx = torch.full((P * C + 1,), -1, dtype=index_dtype, device=sel.device)
     idx.index_put_((dest,), local.index_select(0, order).to(index_dtype))
     in_cap = torch.empty(K, dtype=torch.bool, device=sel.device)
@@ -194,7 +197,7 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     layout, P = plan.layout, plan.world
     S, C, R, n = layout.segments, plan.slots, plan.kept, layout.numel
     device = received.device
-    t, lt = plan.tensors(device), layout.tensors(device)
+    t, lt = plan.slot_tables(device), layout.tensors(device)
     header = header.clone()
     try:
         hdr, vals, idx = unpack_rows(received, P, plan.row1_spec(value_dtype, index_dtype))
@@ -254,7 +257,7 @@ def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dt
     """
     layout, P = plan.layout, plan.world
     n = layout.numel
-    t = plan.tensors(out.device)
+    t = plan.slot_tables(out.device)
     headers, vals, idx, stats = unpack_rows(gathered, P, plan.row2_spec(header_words, value_dtype,
                                                                         index_dtype))
     valid = idx >= 0  # (P, R)

@@ -51,6 +51,7 @@ def test_adam_correction_follows_the_written_out_algorithm(amsgrad, variance_ste
         payload, ctx = comp.compress_group([g], ["w"], adam=adam)
         ctx.world = 1
         got = comp.scatter(payload, ctx)
+        comp.step_done()  # the step is applied: its residual write
         torch.testing.assert_close(got, sent, rtol=1e-6, atol=0, msg=lambda e, t=t: f"step {t}: {e}")
         torch.testing.assert_close(comp.memory.get("w"), r, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(comp.exp_avg.get("w"), m, rtol=1e-6, atol=0)

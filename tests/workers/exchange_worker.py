@@ -73,7 +73,7 @@ def _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky):
         from hvd_topk import selection
 
         def wrong(mag, cand, full, layout):  # the first k_s entries of each tensor, flagged
-            t = layout.tensors(mag.device)
+            t = layout.slot_tables(mag.device)
             return t["slot_start"] + t["slot_rank"], torch.ones((), dtype=torch.bool, device=mag.device)
         selection.exact_topk = wrong
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),

@@ -1,0 +1,227 @@
+"""Memory of a training run with Top-K against Horovod's dense and fp16 training.
+
+Each method runs in processes of its own (``horovodrun -np 2 --gloo``, started by this
+script), so that one method's freed memory never hides another's::
+
+    python scripts/bench_memory.py                       # the default table (CPU, 2 ranks)
+    python scripts/bench_memory.py --methods dense,topk0.01 --optimizers sgd --steps 130
+    python scripts/bench_memory.py --device cuda --np 1  # on a GPU (one NCCL rank, HOROVOD_ELASTIC=1)
+
+The model is an MLP of ``--layers`` x ``Linear(--width, --width)`` (4 x 2304: 21.2M fp32
+parameters, 85 MB), batch 32, ``--steps`` steps (longer than the default warm-up of 100
+steps). Per method and optimizer (SGD momentum 0.9, AdamW), on rank 0, in units of the
+parameters' own bytes:
+
+- ``peak``: the largest growth of the process's resident memory (CPU; sampled every
+  millisecond by a thread, with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave
+  it) or of ``torch.cuda.max_memory_allocated`` (CUDA) over any step, from just before the
+  first step, and the step where it happened;
+- ``steady``: the growth after the last step;
+- ``held``: the bytes of the tensors the optimizer and compressor keep alive after the last
+  step (``hvd_topk.held_bytes``: residuals, velocities, moments, caches);
+- ``temporaries``: the most a step's own temporaries took above what the step started with
+  (payloads, gathered buffers, selections): what scales with ``k`` and a group;
+- ``after warm-up``: ``peak`` over the steps after the warm-up (its ratio reached);
+- ``vs dense``: the column before it minus the dense run's ``peak`` with the same optimizer:
+  the memory hvd_topk adds.
+
+Methods: ``dense`` (``hvd.DistributedOptimizer``), ``fp16`` (``hvd.Compression.fp16``),
+``topk<ratio>`` (the allgather), ``topk<ratio>sar`` (the sparse allreduce), ``...gen`` (the
+generic torch path instead of the CPU kernel: the path CUDA tensors take). Top-K runs take
+``TopKCompressor``'s defaults (warm-up included) and its automatic corrections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--np", type=int, default=2, help="ranks (Gloo on CPU)")
+    p.add_argument("--methods", default="dense,fp16,topk0.01,topk0.001,topk0.01sar,topk0.001sar,topk0.01gen")
+    p.add_argument("--optimizers", default="sgd,adamw")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=2304)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=130)
+    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "method:optimizer", inside a run
+    return p.parse_args(argv)
+
+
+# -- one run, inside horovodrun -----------------------------------------------------------------
+
+class RssSampler:
+    """The process's resident bytes, sampled every millisecond; ``peak()`` since ``reset()``."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._peak = self.now()
+        self._stop = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._peak = max(self._peak, self.now())
+            time.sleep(0.001)
+
+    def reset(self) -> int:
+        self._peak = now = self.now()
+        return now
+
+    def peak(self) -> int:
+        return max(self._peak, self.now())
+
+
+def run_one(args) -> None:
+    import horovod.torch as hvd
+    import torch
+    import torch.nn as nn
+
+    import hvd_topk
+
+    method, opt_name = args.one.split(":")
+    hvd.init()
+    torch.set_num_threads(1)
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", hvd.local_rank()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(args.layers):
+        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).to(device)
+    params = list(model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    if opt_name == "sgd":
+        base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    comp = None
+    if method == "dense":
+        opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())
+    elif method == "fp16":
+        opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                       compression=hvd.Compression.fp16)
+    else:
+        spec = method[len("topk"):]
+        exchange = "sparse_allreduce" if "sar" in spec else "allgather"
+        ratio = float(spec.replace("sar", "").replace("gen", ""))
+        comp = hvd_topk.TopKCompressor(ratio, exchange=exchange)
+        opt = hvd_topk.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                            compression=comp, log_every=0)
+    gen = torch.Generator().manual_seed(1 + hvd.rank())
+    batches = [torch.randn(args.batch, args.width, generator=gen).to(device) for _ in range(4)]
+
+    def used() -> int:
+        return torch.cuda.memory_allocated(device) if cuda else sampler.now()
+
+    sampler = None if cuda else RssSampler()
+    hvd.allreduce(torch.zeros(1), name="bench_memory.ready")
+    start = used() if cuda else sampler.reset()
+    peak, peak_step, temporaries, after_warmup = 0, 0, 0, 0
+    warmup = comp.warmup_steps if comp is not None else 0
+    for t in range(args.steps):
+        before = used()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            sampler.reset()
+        opt.zero_grad()
+        model(batches[t % len(batches)]).square().mean().backward()
+        opt.step()
+        top = torch.cuda.max_memory_allocated(device) if cuda else sampler.peak()
+        temporaries = max(temporaries, top - max(before, used()))
+        if top - start > peak:
+            peak, peak_step = top - start, t
+        if t >= warmup:
+            after_warmup = max(after_warmup, top - start)
+    steady = used() - start
+    grads = [p.grad for p in params if p.grad is not None]
+    held = hvd_topk.held_bytes(opt, comp, exclude=params + grads)
+    if hvd.rank() == 0:
+        print("RESULT " + json.dumps({"method": method, "optimizer": opt_name, "param_bytes": param_bytes,
+                                      "peak": peak, "peak_step": peak_step, "steady": steady,
+                                      "after_warmup": after_warmup,
+                                      "held": held, "temporaries": temporaries}), flush=True)
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+def launch(args, method: str, opt_name: str) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if method.endswith("gen"):
+        env["HVD_TOPK_CPU_KERNEL"] = "0"
+    bin_dir = Path(sys.executable).parent
+    if args.device == "cuda":
+        env["HOROVOD_ELASTIC"] = "1"
+        cmd = ["mpirun", "--allow-run-as-root", "-np", str(args.np)]
+    else:
+        cmd = [str(bin_dir / "horovodrun"), "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo"]
+    cmd += [sys.executable, __file__, "--one", f"{method}:{opt_name}", "--device", args.device,
+            "--layers", str(args.layers), "--width", str(args.width), "--batch", str(args.batch),
+            "--steps", str(args.steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    for line in out.stdout.splitlines():
+        if "RESULT " in line:
+            return json.loads(line.split("RESULT ", 1)[1])
+    raise RuntimeError(f"{' '.join(cmd)} gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+
+def table(rows, args) -> str:
+    p = rows[0]["param_bytes"]
+    dense = {r["optimizer"]: r["peak"] for r in rows if r["method"] == "dense"}
+    fmt = "{:.2f}x".format
+    lines = [f"Model: {args.layers} x Linear({args.width}, {args.width}), {p / 1e6:.1f} MB of fp32 "
+             f"parameters; {args.np} ranks, batch {args.batch}, {args.steps} steps, {args.device}. "
+             "Multiples of the parameters' bytes.", "",
+             "| optimizer | method | peak (step) | vs dense | after warm-up | vs dense | steady | held | "
+             "temporaries |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = dense.get(r["optimizer"])
+        vs = f"{(r['peak'] - base) / p:+.2f}x" if base is not None else ""
+        after = r["after_warmup"]
+        vs_after = f"{(after - base) / p:+.2f}x" if base is not None else ""
+        lines.append(f"| {r['optimizer']} | {r['method']} | {fmt(r['peak'] / p)} "
+                     f"({r['peak'] / 1e6:.0f} MB, step {r['peak_step']}) | {vs} | {fmt(after / p)} | "
+                     f"{vs_after} | {fmt(r['steady'] / p)} | {fmt(r['held'] / p)} | "
+                     f"{r['temporaries'] / p:.3f}x ({r['temporaries'] / 1e6:.1f} MB) |")
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    if args.one:
+        return run_one(args)
+    rows = []
+    for opt_name in args.optimizers.split(","):
+        for method in args.methods.split(","):
+            if opt_name == "adamw" and method == "fp16":
+                continue  # fp16 changes the wire only: the SGD row shows it
+            rows.append(launch(args, method, opt_name))
+            print(f"{opt_name} {method}: peak {rows[-1]['peak'] / rows[-1]['param_bytes']:.2f}x", flush=True)
+    text = table(rows, args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main(parse_args())

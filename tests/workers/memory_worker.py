@@ -1,0 +1,90 @@
+"""What the optimizer and compressor keep alive, step after step through a default warm-up
+(run by tests/test_memory.py on 2 ranks).
+
+For each configuration: the bytes of every tensor storage reachable from the optimizer and
+the compressor (``hvd_topk.held_bytes``: found from the objects, each storage once, the
+parameters and gradients excluded since dense training holds them too), after each of
+``STEPS`` steps, against stock ``hvd.DistributedOptimizer``'s for the same model and
+optimizer. The bound: dense + 1.25x the parameters' bytes (one fp32 residual, plus what
+scales with a group); and nothing that scales with the model or ``k`` grows once the first
+step has built the buffers.
+"""
+
+import horovod.torch as hvd
+import rank_checks
+import torch
+import torch.nn as nn
+
+import hvd_topk
+
+STEPS = 120  # longer than the default warm-up (100 steps)
+BOUND = 1.25
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(96, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 96), nn.LayerNorm(96))
+
+
+def make_optimizer(kind, model):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                              {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+
+
+def held_per_step(kind, compression, steps):
+    model = make_model()
+    params = list(model.parameters())
+    if compression is None:
+        opt = hvd.DistributedOptimizer(make_optimizer(kind, model), named_parameters=model.named_parameters())
+    else:
+        opt = hvd_topk.DistributedOptimizer(make_optimizer(kind, model),
+                                            named_parameters=model.named_parameters(),
+                                            compression=compression)
+    gen = torch.Generator().manual_seed(1 + hvd.rank())
+    held = []
+    for _ in range(steps):
+        x = torch.randn(32, 96, generator=gen)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        grads = [p.grad for p in params if p.grad is not None]
+        held.append(hvd_topk.held_bytes(opt, compression, exclude=params + grads))
+    return held, sum(p.numel() * p.element_size() for p in params)
+
+
+def check(kind, **topk):
+    dense, param_bytes = held_per_step(kind, None, 3)
+    comp = hvd_topk.TopKCompressor(**topk)
+    assert comp.warmup_steps == 100 and comp.warmup_ratio == 0.25  # the defaults
+    held, _ = held_per_step(kind, comp, STEPS)
+    limit = dense[-1] + BOUND * param_bytes
+    worst = max(range(STEPS), key=lambda t: held[t])
+    assert held[worst] <= limit, (
+        f"{kind} {topk}: after step {worst} the optimizer and compressor hold {held[worst]} bytes, "
+        f"beyond dense {dense[-1]} + {BOUND} x {param_bytes} parameter bytes = {limit:.0f}")
+    # What may change after step 1 is per-group tables (a layout gains its sample's per-segment
+    # numbers once k is small enough to sample): a few words per tensor, never k-sized.
+    slack = 256 * len(list(make_model().parameters()))
+    grew = [t for t in range(1, STEPS) if held[t] > held[1] + slack]
+    assert not grew, (f"{kind} {topk}: held bytes grew after step 1, at steps {grew[:5]}: "
+                      f"{held[1]} -> {[held[t] for t in grew[:5]]}")
+    print(f"rank {hvd.rank()} {kind} {topk}: held {held[1] / param_bytes:.3f}x params (dense "
+          f"{dense[-1] / param_bytes:.3f}x), at most {max(held) / param_bytes:.3f}x over {STEPS} steps",
+          flush=True)
+
+
+CHECKS = {
+    "sgd": lambda: check("sgd", ratio=0.01),
+    "sgd_0.1%": lambda: check("sgd", ratio=0.001),
+    "sgd_sparse_allreduce": lambda: check("sgd", ratio=0.01, exchange="sparse_allreduce"),
+    "adamw": lambda: check("adamw", ratio=0.01),
+    "adamw_sparse_allreduce": lambda: check("adamw", ratio=0.001, exchange="sparse_allreduce"),
+}
+
+if __name__ == "__main__":
+    rank_checks.main(CHECKS)
