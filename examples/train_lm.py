@@ -12,6 +12,8 @@ Launch (2 ranks on this machine)::
         --optimizer sgd
     horovodrun -np 2 -H localhost:2 --gloo python examples/train_lm.py --topk 0.01 \\
         --adam-correction off --steps 400
+    horovodrun -np 2 -H localhost:2 --gloo python examples/train_lm.py --topk 0.01 \\
+        --clip-grad-norm 1.0    # each rank's gradient clipped before Top-K (clip_grad_norm=)
 
 Every step each rank draws ``--batch-size`` random windows of the training text (its own
 generator, seeded with ``(--seed, rank)``); the model is initialised from ``--seed`` and
@@ -83,6 +85,13 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2, help="Transformer blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--eval-every", type=int, default=100, help="validate every N steps (and at the end)")
+    p.add_argument("--clip-grad-norm", type=float, default=0.0,
+                   help="clip gradients to this total norm (0: off): with --topk, each rank's gradient "
+                        "before compression (hvd_topk's clip_grad_norm=); dense, the averaged gradient "
+                        "after optimizer.synchronize(), as the Hugging Face Trainer does")
+    p.add_argument("--clip-after-synchronize", action="store_true",
+                   help="with --topk, clip p.grad after optimizer.synchronize() instead (the dense habit: "
+                        "with Adam or momentum correction it clips corrected updates, not gradients)")
     p.add_argument("--seed", type=int, default=0, help="model init and (with the rank) the batches")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -150,9 +159,12 @@ def main(args):
     model = CharTransformer(len(text.vocab), args.d_model, args.layers, args.heads,
                             args.context).to(device)
     compression = make_compression(args)
+    clip_in_optimizer = args.clip_grad_norm > 0 and args.topk > 0 and not args.clip_after_synchronize
     optimizer = hvd_topk.DistributedOptimizer(make_optimizer(args, model),
                                               named_parameters=model.named_parameters(),
-                                              compression=compression, log_every=0)
+                                              compression=compression, log_every=0,
+                                              clip_grad_norm=args.clip_grad_norm if clip_in_optimizer
+                                              else None)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_lr_steps, args.steps))
@@ -171,7 +183,13 @@ def main(args):
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # (B * T, vocab) vs (B * T,)
         loss.backward()
-        optimizer.step()
+        if args.clip_grad_norm > 0 and not clip_in_optimizer:
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        else:
+            optimizer.step()
         scheduler.step()
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         if rank0 and (step % args.eval_every == 0 or step == args.steps):

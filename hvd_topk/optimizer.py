@@ -53,7 +53,9 @@ class CommStats:
     the sparse allreduce); ``allgather_tensors`` / ``sparse_allreduce_tensors``: how many
     of the ``sparse_tensors`` took each exchange; ``compress_ms``: time in ``compress()``;
     ``wait_ms``: time blocked in ``synchronize()`` (communication not hidden behind
-    backward, plus decompression).
+    backward, plus decompression), of which ``agree_ms`` (the ranks' agreement on the model
+    and the trained set), ``collective_ms`` (waiting for collectives), ``scatter_ms``
+    (decompressing) and ``check_ms`` (resolving every flag: the step's one host sync).
     """
 
     steps: int = 0
@@ -67,6 +69,10 @@ class CommStats:
     dense_tensors: int = 0
     compress_ms: float = 0.0
     wait_ms: float = 0.0
+    agree_ms: float = 0.0
+    collective_ms: float = 0.0
+    scatter_ms: float = 0.0
+    check_ms: float = 0.0
 
     @property
     def density(self) -> float:
@@ -378,15 +384,15 @@ class _TopKMethods:
         stats.compress_ms += (time.perf_counter() - t0) * 1e3
         stats.sparse_tensors += len(group.params)
         if group.exchange == "allgather":
-            self._bound_in_flight(group, world * payload.numel())
+            self._bound_in_flight(group, (world + 1) * payload.numel())  # gathered + sent
 
     def _bound_in_flight(self, group, gathered_bytes):
-        """Keep the gathered payloads of a step within a budget (an eighth of the trained
-        parameters' bytes, at least 1 MiB): past it, wait for the oldest groups' allgathers
-        and scatter them now, so that their buffers are freed during backward instead of all
-        waiting for synchronize(). At the warm-up's high ratios they would otherwise weigh
-        about ``world * ratio * 2`` times the model; at 1% the budget is rarely reached. Every
-        rank takes the same decisions (from the same byte counts)."""
+        """Keep the payloads of a step, sent and gathered, within a budget (an eighth of the
+        trained parameters' bytes, at least 1 MiB): past it, wait for the oldest groups'
+        allgathers and scatter them now, so that Horovod lets their buffers go during backward
+        instead of all waiting for synchronize(). At the warm-up's high ratios they would
+        otherwise weigh about ``(world + 1) * ratio * 2`` times the model; at 1% the budget is
+        rarely reached. Every rank takes the same decisions (from the same byte counts)."""
         if not self._in_flight:
             trained = sum(p.numel() * p.element_size() for p in self._trained)
             self._in_flight_budget = max(1 << 20, trained // 8)
@@ -465,7 +471,9 @@ class _TopKMethods:
         try:
             self._groups_of_step()  # if no hook ran this step
             try:
+                t_agree = time.perf_counter()
                 self._check_same_model()
+                self._step_stats.agree_ms += (time.perf_counter() - t_agree) * 1e3
             except RankMismatchError:
                 # Raised before any wait, on every rank alike. Some collectives started in
                 # backward have no partner on other ranks: waiting for them would hang.
@@ -559,24 +567,28 @@ class _TopKMethods:
                 if handle.group not in groups:
                     groups.append(handle.group)
                 continue
-            output = handle() if callable(handle) else mpi_ops.synchronize(handle)
+            output = self._wait(handle)
             if p.grad.is_sparse:
                 p.grad.zero_().add_(comp.decompress(output, ctx))
             else:
                 p.grad.set_(comp.decompress(output, ctx))  # dense: no check, no sync
         for group in groups:  # the sparse allreduce's phase 2: sum at the owners, allgather
             if group.exchange == "sparse_allreduce":
-                group.handle = sparse_allgather_async(comp.reduce_regions(group.handle(), group.ctx),
-                                                      name=self._group_name(group, ".sar"),
+                row = comp.reduce_regions(self._wait(group.handle), group.ctx)
+                group.handle = sparse_allgather_async(row, name=self._group_name(group, ".sar"),
                                                       process_set=self.process_set)
         for group in groups:
             if not group.scattered:
-                gathered = group.gathered if group.gathered is not None else group.handle()
+                gathered = group.gathered if group.gathered is not None else self._wait(group.handle)
+                t_scatter = time.perf_counter()
                 comp.scatter(gathered, group.ctx, self._own_storage(group))
+                self._step_stats.scatter_ms += (time.perf_counter() - t_scatter) * 1e3
         handles.clear()
+        t_check = time.perf_counter()
         dense, self._dense_checked = self._dense_checked, []
         probe = stacked_probe([p.grad for p in dense])
         redo, dense_bad = comp.check([g.ctx for g in groups], probe)  # the step's one host sync
+        self._step_stats.check_ms += (time.perf_counter() - t_check) * 1e3
         by_ctx = {id(g.ctx): g for g in groups}
         while redo:  # an unlucky sample somewhere (rare): exchange those groups again, exactly
             for ctx in redo:
@@ -598,6 +610,13 @@ class _TopKMethods:
         self._nonfinite = comp.pop_nonfinite()
         self._nonfinite += [(self._parameter_names.get(p), None) for p, bad in zip(dense, dense_bad) if bad]
         self._synchronized = True
+
+    def _wait(self, handle):
+        """Wait for a collective (a callable handle or Horovod's), counted in ``collective_ms``."""
+        t0 = time.perf_counter()
+        output = handle() if callable(handle) else mpi_ops.synchronize(handle)
+        self._step_stats.collective_ms += (time.perf_counter() - t0) * 1e3
+        return output
 
     @staticmethod
     def _own_storage(group):
@@ -822,6 +841,10 @@ class _TopKMethods:
         self._plan_reset()
         self._take_broadcast_state(discard=True)
         _HorovodOptimizer.load_state_dict(self, wrapped)
+        if self._sparse:
+            # torch's load_state_dict makes new param-group dicts: the corrections must read
+            # lr, momentum, betas... from those (the ones schedulers now change).
+            self._correction = correction_groups(self, self._compression)
         if topk is not None:
             self._load_blob(blob, topk)
 
@@ -833,9 +856,7 @@ class _TopKMethods:
     def _load_blob(self, blob, topk):
         """Load a rank's hvd_topk state; the wrapped optimizer's entries for the params it
         showed (``checkpoint.pack_topk_state``) are dropped: hvd_topk's state is the one used."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index in blob.get("shown", []):
-            self.state.pop(params[index], None)
+        self._drop_shown(blob)
         self._compression.load_state_dict(topk)
         self._plan_reset()
         self._plan = None
@@ -858,11 +879,16 @@ class _TopKMethods:
         if blob is None:
             return
         if discard:
-            params = [p for g in self.param_groups for p in g["params"]]
-            for index in blob.get("shown", []):
-                self.state.pop(params[index], None)
+            self._drop_shown(blob)
             return
         self._load_blob(blob, checkpoint.unpack_topk_state(blob, self._state_meta()))
+
+    def _drop_shown(self, blob):
+        """Forget the wrapped optimizer's entries of the params whose state ``blob`` showed in
+        their place (a broadcast wrote rank 0's hvd_topk state into them)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index in blob.get("shown", []):
+            self.state.pop(params[index], None)
 
     def topk_state_dict(self):
         """hvd_topk's own state on this rank (residuals, velocities, Adam moments, step

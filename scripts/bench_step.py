@@ -12,7 +12,9 @@ It prints, per model (synthetic data, SGD with momentum 0.9, fp32):
 - ``fwd+bwd``: forward and backward alone (no hooks, no exchange): the floor;
 - one row per method: ``dense`` (``hvd.DistributedOptimizer``), ``fp16``
   (``hvd.Compression.fp16``), ``topk<ratio>`` (``hvd_topk.DistributedOptimizer`` with
-  ``TopKCompressor(ratio, warmup_steps=0)``): median ms per step over ``--steps`` timed steps
+  ``TopKCompressor(ratio, warmup_steps=0)``; ``topk<ratio>+clip`` with ``clip_grad_norm=1.0``,
+  which compresses and sends after backward instead of during it): median ms per step over
+  ``--steps`` timed steps
   (after ``--warmup``), and the ratio to ``dense``;
 - ``compress+scatter`` of every gradient of the model (``--loop``): hvd_topk's grouped
   pipeline as the optimizer runs it, the same one tensor at a time (``group_bytes=0``), and the
@@ -93,9 +95,11 @@ def make_optimizer(method: str, model: nn.Module):
         return hvd.DistributedOptimizer(opt, named_parameters=named)
     if method == "fp16":
         return hvd.DistributedOptimizer(opt, named_parameters=named, compression=hvd.Compression.fp16)
-    if method.startswith("topk"):
-        comp = hvd_topk.TopKCompressor(float(method[4:]), warmup_steps=0)
-        return hvd_topk.DistributedOptimizer(opt, named_parameters=named, compression=comp, log_every=0)
+    if method.startswith("topk"):  # topk<ratio>, or topk<ratio>+clip: clip_grad_norm=1.0
+        ratio, clip = method[4:].removesuffix("+clip"), method.endswith("+clip")
+        comp = hvd_topk.TopKCompressor(float(ratio), warmup_steps=0)
+        return hvd_topk.DistributedOptimizer(opt, named_parameters=named, compression=comp, log_every=0,
+                                             clip_grad_norm=1.0 if clip else None)
     raise ValueError(f"unknown method {method!r}")
 
 

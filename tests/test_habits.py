@@ -1,5 +1,6 @@
 """The loops users already write (tests/workers/habits_worker.py), 2 ranks, Gloo and MPI:
-optimizer.state_dict() checkpoints (each rank its own file: bit-identical resume; rank 0's
+optimizer.state_dict() checkpoints (each rank its own file: bit-identical resume, with an LR
+scheduler too; rank 0's
 file on every rank; rank 0's state sent by hvd.broadcast_optimizer_state), states that do not
 fit, clip_grad_norm=, the warning for clipping after synchronize(), backward_passes_per_step,
 OneCycleLR's momentum cycle and torch.compile. One run of the worker per backend."""
@@ -7,7 +8,7 @@ OneCycleLR's momentum cycle and torch.compile. One run of the worker per backend
 import pytest
 from launch import run_ranks
 
-CHECKS = ["own_files", "rank0_file", "rank0_broadcast", "mismatch", "clip_grad_norm",
+CHECKS = ["own_files", "own_files_scheduler", "rank0_file", "rank0_broadcast", "mismatch", "clip_grad_norm",
           "synchronize_warning", "backward_passes_per_step", "one_cycle_momentum", "torch_compile"]
 
 

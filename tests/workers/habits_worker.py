@@ -66,6 +66,33 @@ def check_own_files():
                 assert torch.equal(a, b), f"{kind} {min_numel}: {name} differs from the uninterrupted run"
 
 
+def check_own_files_scheduler():
+    """The same with an LR scheduler: after load_state_dict() the corrections must follow the
+    param groups the scheduler now changes (torch makes new ones)."""
+    def run(model, opt, sched, steps):
+        for step in steps:
+            opt.zero_grad()
+            x, y = batch(step)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    for kind in KINDS:
+        model_a, opt_a = build(kind, 4096)
+        run(model_a, opt_a, torch.optim.lr_scheduler.ExponentialLR(opt_a, 0.7), range(6))
+        model, opt = build(kind, 4096)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.7)
+        run(model, opt, sched, range(3))
+        saved = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+        model, opt = build(kind, 4096)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.7)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        run(model, opt, sched, range(3, 6))
+        for (name, a), (_, b) in zip(model_a.named_parameters(), model.named_parameters()):
+            assert torch.equal(a, b), f"{kind} with a scheduler: {name} differs from the uninterrupted run"
+
+
 def check_rank0_file():
     """Horovod's examples: rank 0 saved, every rank loads that file."""
     for kind in KINDS:
@@ -244,7 +271,8 @@ def check_torch_compile():
     assert_same_on_all_ranks(models[1], "torch.compile")
 
 
-CHECKS = {"own_files": check_own_files, "rank0_file": check_rank0_file,
+CHECKS = {"own_files": check_own_files, "own_files_scheduler": check_own_files_scheduler,
+          "rank0_file": check_rank0_file,
           "rank0_broadcast": check_rank0_broadcast, "mismatch": check_mismatch,
           "clip_grad_norm": check_clip_grad_norm, "synchronize_warning": check_synchronize_warning,
           "backward_passes_per_step": check_backward_passes_per_step,
