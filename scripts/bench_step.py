@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loop", type=int, default=20,
                    help="repeats of the compress-every-gradient timing (0: skip)")
     p.add_argument("--out", default=None, help="also write the Markdown tables to this file")
+    p.add_argument("--interleave", action="store_true",
+                   help="time one step of each method in turn (a model and optimizer each, built "
+                        "first), so that a busy patch of a shared machine slows every method alike")
     return p.parse_args(argv)
 
 
@@ -88,6 +91,23 @@ def timed_steps(step: Callable[[], None], device: torch.device, warmup: int, ste
     return times
 
 
+def timed_interleaved(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                      n: int) -> Dict[str, List[float]]:
+    """``timed_steps`` of every step function at once: ``n`` rounds of one step of each."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {k: [] for k in steps}
+    for _ in range(n):
+        for k, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def make_optimizer(method: str, model: nn.Module):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     named = list(model.named_parameters())
@@ -115,6 +135,13 @@ def bench_model(name: str, args, device: torch.device) -> Dict[str, List[float]]
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
+    if args.interleave:
+        steps = {"fwd+bwd": fwd_bwd}
+        for method in args.methods.split(","):
+            torch.manual_seed(0)
+            m = make_model(name).to(device)
+            steps[method] = lambda m=m, opt=make_optimizer(method, m): _train_step(m, opt, loss_fn, x, y)
+        return timed_interleaved(steps, device, args.warmup, args.steps)
     results["fwd+bwd"] = timed_steps(fwd_bwd, device, args.warmup, args.steps)
     for method in args.methods.split(","):
         torch.manual_seed(0)
@@ -122,14 +149,18 @@ def bench_model(name: str, args, device: torch.device) -> Dict[str, List[float]]
         opt = make_optimizer(method, model)
 
         def step(model=model, opt=opt):
-            opt.zero_grad()  # Horovod's takes no argument; torch's default sets None
-            loss_fn(model(x), y).backward()
-            opt.step()
+            _train_step(model, opt, loss_fn, x, y)
 
         results[method] = timed_steps(step, device, args.warmup, args.steps)
         if method.startswith("topk") and device.type == "cuda":
             results[f"{method} syncs"] = count_syncs(step)
     return results
+
+
+def _train_step(model, opt, loss_fn, x, y) -> None:
+    opt.zero_grad()  # Horovod's takes no argument; torch's default sets None
+    loss_fn(model(x), y).backward()
+    opt.step()
 
 
 def count_syncs(step: Callable[[], None]) -> List[str]:
