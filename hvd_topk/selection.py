@@ -186,10 +186,10 @@ class GroupLayout:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             return empty, empty
         taken, cnt = self._samples, t["sample_count"]
-        if len(cnt) == 1:
-            seg = t["sampled"][0]
-            pos = t["offsets"][seg] + torch.arange(taken, device=device) * t["sample_stride"][0]
-            return pos, seg.expand(taken)
+        if len(cnt) == 1:  # host numbers only: indexing by a device tensor could sync
+            s = next(s for s, plan in enumerate(self.plans) if plan is not None)
+            pos = torch.arange(taken, device=device) * self.plans[s][0] + self.offsets[s]
+            return pos, torch.full((taken,), s, dtype=torch.long, device=device)
         sample_seg = torch.repeat_interleave(t["sampled"], cnt, output_size=taken)  # (samples,)
         which = torch.repeat_interleave(torch.arange(len(cnt), device=device), cnt, output_size=taken)
         j = torch.arange(taken, device=device) - (torch.cumsum(cnt, 0) - cnt)[which]

@@ -8,13 +8,21 @@ Launch it like a training script, e.g. inside the emulated cluster (as root)::
 
 Prints, on rank 0, the median over the timed steps (ms) of: the whole step, forward,
 backward (which includes ``compress``: Horovod's hooks run in it), ``synchronize()`` (waiting
-for the exchange, which includes ``decompress``) and ``step()``; then ``compress`` and
-``decompress`` on their own (Top-K methods).
+for the exchange, which includes ``decompress``) and ``step()``; then, for Top-K methods,
+``compress`` on its own and ``synchronize()``'s parts (``CommStats``): ``agree`` (the ranks'
+model and trained-set agreement), ``collectives`` (blocked in Horovod's waits), ``scatter``
+(decompressing) and ``check`` (every flag resolved: the one host sync). With ``--trace
+PATH``, Horovod's timeline of the timed steps is written there and summarised per activity
+(ms per step, summed over tensors, which overlap): ``NEGOTIATE_*`` is the time from the first
+rank's request to the last one's (ranks waiting for each other, plus the background thread's
+cycle), the collective's name its own work (fusion copies, the transfer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -35,37 +43,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: the model's)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--trace", default=None, help="write Horovod's timeline of the timed steps here")
     return p.parse_args(argv)
+
+
+def timeline_summary(path: str, steps: int) -> dict:
+    """ms per step of each activity of a Horovod timeline (chrome trace), summed over tensors."""
+    text = Path(path).read_text().rstrip().rstrip(",")
+    events = json.loads(text if text.endswith("]") else text + "]")
+    open_at, total = {}, {}
+    for e in events:
+        if e.get("ph") == "B":
+            open_at.setdefault(e["pid"], []).append((e["name"], e["ts"]))
+        elif e.get("ph") == "E" and open_at.get(e["pid"]):
+            name, ts = open_at[e["pid"]].pop()
+            total[name] = total.get(name, 0.0) + (e["ts"] - ts) / 1e3
+    return {name: ms / steps for name, ms in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 def main(args: argparse.Namespace) -> dict:
     import horovod.torch as hvd
 
     torch.set_num_threads(1)
+    if args.trace:
+        os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"  # started and stopped around the timed steps
     hvd.init()
     torch.manual_seed(0)
     model = build_model(args.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    decompress_s = [0.0]
     if args.method != "none":
         opt = horovod_optimizer(args.method, model, opt)
-    if args.method.startswith("topk"):
-        comp = opt._compression
-        plain = comp.decompress
-
-        def timed(payload, ctx):
-            t0 = time.perf_counter()
-            out = plain(payload, ctx)
-            decompress_s[0] += time.perf_counter() - t0
-            return out
-
-        comp.decompress = timed
     batch = args.batch_size or MODELS[args.model][1]
     x = torch.randn(batch, 3, 32, 32)  # (B, C, H, W)
     y = torch.randint(0, 10, (batch,))
-    names = ["step", "forward", "backward", "synchronize", "optimizer step", "compress", "decompress"]
+    names = ["step", "forward", "backward", "synchronize", "optimizer step", "compress", "agree",
+             "collectives", "scatter", "check"]
     rows = []
     for i in range(args.warmup + args.steps):
+        if i == args.warmup and args.trace and args.method != "none":
+            hvd.start_timeline(args.trace)
         t0 = time.perf_counter()
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -81,15 +97,21 @@ def main(args: argparse.Namespace) -> dict:
         else:
             opt.step()
         t4 = time.perf_counter()
-        stats = getattr(opt, "comm_stats", None)
-        compress_s = stats.compress_ms / 1e3 if stats is not None else 0.0
+        stats = getattr(opt, "comm_stats", None)  # hvd_topk's optimizer only
+        parts = ([getattr(stats, f) / 1e3 for f in ("compress_ms", "agree_ms", "collective_ms", "scatter_ms",
+                                                     "check_ms")] if stats is not None else [0.0] * 5)
         if i >= args.warmup:
-            rows.append((t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, compress_s, decompress_s[0]))
-        decompress_s[0] = 0.0
+            rows.append((t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, *parts))
     medians = {n: 1e3 * statistics.median(col) for n, col in zip(names, zip(*rows))}
+    if args.trace and args.method != "none":
+        hvd.stop_timeline()
     if hvd.rank() == 0:
         print(f"{args.model} {args.method}: " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in medians.items()),
               flush=True)
+        if args.trace and args.method != "none":
+            summary = timeline_summary(args.trace, args.steps)
+            print(f"{args.model} {args.method} timeline (ms/step): "
+                  + ", ".join(f"{n} {ms:.1f}" for n, ms in summary.items()), flush=True)
     return medians
 
 
