@@ -25,7 +25,7 @@
 # (HVD_TOPK_VENV=none); a system Python gets a venv with --system-site-packages (.venv-gpu).
 #
 # With OUT set, everything printed also goes to $OUT/gpu_check.log, the benchmark tables to
-# $OUT/bench_compression.md and $OUT/bench_step.md, and a Horovod wheel built here (when under
+# $OUT/bench_compression.md, $OUT/bench_step.md and $OUT/bench_memory.md, and a Horovod wheel built here (when under
 # 16 MiB) to $OUT/, to be carried next time.
 set -euo pipefail
 
@@ -155,6 +155,10 @@ if [[ -f scripts/bench_step.py ]]; then
 else
     echo "skipped: scripts/bench_step.py does not exist in this checkout"
 fi
+
+step "5b. memory on the GPU (torch.cuda.max_memory_allocated against dense)"
+limit 300 python scripts/bench_memory.py --device cuda --np "$NP" --steps 110 \
+    --methods dense,fp16,topk0.01,topk0.001,topk0.01sar --out "$OUTDIR/bench_memory.md"
 
 step "6. examples/train.py on CUDA, $NP rank(s), 20 steps"
 limit 180 mpirun --allow-run-as-root -np "$NP" --bind-to none \
