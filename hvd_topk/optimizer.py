@@ -228,6 +228,7 @@ class _TopKMethods:
             current.correction = correction
         self._plan = {p: g for g in groups for p in g.params}
         self._plan_key = key
+        self._in_flight_budget = max(1 << 20, sum(p.numel() * p.element_size() for p in trained) // 8)
         self._groups_digest = zlib.crc32("|".join("\n".join(g.names) for g in groups
                                                   if len(g.params) > 1).encode()) & 0x7FFFFFFF
         self._launch_model_check()
@@ -393,9 +394,6 @@ class _TopKMethods:
         instead of all waiting for synchronize(). At the warm-up's high ratios they would
         otherwise weigh about ``(world + 1) * ratio * 2`` times the model; at 1% the budget is
         rarely reached. Every rank takes the same decisions (from the same byte counts)."""
-        if not self._in_flight:
-            trained = sum(p.numel() * p.element_size() for p in self._trained)
-            self._in_flight_budget = max(1 << 20, trained // 8)
         self._in_flight.append((group, gathered_bytes))
         self._in_flight_bytes += gathered_bytes
         while len(self._in_flight) > 1 and self._in_flight_bytes > self._in_flight_budget:

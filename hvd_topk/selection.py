@@ -47,7 +47,7 @@ from ._cpu_kernel import cpu_kernel
 __all__ = ["num_selected", "index_dtype", "select_topk", "GroupLayout", "AdamMoments",
            "adam_direction_", "update_", "thresholds",
            "candidates", "exact_topk", "exact_topk_fallback", "select_group", "fused_update_and_select",
-           "finite_probe", "PositionSet", "SAMPLED_MIN_NUMEL"]
+           "finite_probe", "PositionSet", "expand_counts", "SAMPLED_MIN_NUMEL"]
 
 # Below this many elements a segment has no sample: all its entries are candidates (small
 # tensors cost little either way).
@@ -165,7 +165,6 @@ class GroupLayout:
             "ends": offsets[1:],  # (S,)
             "lengths": lengths,  # (S,)
             "ks": ks,  # (S,)
-            "slot_first": torch.cumsum(ks, 0) - ks,  # (S,) first slot of each segment
             "segs": torch.arange(S + 1, device=device),  # (S + 1,)
             "m_pos": host(m_pos),  # (S,)
         }
@@ -190,9 +189,8 @@ class GroupLayout:
             s = next(s for s, plan in enumerate(self.plans) if plan is not None)
             pos = torch.arange(taken, device=device) * self.plans[s][0] + self.offsets[s]
             return pos, torch.full((taken,), s, dtype=torch.long, device=device)
-        sample_seg = torch.repeat_interleave(t["sampled"], cnt, output_size=taken)  # (samples,)
-        which = torch.repeat_interleave(torch.arange(len(cnt), device=device), cnt, output_size=taken)
-        j = torch.arange(taken, device=device) - (torch.cumsum(cnt, 0) - cnt)[which]
+        which, j = expand_counts(cnt, taken)  # (samples,) which sampled segment, sample index in it
+        sample_seg = t["sampled"][which]
         return t["offsets"][sample_seg] + j * t["sample_stride"][which], sample_seg
 
     def slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -205,14 +203,23 @@ class GroupLayout:
             return {"slot_seg": torch.zeros(self.k, dtype=torch.long, device=device),
                     "slot_rank": torch.arange(self.k, device=device),
                     "slot_start": zero, "slot_max": t["lengths"][0] - 1}  # 0-dim
-        slot_seg = torch.repeat_interleave(t["segs"][:-1], t["ks"], output_size=self.k)  # (K,)
+        slot_seg, slot_rank = expand_counts(t["ks"], self.k)
         return {
             "slot_seg": slot_seg,  # (K,) segment of each slot
-            # (K,) rank in its segment
-            "slot_rank": torch.arange(self.k, device=device) - t["slot_first"][slot_seg],
+            "slot_rank": slot_rank,  # (K,) rank in its segment
             "slot_start": t["offsets"][slot_seg],  # (K,) offset of its segment in the group
             "slot_max": t["lengths"][slot_seg] - 1,  # (K,) its segment's last local index
         }
+
+
+def expand_counts(counts: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(owner, rank)``, both ``(total,)`` int64, for ``counts`` ``(S,)`` summing to ``total``:
+    item ``i`` belongs to ``owner[i]`` (``counts[s]`` items each, in order) and is the
+    ``rank[i]``-th of its owner's. ``output_size`` keeps ``repeat_interleave`` from reading
+    the sum back to the host."""
+    owners = torch.arange(counts.numel(), device=counts.device)
+    owner = torch.repeat_interleave(owners, counts, output_size=total)
+    return owner, torch.arange(total, device=counts.device) - (torch.cumsum(counts, 0) - counts)[owner]
 
 
 # -- the pipeline's steps -------------------------------------------------------------------------

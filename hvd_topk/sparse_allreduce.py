@@ -41,7 +41,7 @@ import torch
 
 from .exchange import QUANTILES, region_sizes, scatter_add_
 from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
-from .selection import GroupLayout, _magnitude, _order
+from .selection import GroupLayout, _magnitude, _order, expand_counts
 
 __all__ = ["RegionPlan", "uniform_bounds", "to_regions",
            "reduce_region", "finish", "was_kept", "refresh_bounds"]
@@ -112,14 +112,12 @@ class RegionPlan:
         """The ``(C,)`` and ``(R,)`` tables of the rows' slots, built at each call (not cached:
         they scale with ``k``, see ``GroupLayout.slot_tables``)."""
         lt, t = self.layout.tensors(device), self.tensors(device)
-        S = self.layout.segments
-        keeps = t["keeps"]
-        col1 = torch.repeat_interleave(lt["segs"][:S], t["caps"], output_size=self.slots)  # (C,)
-        col2 = torch.repeat_interleave(lt["segs"][:S], keeps, output_size=self.kept)  # (R,)
+        col1, _ = expand_counts(t["caps"], self.slots)  # (C,)
+        col2, rank2 = expand_counts(t["keeps"], self.kept)  # (R,)
         return {
             "col1": col1,  # (C,) segment of each alltoall slot
             "col2": col2,  # (R,) segment of each kept slot
-            "rank2": torch.arange(self.kept, device=device) - (torch.cumsum(keeps, 0) - keeps)[col2],
+            "rank2": rank2,  # (R,) rank among its segment's kept slots
             "start1": lt["offsets"][col1], "max1": lt["lengths"][col1] - 1,  # (C,)
             "start2": lt["offsets"][col2], "max2": lt["lengths"][col2] - 1,  # (R,)
         }
