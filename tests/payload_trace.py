@@ -1,8 +1,8 @@
 """A fixed sequence of compressions whose payloads and residuals are digested step by step.
 
-``tests/data/payload_trace.json`` holds the digests this produced before the compressor's
-memory layout changed; ``test_memory.py`` checks that the same inputs still give the same
-bytes on the wire and the same residuals (the CPU kernel, the torch path, groups, momentum
+``tests/data/payload_trace.json`` holds the digests of a reference version (release
+ad5504e); ``test_memory.py`` checks that the same inputs give the same bytes on the wire and
+the same residuals (the CPU kernel, the torch path, groups, momentum
 correction, Adam correction, fp16 values, loss scaling and the sparse allreduce, through a
 warm-up). Regenerate only for a deliberate change of the selection: ``python
 tests/payload_trace.py > tests/data/payload_trace.json``.
