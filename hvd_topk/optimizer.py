@@ -858,7 +858,8 @@ class _TopKMethods:
         self._compression.load_state_dict(topk)
         self._plan_reset()
         self._plan = None
-        if self.process_set.rank() == 0 and not self._resume_logged:
+        fresh = not topk["steps"] and not topk["residuals"]  # e.g. broadcast at the start of training
+        if self.process_set.rank() == 0 and not self._resume_logged and not fresh:
             self._resume_logged = True
             logger.info("hvd_topk: loaded the hvd_topk state of rank %d of %d (step %d, %d residuals). "
                         "Every rank that loads this state (rank 0's file on every rank, or "
