@@ -818,7 +818,7 @@ class TopKCompressor(SparseCompressor):
         the dtype) has the largest magnitude, so it is among them: send 0 there and flag it."""
         vals = v.index_select(0, sel)  # (K,)
         overflow = ~torch.isfinite(vals)
-        vals = vals.masked_fill(overflow, 0)
+        vals.masked_fill_(overflow, 0)
         if layout.segments == 1:
             bad = bad | overflow.any()
         else:
@@ -912,7 +912,8 @@ class TopKCompressor(SparseCompressor):
             t = ctx.layout.slot_tables(gathered.device)
             # A rank that disagrees on the layout is caught by check(); clamp its indices
             # into each slot's own tensor so that the scatter never writes out of bounds.
-            pos = torch.minimum(indices.long().clamp(min=0), t["slot_max"]) + t["slot_start"]  # (P, K)
+            pos = indices.long().clamp_(min=0)  # (P, K), one buffer for the chain (in place)
+            pos = torch.minimum(pos, t["slot_max"], out=pos).add_(t["slot_start"])
             vals = values.reshape(-1).to(ctx.dtype)  # (P * K,)
             if ctx.divisor != 1:
                 # Divide the P * K gathered values, not the n-element result: every rank

@@ -80,8 +80,8 @@ def index_dtype(numel: int) -> torch.dtype:
 
 def _sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:
     """``(stride, m)``: sample ``x[::stride]`` and threshold at its m-th largest magnitude;
-    ``None`` when every entry should be a candidate (small tensors, ``k > n / 8``)."""
-    if n < SAMPLED_MIN_NUMEL or k > n // 8 or k <= 0:
+    ``None`` when every entry should be a candidate (small tensors, ``k > n / 2``)."""
+    if n < SAMPLED_MIN_NUMEL or k > n // 2 or k <= 0:
         return None
     # s samples, expected hits = s*k/n of them above the true threshold. The margin adds
     # ~4 k / sqrt(hits) candidates; balancing sample and candidate costs gives
@@ -198,15 +198,14 @@ class GroupLayout:
         kernels; not cached: at the warm-up's ratios they would weigh a quarter of the group).
         A single tensor's tables broadcast from 0-dim tensors where they are constant."""
         t = self.tensors(device)
-        if self.segments == 1:
+        if self.segments == 1:  # no (K,) memory: a slot's rank in its segment is the slot itself
             zero = t["offsets"][0]
-            return {"slot_seg": torch.zeros(self.k, dtype=torch.long, device=device),
-                    "slot_rank": torch.arange(self.k, device=device),
+            return {"slot_seg": zero.expand(self.k),  # (K,) view of one 0
                     "slot_start": zero, "slot_max": t["lengths"][0] - 1}  # 0-dim
         slot_seg, slot_rank = expand_counts(t["ks"], self.k)
         return {
             "slot_seg": slot_seg,  # (K,) segment of each slot
-            "slot_rank": slot_rank,  # (K,) rank in its segment
+            "slot_rank": slot_rank,  # (K,) rank in its segment (several segments only)
             "slot_start": t["offsets"][slot_seg],  # (K,) offset of its segment in the group
             "slot_max": t["lengths"][slot_seg] - 1,  # (K,) its segment's last local index
         }
@@ -328,14 +327,22 @@ def _magnitude(v: torch.Tensor) -> torch.Tensor:
     return mag if mag.dtype in (torch.float32, torch.float64) else mag.float()
 
 
-def _order(seg: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
-    """The permutation that sorts by segment, then magnitude descending, then position. For
-    float32 one sort of ``(segment << 32) | (2^31 - 1 - bits(|v|))`` keys; for float64 (63
-    bits of magnitude) two stable sorts."""
+def _order(seg: Optional[torch.Tensor], mag: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts by segment, then magnitude descending, then position.
+    ``seg=None``: one segment. For float32 one stable sort of ``2^31 - 1 - bits(|v|)`` keys
+    (int32), with the segment in the high word (``seg * 2^32 + ...``, int64) when there are
+    several; for float64 (63 bits of magnitude) two stable sorts. ``mag`` is consumed: its
+    buffer becomes the keys (a sort of a quarter of a group's entries must not take many
+    copies of them)."""
     if mag.dtype == torch.float32:
-        keys = (seg << 32) | (_INT31 - mag.view(torch.int32).long())
+        keys = mag.view(torch.int32)
+        keys.neg_().add_(_INT31)  # in place: larger magnitude, smaller key
+        if seg is not None:
+            keys = keys.long().add_(seg, alpha=1 << 32)  # the low word is < 2^31: this is an OR
         return torch.sort(keys, stable=True).indices
     by_mag = torch.sort(mag, descending=True, stable=True).indices
+    if seg is None:
+        return by_mag
     return by_mag.index_select(0, torch.sort(seg.index_select(0, by_mag), stable=True).indices)
 
 
@@ -348,7 +355,7 @@ def thresholds(mag: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     if sample_pos.numel() == 0:
         return torch.full((layout.segments,), -1.0, dtype=mag.dtype, device=mag.device)
     sampled = mag.index_select(0, sample_pos)  # (samples,)
-    order = _order(sample_seg, sampled)  # by segment, largest magnitude first
+    order = _order(sample_seg, sampled.clone())  # by segment, largest magnitude first
     thr = sampled.index_select(0, order.index_select(0, t["m_pos"].clamp(min=0)))  # (S,)
     return torch.where(t["m_pos"] >= 0, thr, torch.full_like(thr, -1.0))
 
@@ -381,19 +388,35 @@ def exact_topk(mag: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
     """
     t = layout.tensors(mag.device)
     n = layout.numel
-    valid = cand < n
-    pos = cand.clamp(max=n - 1)
-    cmag = mag.index_select(0, pos)  # (cap,)
-    seg = torch.searchsorted(t["ends"], pos, right=True)  # (cap,) segment of each candidate
-    seg = torch.where(valid, seg, layout.segments)  # padding sorts last
-    order = _order(seg, cmag)  # stable: ties keep ascending positions
-    first = torch.searchsorted(seg.index_select(0, order), t["segs"])  # (S + 1,) first rank of each segment
-    have = first[1:] - first[:-1]  # (S,) candidates per segment
-    slots = layout.slot_tables(mag.device)
-    take = (first.index_select(0, slots["slot_seg"]) + slots["slot_rank"]).clamp(max=layout.capacity - 1)
-    sel = pos.index_select(0, order.index_select(0, take))  # (K,)
+    valid = cand < n  # (cap,)
+    pos = cand.clamp_(max=n - 1)  # in place: the candidates are this step's own
+    cmag = mag.index_select(0, pos)  # (cap,), consumed by _order
+    if layout.segments == 1:
+        # Padding sorts last: the largest key, after the real zeros (stable: they come first).
+        cmag.masked_fill_(~valid, _PAD_MAG[cmag.dtype])
+        order = _order(None, cmag)
+        del cmag
+        have = valid.sum().reshape(1)  # (1,)
+        take = order[:layout.k]  # k <= capacity (the layout makes room for at least k)
+    else:
+        slots = layout.slot_tables(mag.device)
+        seg = torch.searchsorted(t["ends"], pos, right=True)  # (cap,) segment of each candidate
+        seg.masked_fill_(~valid, layout.segments)  # padding sorts last
+        order = _order(seg, cmag)  # stable: ties keep ascending positions
+        del cmag
+        first = torch.searchsorted(seg.index_select(0, order), t["segs"])  # (S + 1,) first ranks
+        del seg
+        have = first[1:] - first[:-1]  # (S,) candidates per segment
+        take = order.index_select(0, (first.index_select(0, slots["slot_seg"]) + slots["slot_rank"])
+                                  .clamp(max=layout.capacity - 1))
+    sel = pos.index_select(0, take)  # (K,)
     inexact = (have < t["ks"]).any() | full
     return sel, inexact
+
+
+# A magnitude whose _order key is the largest (float32: +0.0 gives 2^31 - 1, the largest int32
+# key; float64 sorts by value, descending: -1 is below every magnitude).
+_PAD_MAG = {torch.float32: 0.0, torch.float64: -1.0}
 
 
 def exact_topk_fallback(v: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
