@@ -19,6 +19,9 @@ default ``~/.cache/torch_extensions``), then only loaded:
 ``scripts/install.sh`` builds it ahead of time. Without it -- no compiler, a failed build, or
 ``HVD_TOPK_CPU_KERNEL=0`` -- ``selection.py`` runs the same computation with torch/NumPy
 operations (about 2x slower at 1% of 25M).
+
+``use_cpu_kernel(enabled)`` switches it on or off for a block of code (the two paths must give
+the same bits, and tests compare them) and counts the kernel's calls made inside the block.
 """
 
 from __future__ import annotations
@@ -31,31 +34,124 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["cpu_kernel"]
+__all__ = ["cpu_kernel", "use_cpu_kernel", "KernelUse", "build_directory", "build_inputs"]
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "compensate_cpu.cpp"
 _CFLAGS = ["-O3"]
 _STAMP = "hvd_topk_built"  # written last, after a successful build: its inputs, one per line
+# "built": the loaded module, or None (unavailable; tried once per process);
+# "in_force": what the innermost use_cpu_kernel block put in force (absent outside blocks).
 _state = {}
 
 
 def cpu_kernel():
-    """The compiled module, or None (built once per process; failures are logged once)."""
-    if "module" not in _state:
-        _state["module"] = None
+    """The compiled module, or None (built once per process; failures are logged once; None
+    inside a ``use_cpu_kernel(False)`` block)."""
+    if "in_force" in _state:
+        return _state["in_force"]
+    return _built()
+
+
+def _built():
+    if "built" not in _state:
+        _state["built"] = None
         if os.environ.get("HVD_TOPK_CPU_KERNEL", "1") != "0":
             try:
-                _state["module"] = _build()
+                _state["built"] = _build()
             except Exception as e:  # no compiler/ninja, or a build error: the torch path works
                 logger.warning("hvd_topk: CPU kernel unavailable (%s: %s); using the torch path",
                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    return _state["module"]
+    return _state["built"]
 
 
-def _build_inputs():
+class KernelUse:
+    """What ran inside a ``use_cpu_kernel`` block.
+
+    Attributes:
+        enabled: whether the kernel was switched on in the block.
+        calls: how many times a function of the compiled module (``topk_update``) was called
+            in the block: 0 means every selection in it took the torch steps.
+    """
+
+    __slots__ = ("enabled", "calls")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.calls = 0
+
+
+class _Counted:
+    """The compiled module seen through a ``KernelUse``: each call of one of its functions
+    adds one to ``use.calls``, then runs the function."""
+
+    def __init__(self, module, use: KernelUse) -> None:
+        self._module, self._use = module, use
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            self._use.calls += 1
+            return attr(*args, **kwargs)
+        return counted
+
+
+@contextmanager
+def use_cpu_kernel(enabled: bool) -> Iterator[KernelUse]:
+    """Switch the CPU kernel on or off inside a ``with`` block; what was in force before
+    comes back when the block ends.
+
+    Arguments:
+        enabled: ``False``: ``cpu_kernel()`` returns None in the block, so every selection
+            takes the torch steps (the path CUDA tensors take). ``True``: the kernel is built or
+            loaded now, and ``cpu_kernel()`` returns it (also inside an outer ``False`` block);
+            raises ``RuntimeError`` when it is unavailable (no compiler or ninja, a failed
+            build, ``HVD_TOPK_CPU_KERNEL=0``), so a block that asks for the kernel never
+            silently runs without it.
+
+    Yields:
+        a ``KernelUse``; its ``calls`` counts the kernel's calls made in the block (nested
+        ``True`` blocks included).
+
+    Example::
+
+        if cpu_kernel() is None:
+            pytest.skip("CPU kernel not built")
+        with use_cpu_kernel(True) as use:
+            compressor.compress(grad, name="w")
+        assert use.calls > 0  # the fused path ran
+    """
+    use = KernelUse(bool(enabled))
+    before = _state.get("in_force", _ABSENT)
+    module = None
+    if use.enabled:
+        built = _built()
+        if built is None:
+            raise RuntimeError("use_cpu_kernel(True): the CPU kernel is unavailable (no compiler or "
+                               "ninja, a failed build, or HVD_TOPK_CPU_KERNEL=0; see the logged warning)")
+        # Inside an outer True block, count through its view too.
+        module = _Counted(before if isinstance(before, _Counted) else built, use)
+    _state["in_force"] = module
+    try:
+        yield use
+    finally:
+        if before is _ABSENT:
+            _state.pop("in_force", None)
+        else:
+            _state["in_force"] = before
+
+
+_ABSENT = object()
+
+
+def build_inputs():
     """What the compile command is made of, as strings (torch's own choices, see its
     ``cpp_extension``: ``$CXX`` or ``c++``, a ccache/sccache wrapper found on PATH, the torch
     and Python include directories)."""
@@ -82,7 +178,7 @@ def build_directory():
     from torch.utils.cpp_extension import get_default_build_root
 
     source = _SOURCE.read_bytes()
-    key = hashlib.sha1(b"\n".join([source, *(s.encode() for s in _build_inputs())])).hexdigest()[:12]
+    key = hashlib.sha1(b"\n".join([source, *(s.encode() for s in build_inputs())])).hexdigest()[:12]
     name = f"hvd_topk_cpu_{key}"
     # get_default_build_root() ignores TORCH_EXTENSIONS_DIR (only load()'s own default honours it)
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
@@ -105,7 +201,7 @@ def _build():
     if not copy.exists() or copy.read_bytes() != source:
         _write_atomic(copy, source)  # ranks racing here write the same bytes
     module = load(name, [str(copy)], extra_cflags=_CFLAGS, build_directory=str(build_dir), verbose=False)
-    _write_atomic(stamp, "\n".join(_build_inputs()).encode() + b"\n")
+    _write_atomic(stamp, "\n".join(build_inputs()).encode() + b"\n")
     return module
 
 

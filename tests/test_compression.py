@@ -170,18 +170,16 @@ def test_nonfinite_gradient_with_momentum_correction_keeps_memory_finite():
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("scale,value_dtype", [(1.0, None), (1024.0, None), (1.0, torch.float16)])
-def test_fused_kernel_path_sends_and_keeps_what_the_reference_path_does(monkeypatch, momentum, scale,
-                                                                        value_dtype):
+def test_fused_kernel_path_sends_and_keeps_what_the_reference_path_does(momentum, scale, value_dtype):
     """compress() through the one-call CPU kernel and through the torch steps: the same
     (index, value) pairs on the wire, the same residual and velocity bits, over several steps
-    (a small tensor, a sampled one; a NaN at step 3)."""
-    from hvd_topk import _cpu_kernel
-    built = _cpu_kernel.cpu_kernel()
-    if built is None:
+    (a small tensor, a sampled one; a NaN at step 3). The fused run calls the kernel at every
+    step, the reference run never."""
+    from hvd_topk._cpu_kernel import cpu_kernel, use_cpu_kernel
+    if cpu_kernel() is None:
         pytest.skip("CPU kernel not built (compiler, ninja?): nothing to compare")
 
     def run(fused, n):
-        monkeypatch.setitem(_cpu_kernel._state, "module", built if fused else None)
         comp = TopKCompressor(0.01, warmup_steps=0, value_dtype=value_dtype)
         gen = torch.Generator().manual_seed(1)
         sent = []
@@ -189,7 +187,9 @@ def test_fused_kernel_path_sends_and_keeps_what_the_reference_path_does(monkeypa
             g = torch.randn(n, generator=gen) * (1 + step) * scale
             if step == 3:
                 g[n // 3] = float("nan")
-            payload, ctx = comp.compress(g, name="w", momentum=momentum, scale=scale)
+            with use_cpu_kernel(fused) as use:
+                payload, ctx = comp.compress(g, name="w", momentum=momentum, scale=scale)
+            assert (use.calls > 0) == fused, f"fused={fused}, step {step}: {use.calls} kernel calls"
             headers, vals, idx = unpack(payload, ctx.k, ctx.value_dtype, ctx.index_dtype, 1)
             order = idx.reshape(-1).argsort()
             sent.append((headers, vals.reshape(-1)[order], idx.reshape(-1)[order]))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from launch import REPO, WORKERS, mpirun_prefix
+from launch import REPO, WORKERS, launch, mpirun_prefix
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SHELL_SCRIPTS = ["scripts/slurm_train.sbatch", "scripts/mpirun_hostfile.sh", "scripts/gpu_check.sh",
@@ -101,11 +101,8 @@ def test_mpirun_hostfile_launches_two_ranks(tmp_path):
     hostfile.write_text("# test\nlocalhost slots=2\n")
     env = {"PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin:/bin", "IFACE": "lo",
            "MPIRUN_ARGS": "--oversubscribe", "HVD_TOPK_VENV": "none", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([str(REPO / "scripts" / "mpirun_hostfile.sh"), str(hostfile),
-                           str(WORKERS / "mpi4py_comm_worker.py")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=90)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    _, out = launch([REPO / "scripts" / "mpirun_hostfile.sh", hostfile, WORKERS / "mpi4py_comm_worker.py"],
+                    90, env=env, cwd=tmp_path)  # fails on a non-zero exit or a hang
     assert "mpirun -np 2 --hostfile" in out and "-x PATH" in out
     for rank in range(2):
         assert f"rank {rank}/2 mpi4py comm: OK" in out, out

@@ -9,12 +9,10 @@ and train to the end. Checked: no hang (timeout), the reset happened, accuracy h
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from launch import BIN, REPO
+from launch import BIN, launch, worker_env
 
 TIMEOUT = 300
 
@@ -44,25 +42,17 @@ def test_killed_worker_training_completes(tmp_path):
            "--host-discovery-script", str(discover),
            sys.executable, "examples/train_elastic.py", "--topk", "0.01", "--epochs", "8",
            "--batches-per-commit", "5", "--no-progress"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    timer = threading.Timer(TIMEOUT, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    timer.start()
-    lines, killed = [], []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if not killed and re.search(r"\[0\]<stdout>:epoch +2 +ranks 3", line):
-                killed = workers_on("127.0.0.1", "train_elastic.py")
-                for pid in killed:
-                    os.kill(pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        timer.cancel()
-    out = "".join(lines)
+    killed = []
+
+    def kill_the_127_worker(line):
+        if not killed and re.search(r"\[0\]<stdout>:epoch +2 +ranks 3", line):
+            killed.extend(workers_on("127.0.0.1", "train_elastic.py"))
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    rc, out = launch(cmd, TIMEOUT, env=worker_env(), on_line=kill_the_127_worker, check=False)
     assert killed, f"no worker on 127.0.0.1 to kill:\n{out}"
-    assert proc.returncode == 0, f"exit {proc.returncode} (timeout {TIMEOUT}s?):\n{out}"
+    assert rc == 0, f"exit {rc}:\n{out}"
     assert re.search(r"reset: 2 ranks now", out), out
     assert re.search(r"epoch +8 +ranks 2", out), out
     acc = float(re.search(r"final test accuracy: ([\d.]+)%", out).group(1))

@@ -12,12 +12,13 @@ from launch import run_ranks
 from sync_ops import recording
 
 import hvd_topk
-from hvd_topk import _cpu_kernel
+from hvd_topk._cpu_kernel import use_cpu_kernel
 
 
 @pytest.fixture
-def no_kernel(monkeypatch):
-    monkeypatch.setitem(_cpu_kernel._state, "module", None)
+def no_kernel():
+    with use_cpu_kernel(False):
+        yield
 
 
 ADAM = hvd_topk.AdamSettings(0.9, 0.999, 1e-8, amsgrad=True)

@@ -1,6 +1,7 @@
 """Pure logic of the performance scripts: the alpha-beta cost model, and netem.sh's syntax."""
 
 import importlib.util
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,24 +31,41 @@ def test_ring_formulas():
     assert m.ring_allreduce_s(1, 1e9, 1.0, 1.0) == 0.0
 
 
+def model_bytes(p, n, k):
+    """The byte model written out from its description (``hvd_topk.exchange_bytes``'s
+    docstring), float32 values, int32 indices, capacity 2: per rank and direction, a ring
+    allreduce's ``2 (P-1)/P * 4 n``; the allgather's ``(P-1) (8 + 8 k)``; the sparse
+    allreduce's ``(P-1)`` rows of ``8 + 8 c`` (``c = min(k, ceil(2 k / P))``) and of
+    ``8 + 8 R + 4 * 8`` (``R = ceil(k / P)``, 8 int32 load statistics)."""
+    c, r = min(k, math.ceil(2 * k / p)), math.ceil(k / p)
+    return {"dense": math.ceil(2 * (p - 1) * 4 * n / p), "allgather": (p - 1) * (8 + 8 * k),
+            "sparse_allreduce": (p - 1) * ((8 + 8 * c) + (8 + 8 * r + 4 * 8))}
+
+
 @pytest.mark.parametrize("ratio", [0.01, 0.001])
 def test_model_picks_what_the_compressor_picks(ratio):
-    """scaling_model.py's "auto" is the compressor's own choice, and its times add up."""
+    """scaling_model.py against the byte model and the alpha-beta formulas written out here:
+    its "chosen" is the fewest bytes (ties: dense, allgather, sparse allreduce), which is also
+    the compressor's own choice, and its times are the formulas' (no latency, no scatter
+    cost: floor, + compress for Top-K, + bytes / beta). Relative tolerance 1e-12 on times
+    (float sums in another order)."""
     m = load("scaling_model")
     n = 1_000_000
+    k = max(1, math.ceil(ratio * n))
     comp = hvd_topk.TopKCompressor(ratio, warmup_steps=0)
+    floor, compress, beta = 0.1, 0.01, 1e8
     for p in (2, 3, 4, 8, 64, 99, 100, 101, 256, 999, 1000, 1024):
-        r = m.predict(p, n, ratio, floor_s=0.1, compress_s=0.01, alpha=0.0, beta=1e8, scatter_s=0.0)
-        assert r["chosen"] == comp.exchange_for(torch.zeros(n), p), p
-        assert r["auto"] == r[r["chosen"]]
-    # With no latency or overheads the time is the bytes over beta, and the bytes are the library's.
-    r = m.predict(64, n, ratio, 0.0, 0.0, 0.0, 1e8, 0.0)
-    k = hvd_topk.num_selected(n, ratio)
-    costs = hvd_topk.exchange_bytes(n, k, 64, 4, 4, 4)
-    for e in ("dense", "allgather", "sparse_allreduce"):
-        assert r[e] == pytest.approx(costs[e] / 1e8)
+        costs = model_bytes(p, n, k)
+        want = min(("dense", "allgather", "sparse_allreduce"), key=lambda e: costs[e])  # first of ties
+        r = m.predict(p, n, ratio, floor_s=floor, compress_s=compress, alpha=0.0, beta=beta, scatter_s=0.0)
+        assert r["chosen"] == want == comp.exchange_for(torch.zeros(n), p), (p, costs, r["chosen"])
+        assert r["auto"] == r[want]
+        assert {e: r[f"bytes_{e}"] for e in costs} == costs
+        assert r["dense"] == pytest.approx(floor + costs["dense"] / beta, rel=1e-12)
+        for e in ("allgather", "sparse_allreduce"):
+            assert r[e] == pytest.approx(floor + compress + costs[e] / beta, rel=1e-12), (p, e)
     # The sparse allreduce's bytes stay flat in P; the allgather's grow past dense.
-    big = m.predict(1024, n, ratio, 0.0, 0.0, 0.0, 1e8, 0.0)
+    big = m.predict(1024, n, ratio, 0.0, 0.0, 0.0, beta, 0.0)
     assert big["sparse_allreduce"] < big["dense"] < big["allgather"]
 
 

@@ -84,21 +84,43 @@ def compensated(comp, name, g):
     return g.reshape(-1).clone() if before is None else before + g.reshape(-1)
 
 
+def wire_limit(src, wire):
+    """The largest value of the ``wire`` dtype that is at most both dtypes' largest, from
+    ``torch.finfo`` alone: with ``B = min(max_src, max_wire)`` and ``2**e <= B < 2**(e+1)``,
+    the wire dtype's values there are ``2**e * eps_wire`` apart, so the limit is ``B`` rounded
+    down to that spacing (exact in Python floats: powers of two and integers below 2**53)."""
+    bound = min(torch.finfo(src).max, torch.finfo(wire).max)
+    _, e = math.frexp(bound)  # bound = m * 2**e, 0.5 <= m < 1
+    spacing = 2.0 ** (e - 1) * torch.finfo(wire).eps
+    return math.floor(bound / spacing) * spacing
+
+
 def wire_cast(c, vdt):
-    """``c`` rounded to the wire dtype as the compressor defines it: clamped to the largest
-    wire value that also comes back finite in ``c``'s dtype (fp16 and bf16 round past each
-    other's maximum), then round-to-nearest; ``None`` is no cast. Clamped in float64, which
-    holds every dtype's values and limits exactly."""
+    """``c`` rounded to the wire dtype as the compressor defines it: clamped to ``wire_limit``
+    (the largest wire value that also comes back finite in ``c``'s dtype: fp16 and bf16 round
+    past each other's maximum), then round-to-nearest; ``None`` is no cast. Clamped in
+    float64, which holds every dtype's values and limits exactly."""
     if vdt is None or vdt == c.dtype:
         return c
-    bound = min(torch.finfo(c.dtype).max, torch.finfo(vdt).max)
-    limit = torch.tensor(bound, dtype=torch.float64).to(vdt)
-    if float(limit) > bound:
-        limit = torch.nextafter(limit, torch.zeros_like(limit))
-    return c.double().clamp(-float(limit), float(limit)).to(vdt)
+    limit = wire_limit(c.dtype, vdt)
+    return c.double().clamp(-limit, limit).to(vdt)
 
 
 _WIRE_PAIRS = [(d, w) for d in DTYPES for w in WIRE]
+
+
+def test_the_wire_limit_reference():
+    """``wire_limit`` against numbers worked out by hand: bf16 values between 2**15 and 2**16
+    are 256 apart, so the largest at most fp16's 65504 is 255 * 256; fp16's largest is below
+    every other dtype's; bf16's largest is below float32's. Each limit is a wire value that
+    comes back finite in the gradient dtype."""
+    assert wire_limit(F16, BF16) == 255 * 256 == 65280.0
+    assert wire_limit(BF16, F16) == wire_limit(F32, F16) == wire_limit(F64, F16) == 65504.0
+    assert wire_limit(F32, BF16) == wire_limit(F64, BF16) == (2 - 2 ** -7) * 2.0 ** 127
+    for src, wire in _WIRE_PAIRS:
+        if wire is not None and wire != src:  # a wire value, finite when cast back to src
+            limit = torch.tensor(wire_limit(src, wire), dtype=torch.float64)
+            assert float(limit.to(wire)) == float(limit) and bool(torch.isfinite(limit.to(wire).to(src)))
 
 
 def near_max(dtype, n, seed, within=1 / 128):
@@ -162,9 +184,10 @@ def test_round_trip_selects_exactly_k_of_the_largest(shape, dtype, vdt, ratio, k
             cd, fd = c[idx].double(), flat[idx].double()
             # Clamped (beyond the largest wire value that is finite in both dtypes): that value
             # is sent.
-            limit = wire_cast(torch.tensor([torch.finfo(dtype).max], dtype=dtype), vdt)
-            wide = cd.abs() > float(limit)
-            assert torch.equal(fd[wide], limit.to(dtype).double() * cd[wide].sign())
+            limit = wire_limit(dtype, vdt)
+            wide = cd.abs() > limit
+            sent_limit = float(torch.tensor(limit, dtype=torch.float64).to(dtype))  # back in dtype
+            assert torch.equal(fd[wide], sent_limit * cd[wide].sign())
             tol = ((torch.finfo(vdt).eps + torch.finfo(dtype).eps) / 2 * cd.abs()
                    + torch.finfo(vdt).smallest_normal * torch.finfo(vdt).eps / 2)
             assert bool(((fd - cd).abs() <= tol)[~wide].all())
@@ -256,29 +279,42 @@ def test_error_feedback_identity(shape, dtype, vdt, ratio, kinds, seed):
 @example(shape=(80_000,), dtype=F32, vdt=F16, ratio=0.01, kind="heavy", world=3, same=False, seed=7)
 @example(shape=(300, 257), dtype=BF16, vdt=None, ratio=0.001, kind="ties", world=4, same=False, seed=8)
 def test_multi_rank_decompress_is_the_mean(shape, dtype, vdt, ratio, kind, world, same, seed):
-    """The gathered payloads of ``world`` ranks, decompressed with ``world = divisor = P``, equal
-    the mean of each rank's own decompression. The sum is accumulated in the gradient dtype,
-    so the bound is that of P - 1 additions and one division:
-    ``|out - mean| <= rtol * sum_r |d_r| / P + (P + 1) * smallest subnormal``, with
-    ``rtol = 1e-6`` for float32/float64 (>= (P + 1) eps) and ``(P + 1) eps`` for fp16/bf16,
-    ``mean`` computed in float64. ``same``: every rank has the same gradient (every index
-    collides)."""
+    """The gathered payloads of ``world`` ranks, decompressed with ``world = divisor = P``:
+
+    - exactly (values) the reference written here in plain torch ops: every rank's values,
+      cast to the gradient dtype and divided by ``P`` (the code divides the gathered values,
+      not the sum), added at its indices into zeros, rank after rank (the same additions in
+      the same order);
+    - the mean of what each rank sent, within the bound of P - 1 additions and one division
+      in the gradient dtype: ``|out - mean| <= rtol * sum_r |d_r| / P + (P + 1) * smallest
+      subnormal``, with ``rtol = 1e-6`` for float32/float64 (>= (P + 1) eps) and
+      ``(P + 1) eps`` for fp16/bf16, ``mean`` computed in float64.
+
+    ``same``: every rank has the same gradient (every index collides). Each rank's payload is
+    read with ``unpack``; nothing of ``decompress`` builds the references."""
     comps = [TopKCompressor(ratio, value_dtype=vdt, warmup_steps=0) for _ in range(world)]
-    payloads, own = [], []
+    payloads, sends = [], []
     for r, comp in enumerate(comps):
         g = make_grad(kind, shape, dtype, seed if same else seed + r)
         payload, ctx = comp.compress(g, name="w")
         payloads.append(payload)
-        own.append(comp.decompress(payload, ctx).double())
+        sends.append(selected(payload, ctx))  # (values (k,), indices (k,)), distinct indices
+    n = math.prod(shape)
+    reference = torch.zeros(n, dtype=dtype)
+    dense = torch.zeros(world, n, dtype=torch.float64)  # what each rank sent, densified
+    for r, (values, idx) in enumerate(sends):
+        reference[idx] += values.to(dtype) / world
+        dense[r, idx] = values.to(dtype).double()
     ctx = dataclasses.replace(ctx, world=world, divisor=world)
     out = comps[0].decompress(torch.cat(payloads), ctx)
     assert out.shape == shape and out.dtype == dtype
-    mean = torch.stack(own).sum(0) / world
-    magnitude = torch.stack(own).abs().sum(0) / world
+    assert torch.equal(out.reshape(-1), reference)
+    mean = dense.sum(0) / world
+    magnitude = dense.abs().sum(0) / world
     fi = torch.finfo(dtype)
     rtol = 1e-6 if fi.bits >= 32 else (world + 1) * fi.eps
     tol = rtol * magnitude + (world + 1) * fi.smallest_normal * fi.eps
-    assert bool(((out.double() - mean).abs() <= tol).all())
+    assert bool(((out.reshape(-1).double() - mean).abs() <= tol).all())
 
 
 # -- 5. non-finite input ----------------------------------------------------------------------

@@ -1,20 +1,19 @@
 """scripts/soak.py: a short soak passes, a rank that diverges fails it, a hang is killed."""
 
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, launch
+
 SOAK = REPO / "scripts" / "soak.py"
 
 
 def soak(*args, timeout=180):
-    """Run the soak (it launches its own ranks); return (exit code, output)."""
-    proc = subprocess.run([sys.executable, str(SOAK), *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+    """Run the soak (it launches its own ranks); return (exit code, output). Past ``timeout``
+    the soak and its ranks are killed and the test fails with their output."""
+    return launch([sys.executable, SOAK, *args], timeout, check=False)
 
 
 def test_short_soak_passes_on_4_ranks():

@@ -89,18 +89,61 @@ def _simulate(cs, layout, world, bounds, capacity=2.0):
     return out, kept, stats, caps
 
 
+def summed_sparse(cs, k):
+    """The summed sparse gradient, plain torch: each rank's exact top-k (torch.topk) of its
+    ``c`` kept, the rest zeroed, added rank after rank."""
+    total = torch.zeros_like(cs[0])
+    for c in cs:
+        sparse = torch.zeros_like(c)
+        idx = torch.topk(c.abs(), k).indices
+        sparse[idx] = c[idx]
+        total += sparse
+    return total
+
+
 def test_one_process_simulation_against_exact_global_topk():
-    """The global selection equals the exact top-k of the summed sparse gradient when the
-    load is even, and the refreshed regions balance a skewed load."""
+    """The global selection, against references computed here from the summed sparse gradient
+    ``S`` (no hvd_topk code): on a random load, each region's ``R`` largest ``|S|`` kept, the
+    result ``S / P`` there and 0 elsewhere; on an even load (every region holds the same share
+    of ``S``, ``k = P * R``), the kept positions are the exact global top-k of ``|S|``. Exact
+    comparisons: the owner adds the same float32 values in rank order, as ``S`` does (adding
+    a rank's 0 is exact), and divides once by ``P``. Then the refreshed regions balance a
+    skewed load."""
     torch.manual_seed(0)
     n, k, world = 50_000, 500, 8
     layout = GroupLayout((n,), (k,))
-    cs = [torch.randn(n) for _ in range(world)]
+    keep, cap = math.ceil(k / world), math.ceil(2 * k / world)  # R, and c at capacity 2
     bounds = sar.uniform_bounds(layout, world, "cpu")
+    b = bounds[0].tolist()
+    assert b == [j * (n // world) for j in range(world + 1)]
+
+    def under_cap(cs):  # every rank sends its whole top-k: the owners receive all of S
+        per_region = [(torch.topk(c.abs(), k).indices // (n // world)).bincount(minlength=world) for c in cs]
+        return all(int(counts.max()) <= cap for counts in per_region)
+
+    # Random load: each region's share of S is even only on average.
+    cs = [torch.randn(n) for _ in range(world)]
+    assert under_cap(cs)
     out, kept, stats, _ = _simulate(cs, layout, world, bounds)
-    assert int((kept < n).sum()) == world * math.ceil(k / world)
-    assert kept.unique().numel() == kept.numel()  # each position kept once
-    assert torch.isfinite(out).all()
+    S = summed_sparse(cs, k)
+    want = torch.cat([torch.topk(S[b[j]:b[j + 1]].abs(), keep).indices + b[j] for j in range(world)])
+    assert torch.equal(kept, want.sort().values)  # each position once, P * R of them
+    expected = torch.zeros(n)
+    expected[want] = S[want] / world
+    assert torch.equal(out, expected)
+    # Even load: every rank's c repeats one random block in each region and k = P * R, so
+    # each rank's top-k has R entries in every region and each region holds the same share of
+    # S: the kept positions are then the exact global top-k of |S|.
+    m, k_even = n // world, world * keep
+    even = [torch.randn(m).repeat(world) for _ in range(world)]
+    out, kept, _, _ = _simulate(even, GroupLayout((n,), (k_even,)), world, bounds)
+    S = summed_sparse(even, k_even)
+    ranked = S.abs().sort(descending=True).values
+    assert ranked[k_even - 1] > ranked[k_even]  # no tie at the cut: the exact top-k is one set
+    assert torch.equal(kept, torch.topk(S.abs(), k_even).indices.sort().values)
+    expected = torch.zeros(n)
+    expected[kept] = S[kept] / world
+    assert torch.equal(out, expected)
     # A skewed load: most mass in the first 5% of the tensor.
     skew = [c * torch.where(torch.arange(n) < n // 20, 50.0, 1.0) for c in cs]
     _, _, stats, caps = _simulate(skew, layout, world, bounds)

@@ -6,10 +6,11 @@ averaged. Tolerance: rtol 1e-6 / atol 1e-7 on the averaged gradients (summation 
 only difference); parameters must be bit-identical across ranks.
 """
 
+import contextlib
 import os
-import sys
 
 import horovod.torch as hvd
+import rank_checks
 import torch
 import torch.nn as nn
 
@@ -55,14 +56,14 @@ def check_exact_topk(ratio, value_dtype=None, steps=3, group_bytes=None, unlucky
     ``group_bytes``: all six tensors in one group; ``torch_path``: without the CPU kernel (the
     path CUDA tensors take); ``unlucky``: rank 0's sampled selection is made wrong and flagged
     inexact, so every rank must exchange the group again, exactly."""
-    from hvd_topk import _cpu_kernel, selection
-    kernel, exact_topk = _cpu_kernel.cpu_kernel(), selection.exact_topk
+    from hvd_topk import selection
+    from hvd_topk._cpu_kernel import use_cpu_kernel
+    exact_topk = selection.exact_topk
     try:
-        if torch_path or unlucky:
-            _cpu_kernel._state["module"] = None
-        _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky)
+        with use_cpu_kernel(False) if torch_path or unlucky else contextlib.nullcontext():
+            _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky)
     finally:
-        _cpu_kernel._state["module"], selection.exact_topk = kernel, exact_topk
+        selection.exact_topk = exact_topk
 
 
 def _check_exact_topk(ratio, value_dtype, steps, group_bytes, unlucky):
@@ -263,16 +264,9 @@ CHECKS = {
 }
 
 def run_checks(checks):
-    """Run the checks named on the command line (default: all), printing one OK line each."""
-    hvd.init()
-    torch.set_num_threads(1)
-    if DEVICE.type == "cuda":
-        torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
-    names = sys.argv[1:] or list(checks)
-    controller = "gloo" if hvd.gloo_enabled() else "mpi"
-    for name in names:
-        checks[name]()
-        print(f"rank {hvd.rank()}/{hvd.size()} [{controller}] {name}: OK", flush=True)
+    """Run the checks named on the command line (default: all), printing one OK line each,
+    labelled with the controller (tests/rank_checks.py)."""
+    rank_checks.main(checks, label_controller=True, device=DEVICE)
 
 
 if __name__ == "__main__":

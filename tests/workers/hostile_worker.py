@@ -6,9 +6,9 @@ Usage: ``hostile_worker.py CHECK [CHECK ...]``; prints ``rank r/2 CHECK: OK`` pe
 """
 
 import os
-import sys
 
 import horovod.torch as hvd
+import rank_checks
 import torch
 import torch.nn as nn
 
@@ -363,13 +363,6 @@ def check_mismatch_value_dtype():
                           value_dtype=(torch.float16, torch.bfloat16))
 
 
-def main(checks):
-    hvd.init()
-    torch.set_num_threads(1)
-    for check in checks:
-        globals()[f"check_{check}"]()
-        print(f"rank {hvd.rank()}/{hvd.size()} {check}: OK", flush=True)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rank_checks.main({name[len("check_"):]: f for name, f in list(globals().items())
+                      if name.startswith("check_") and callable(f)})
