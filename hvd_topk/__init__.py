@@ -11,6 +11,7 @@ Example::
         compression=hvd_topk.TopKCompressor(ratio=0.01))
 """
 
+from ._cpu_kernel import cpu_kernel, use_cpu_kernel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compression import (AdamSettings, RankMismatchError, SparseCompressor, SparseContext,
                           TopKCompressor)
@@ -51,4 +52,6 @@ __all__ = [
     "COMPRESSORS",
     "make_compressor",
     "register_compressor",
+    "cpu_kernel",
+    "use_cpu_kernel",
 ]

@@ -16,7 +16,7 @@ Horovod's optimizer handler, one for the optimizers ``hvd_topk.DistributedOptimi
 Residuals (and Adam-correction moments) are per rank and stay so: a rank that joins starts
 with an empty residual and fresh moments (bias-corrected from its first step), and the
 residual of a rank that is lost is lost with it -- at most the gradient it had accumulated
-but not yet sent since its last selection of each entry (see README, "Reliability").
+but not yet sent since its last selection of each entry (see docs/reliability.md).
 """
 
 from __future__ import annotations

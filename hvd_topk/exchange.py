@@ -20,13 +20,20 @@ they keep) stays near ``3 k (P-1)/P``. ``exchange_bytes`` is the one byte model 
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from horovod.torch import mpi_ops
 
-__all__ = ["sparse_allgather_async", "sparse_alltoall_async", "scatter_add_", "exchange_bytes",
-           "ring_allreduce_bytes", "region_sizes", "cheapest_exchange", "EXCHANGES", "QUANTILES"]
+from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext, header_words
+from .packing import pack_header, unpack
+from .layout import GroupLayout, index_dtype, num_selected
+from .positions import PositionSet
+from .settings import TopKSettings
+
+__all__ = ["sparse_allgather_async", "sparse_alltoall_async", "scatter_add_", "exchange_bytes", "traffic",
+           "ring_allreduce_bytes", "region_sizes", "cheapest_exchange", "choose_exchange", "gradient_costs",
+           "AllgatherExchange", "local_indices", "EXCHANGES", "QUANTILES"]
 
 #: The exchanges a gradient can take, cheapest first when the model ties.
 EXCHANGES = ("dense", "allgather", "sparse_allreduce")
@@ -51,35 +58,76 @@ def ring_allreduce_bytes(nbytes: int, world: int) -> int:
     return math.ceil(2 * (world - 1) * nbytes / world) if world > 1 else 0
 
 
+def traffic(exchange: str, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
+            capacity: float = 2.0) -> Tuple[int, int, int]:
+    """The byte model, the wire's own: ``(sent, received, link)`` bytes of one rank for one
+    group of tensors sending ``ks`` entries each over ``world`` ranks, ``link`` being what its
+    link carries to other ranks (each way, for the symmetric collectives used here).
+
+    - ``allgather``: one payload, header (``2`` int32 words, ``2 + S`` for a group of ``S``
+      tensors) plus ``K`` values and indices; every rank receives all ``P``;
+    - ``sparse_allreduce``: ``P`` alltoall rows of ``1 + S`` header words and ``C`` entries,
+      then an allgather of each owner's row: header, ``R`` entries, ``S * QUANTILES`` load
+      statistics (``sparse_allreduce.RegionPlan``).
+    """
+    entry, segments = value_bytes + index_bytes, len(ks)
+    head = 4 * header_words(segments)
+    if exchange == "sparse_allreduce":
+        sizes = [region_sizes(k, world, capacity) for k in ks]
+        row1 = 4 * (1 + segments) + sum(c for c, _ in sizes) * entry
+        row2 = head + sum(r for _, r in sizes) * entry + segments * QUANTILES * index_bytes
+        return (world - 1) * row1 + row2, (world - 1) * row1 + world * row2, (world - 1) * (row1 + row2)
+    if exchange != "allgather":
+        raise ValueError(f"no byte model for exchange {exchange!r}")
+    payload = head + sum(ks) * entry
+    return payload, world * payload, (world - 1) * payload
+
+
 def exchange_bytes(numel: int, k: int, world: int, grad_bytes: int, value_bytes: int,
                    index_bytes: int, capacity: float = 2.0) -> dict:
-    """Bytes each rank's link carries in each direction to exchange one gradient of ``numel``
-    entries, ``k`` of them selected, over ``world`` ranks -- the model behind
-    ``exchange="auto"`` (``docs/performance/scaling.md`` measures it against real links):
-
-    - ``dense``: a ring allreduce, ``2 (P-1)/P * n * b_grad``;
-    - ``allgather``: every rank receives every other rank's payload (8-byte header and ``k``
-      value + index pairs), ``(P-1) * (8 + k * b_entry)``;
-    - ``sparse_allreduce``: an alltoall of rows of ``c = ceil(capacity k / P)`` entries plus an
-      8-byte header, then an allgather of every owner's ``R = ceil(k / P)`` entries, 8-byte
-      header and ``QUANTILES`` load statistics: ``(P-1) * (row1 + row2)``.
-
-    With one rank nothing is sent; the model is then evaluated for two, so that a single-rank
-    run compresses as a small job would.
+    """Bytes each rank's link carries to exchange one gradient of ``numel`` entries, ``k`` of
+    them selected, over ``world`` ranks, by each exchange -- the model behind
+    ``TopKCompressor(exchange="auto")`` (``docs/performance/scaling.md`` measures it against
+    real links): a ring allreduce's ``2 (P-1)/P * n * b_grad`` for ``dense``, ``traffic``'s
+    ``link`` for the sparse ones. With one rank nothing is sent; the model is then evaluated
+    for two, so that a single-rank run compresses as a small job would.
     """
     p = max(world, 2)
-    entry = value_bytes + index_bytes
-    c, r = region_sizes(k, p, capacity)
-    return {
-        "dense": ring_allreduce_bytes(numel * grad_bytes, p),
-        "allgather": (p - 1) * (8 + k * entry),
-        "sparse_allreduce": (p - 1) * ((8 + c * entry) + (8 + r * entry + QUANTILES * index_bytes)),
-    }
+    costs = {"dense": ring_allreduce_bytes(numel * grad_bytes, p)}
+    for name in EXCHANGES[1:]:
+        costs[name] = traffic(name, (k,), p, value_bytes, index_bytes, capacity)[2]
+    return costs
 
 
 def cheapest_exchange(costs: dict, allowed) -> str:
     """The allowed exchange of fewest bytes in ``costs`` (ties: the earlier in ``EXCHANGES``)."""
     return min((e for e in EXCHANGES if e in allowed), key=lambda e: (costs[e], EXCHANGES.index(e)))
+
+
+def gradient_costs(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float) -> dict:
+    """``exchange_bytes`` for one gradient at ``ratio`` under ``settings``."""
+    n = tensor.numel()
+    vdt = settings.value_dtype or tensor.dtype
+    return exchange_bytes(n, num_selected(n, ratio), world, tensor.element_size(), vdt.itemsize,
+                          index_dtype(n).itemsize, settings.region_capacity)
+
+
+def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float) -> str:
+    """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for one gradient over ``world``
+    ranks at ``ratio``: dense below ``min_numel`` and for what is not a dense floating
+    tensor; else ``settings.exchange``, or under ``"auto"`` (and ``density_aware``) the
+    cheapest. It depends only on host numbers, so every rank takes the same decision."""
+    if not tensor.dtype.is_floating_point or tensor.is_sparse:
+        return "dense"
+    n = tensor.numel()
+    if n == 0 or n < settings.min_numel:
+        return "dense"
+    allowed = EXCHANGES[1:] if settings.exchange == "auto" else (settings.exchange,)
+    if settings.density_aware:
+        allowed = ("dense",) + allowed
+    if len(allowed) == 1:
+        return allowed[0]
+    return cheapest_exchange(gradient_costs(settings, tensor, world, ratio), allowed)
 
 
 def sparse_allgather_async(payload: torch.Tensor, name: str,
@@ -132,3 +180,55 @@ def scatter_add_(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor)
         # accumulate=True sorts first, so every rank gets the same bits.
         out.index_put_((indices.long(),), values, accumulate=True)
     return out
+
+
+def local_indices(sel: torch.Tensor, layout: GroupLayout, index_dtype: torch.dtype) -> torch.Tensor:
+    """``(K,)`` each slot's index within its own tensor, in the wire's index dtype."""
+    if layout.segments == 1:
+        return sel.to(index_dtype)
+    return (sel - layout.slot_tables(sel.device)["slot_start"]).to(index_dtype)
+
+
+class AllgatherExchange(Exchange):
+    """Every rank's payload to every rank (Horovod's allgather, fused with other tensors), then
+    each rank divides the ``P * K`` gathered values and scatter-adds them in rank order, so
+    every rank ends with the same bits. A payload is ``[header | K values | K indices]``
+    (``packing.py``); its bytes are ``traffic("allgather", ...)``. It keeps no state."""
+
+    name = "allgather"
+
+    def payload(self, ctx: SparseContext, sel: torch.Tensor, sent: torch.Tensor,
+                signature: torch.Tensor) -> Tuple[torch.Tensor, Optional[PositionSet]]:
+        return pack_header(ctx.header, sent, local_indices(sel, ctx.layout, ctx.index_dtype)), None
+
+    def receive(self, gathered: torch.Tensor, ctx: SparseContext, out: torch.Tensor,
+                step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        try:
+            headers, values, indices = unpack(gathered, ctx.k, ctx.value_dtype, ctx.index_dtype,
+                                              ctx.world, ctx.header_words)  # (P, H), (P, K), (P, K)
+        except ValueError as e:
+            raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}. "
+                                    + SAME_MODEL) from None
+        out.zero_()
+        if ctx.k:
+            t = ctx.layout.slot_tables(gathered.device)
+            # A rank that disagrees on the layout is caught by check(); clamp its indices
+            # into each slot's own tensor so that the scatter never writes out of bounds.
+            pos = indices.long().clamp_(min=0)  # (P, K), one buffer for the chain (in place)
+            pos = torch.minimum(pos, t["slot_max"], out=pos).add_(t["slot_start"])
+            vals = values.reshape(-1).to(ctx.dtype)  # (P * K,)
+            if ctx.divisor != 1:
+                # Divide the P * K gathered values, not the n-element result: every rank
+                # still computes the same bits (same bytes, same order).
+                vals = vals.div_(ctx.divisor)
+            scatter_add_(out, pos.reshape(-1), vals)
+        return headers, None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        return None  # it keeps none
+
+    def reset(self) -> None:
+        return None  # nothing that ranks must agree on

@@ -29,7 +29,6 @@ from . import checkpoint
 from .compression import ComplexContext, RankMismatchError, SparseCompressor
 from .corrections import AdamCorrection, correction_groups
 from .exchange import EXCHANGES, ring_allreduce_bytes, sparse_allgather_async, sparse_alltoall_async
-from .packing import row_nbytes
 from .selection import segment_views, stacked_probe
 
 __all__ = ["DistributedOptimizer", "CommStats", "TopKDistributedOptimizer"]
@@ -359,26 +358,23 @@ class _TopKMethods:
             kwargs = group.correction.compress_kwargs()
         payload, ctx = comp.compress_group([group.ready[p] for p in group.params], group.names,
                                            scale=self._loss_scale(), world=world,
-                                           exchange=group.exchange, **kwargs)  # (nbytes,) uint8
-        ctx.divisor = world if self.op == mpi_ops.Average else 1
+                                           exchange=group.exchange,
+                                           divisor=world if self.op == mpi_ops.Average else 1,
+                                           **kwargs)  # (nbytes,) uint8
         group.ctx = ctx
         stats = self._step_stats
+        sent, received, link = ctx.traffic()
+        stats.bytes_sent += sent
+        stats.bytes_received += received
+        stats.link_bytes += link
         if group.exchange == "sparse_allreduce":
             # Phase 1 now (it overlaps the rest of backward); phase 2 in synchronize().
             group.handle = sparse_alltoall_async(payload, world, name=self._group_name(group),
                                                  process_set=self.process_set)
-            row1 = payload.numel() // world
-            row2 = row_nbytes(ctx.regions.row2_spec(ctx.header_words, ctx.value_dtype, ctx.index_dtype))
-            stats.bytes_sent += (world - 1) * row1 + row2
-            stats.bytes_received += (world - 1) * row1 + world * row2
-            stats.link_bytes += (world - 1) * (row1 + row2)
             stats.sparse_allreduce_tensors += len(group.params)
         else:
             group.handle = sparse_allgather_async(payload, name=self._group_name(group),
                                                   process_set=self.process_set)
-            stats.bytes_sent += payload.numel()
-            stats.bytes_received += payload.numel() * world
-            stats.link_bytes += (world - 1) * payload.numel()
             stats.allgather_tensors += len(group.params)
         if group.correction is not None:
             self._corrected.update(group.params)
@@ -909,11 +905,8 @@ class _TopKMethods:
         if self._sparse:
             # Horovod's sync broadcast rank 0's hvd_topk state too: residuals stay per rank.
             self._take_broadcast_state(discard=True)
-            comp.steps = broadcast_object(comp.steps, root_rank=root_rank, name="hvd_topk.sync.steps")
-            comp.world_size = self.process_set.size()
-            # The sparse allreduce's regions must agree on every rank, and a joining rank has
-            # none: every rank starts again from equal regions (rebalanced within 10 steps).
-            comp.reset_regions()
+            comp.resync(broadcast_object(comp.steps, root_rank=root_rank, name="hvd_topk.sync.steps"),
+                        self.process_set.size())
             self._check_model = True  # a new rank may have joined: compare models again
 
 

@@ -35,21 +35,20 @@ host sync, fixed sizes from the ``RegionPlan``); ``TopKCompressor`` keeps the st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .exchange import QUANTILES, region_sizes, scatter_add_
 from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
-from .selection import GroupLayout, _magnitude, _order, expand_counts
+from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext
+from .regions import refresh_bounds, uniform_bounds
+from .selection import GroupLayout, PositionSet, expand_counts, magnitude, segment_order
+from .state import GroupCache
+from .wire import to_wire
 
-__all__ = ["RegionPlan", "uniform_bounds", "to_regions",
+__all__ = ["RegionPlan", "SparseAllreduceExchange", "uniform_bounds", "to_regions",
            "reduce_region", "finish", "was_kept", "refresh_bounds"]
-
-#: The share of the load spread uniformly over the index space when regions are refreshed:
-#: no region collapses to nothing because it was idle for a while.
-_PRIOR = 0.05
-
 
 @dataclass
 class RegionPlan:
@@ -123,13 +122,6 @@ class RegionPlan:
         }
 
 
-def uniform_bounds(layout: GroupLayout, world: int, device) -> torch.Tensor:
-    """``(S, P + 1)`` int64 region starts of each segment (local indices), equal lengths:
-    region j of segment s is ``[b[s, j], b[s, j + 1])``."""
-    rows = [[(j * n) // world for j in range(world + 1)] for n in layout.sizes]
-    return torch.tensor(rows, dtype=torch.long).to(device)
-
-
 def to_regions(sel: torch.Tensor, sent: torch.Tensor, plan: RegionPlan, bounds: torch.Tensor,
                signature: torch.Tensor, index_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 1: this rank's selected entries, bucketed by region, as the alltoall's rows.
@@ -154,7 +146,7 @@ def to_regions(sel: torch.Tensor, sent: torch.Tensor, plan: RegionPlan, bounds: 
     inner = (bounds[:, 1:P] + lt["offsets"][:S, None]).reshape(-1)  # (S * (P-1),)
     region = torch.searchsorted(inner, sel, right=True) - seg * (P - 1)  # (K,) in [0, P)
     key = seg * P + region  # (K,) (segment, owner)
-    order = _order(key, _magnitude(sent))  # by (segment, owner), largest first
+    order = segment_order(key, magnitude(sent))  # by (segment, owner), largest first
     sorted_key = key.index_select(0, order)
     first = torch.searchsorted(sorted_key, torch.arange(S * P + 1, device=sel.device))  # (S*P + 1,)
     demand = (first[1:] - first[:-1]).view(S, P)  # (S, P) entries bound for each owner
@@ -177,7 +169,7 @@ def to_regions(sel: torch.Tensor, sent: torch.Tensor, plan: RegionPlan, bounds: 
 
 def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, header: torch.Tensor,
                   divisor: float, dtype: torch.dtype, value_dtype: torch.dtype,
-                  index_dtype: torch.dtype, to_wire) -> torch.Tensor:
+                  index_dtype: torch.dtype) -> torch.Tensor:
     """Step 2, at the owner: sum every rank's entries of this rank's region, keep the ``R_s``
     largest sums of each segment, divided by ``divisor``; returns this rank's allgather row.
 
@@ -187,7 +179,6 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
             ``FLAG_MISMATCH`` in the returned header, for every rank to see.
         header: ``(header_words,)`` int32, this rank's own header (its flags).
         dtype: the gradient's dtype (the sums are taken in it, at least in float32).
-        to_wire: ``(values, value_dtype) -> values`` in the wire dtype (clamped to its range).
 
     Returns:
         ``(row2,)`` uint8: header, R values, R local indices (-1: empty slot), statistics.
@@ -220,7 +211,7 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     scatter_add_(sums, run, vals.to(acc).masked_fill(~valid, 0).reshape(-1).index_select(0, order))
     sums = sums.index_select(0, run)  # (P*C,) each entry's position's sum
     seg = torch.where(head & (ordered < n), t["col1"].repeat(P).index_select(0, order), S)  # S sorts last
-    best = _order(seg, _magnitude(sums))  # by segment, largest sum first
+    best = segment_order(seg, magnitude(sums))  # by segment, largest sum first
     first = torch.searchsorted(seg.index_select(0, best), lt["segs"])  # (S + 1,)
     have = first[1:] - first[:-1]  # (S,) distinct positions of each segment
     ok = t["rank2"] < have.index_select(0, t["col2"])  # (R,)
@@ -275,36 +266,80 @@ def was_kept(sel: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept.index_select(0, at) == sel
 
 
-def refresh_bounds(bounds: torch.Tensor, stats: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """New ``(S, P + 1)`` region starts from the owners' statistics ``(P, S, QUANTILES)``.
+class SparseAllreduceExchange(Exchange):
+    """The sparse allreduce as an exchange: its plans (one per group in use) and its regions
+    (``bounds``, ``(S, P + 1)`` per ``(names, world)``, the same on every rank) are its own
+    state. Per step: ``payload`` (this rank's alltoall rows), ``reduce`` (the owner's step,
+    after the alltoall), ``receive`` (after the allgather of the owners' rows); its bytes are
+    ``exchange.traffic("sparse_allreduce", ...)``.
 
-    Each region's demand is spread evenly between its quantile points (a piecewise-linear
-    cumulative load over the segment; regions that received nothing spread it evenly over
-    their length), ``_PRIOR`` of the total is spread uniformly, and the segment is cut where
-    the cumulative load reaches ``j / P`` of the total. Same inputs, same bits, on every rank.
+    Arguments:
+        capacity: ``region_capacity``, see ``TopKSettings``.
+        refresh: regions are rebalanced every this many steps.
     """
-    S, P1 = bounds.shape
-    P, Q = P1 - 1, QUANTILES
-    device = bounds.device
-    lo, hi = bounds[:, :-1].double(), bounds[:, 1:].double()  # (S, P)
-    demand = stats[:, :, 0].t().double().clamp(min=0)  # (S, P)
-    quant = stats[:, :, 1:].permute(1, 0, 2).double()  # (S, P, Q-1)
-    frac = torch.arange(1, Q, device=device, dtype=torch.float64) / Q
-    even = lo[..., None] + (hi - lo)[..., None] * frac  # (S, P, Q-1)
-    inner = torch.where(quant >= 0, quant, even)
-    inner = torch.minimum(torch.maximum(inner, lo[..., None]), hi[..., None]).cummax(dim=-1).values
-    sizes = layout.tensors(device)["lengths"].double()  # (S,)
-    x = torch.cat([torch.cat([lo[..., None], inner], dim=-1).reshape(S, P * Q), sizes[:, None]], dim=1)
-    width = x[:, 1:] - x[:, :-1]  # (S, P*Q)
-    mass = torch.repeat_interleave(demand / Q, Q, dim=1)  # (S, P*Q)
-    total = demand.sum(dim=1, keepdim=True)
-    mass = mass + (_PRIOR * total + 1e-9) * width / sizes[:, None]
-    y = torch.cat([torch.zeros(S, 1, dtype=torch.float64, device=device), torch.cumsum(mass, dim=1)], dim=1)
-    targets = y[:, -1:] * torch.arange(1, P, device=device, dtype=torch.float64) / P  # (S, P-1)
-    i = torch.searchsorted(y, targets).clamp(1, P * Q)  # y[i-1] < target <= y[i]
-    y0, y1 = y.gather(1, i - 1), y.gather(1, i)
-    x0, x1 = x.gather(1, i - 1), x.gather(1, i)
-    cut = x0 + (x1 - x0) * ((targets - y0) / (y1 - y0).clamp(min=1e-300))
-    cut = torch.minimum(cut.round().long().clamp(min=0), sizes.long()[:, None]).cummax(dim=1).values
-    return torch.cat([torch.zeros(S, 1, dtype=torch.long, device=device), cut, sizes.long()[:, None]], dim=1)
 
+    name = "sparse_allreduce"
+
+    def __init__(self, capacity: float, refresh: int) -> None:
+        self.capacity, self.refresh = capacity, refresh
+        self.bounds: Dict[Tuple[Tuple[str, ...], int], torch.Tensor] = {}
+        self._plans = GroupCache()  # (sizes, world) -> RegionPlan
+
+    def plan(self, layout: GroupLayout, world: int) -> RegionPlan:
+        """The group's ``RegionPlan`` over ``world`` ranks (cached per group)."""
+        return self._plans.get((layout.sizes, world), lambda plan: plan.layout.ks == layout.ks,
+                               lambda: RegionPlan(layout, world, self.capacity))
+
+    def prune(self) -> None:
+        """Forget the plans of groups no step used since the last call (once per step)."""
+        self._plans.prune()
+
+    def _bounds(self, ctx: SparseContext, device: torch.device) -> torch.Tensor:
+        key = (ctx.names, ctx.regions.world)
+        bounds = self.bounds.get(key)
+        if bounds is None:
+            bounds = self.bounds[key] = uniform_bounds(ctx.layout, ctx.regions.world, device)
+        elif bounds.device != device:
+            bounds = self.bounds[key] = bounds.to(device)
+        return bounds
+
+    def payload(self, ctx: SparseContext, sel: torch.Tensor, sent: torch.Tensor,
+                signature: torch.Tensor) -> Tuple[torch.Tensor, Optional[PositionSet]]:
+        rows, in_cap = to_regions(sel, sent, ctx.regions, self._bounds(ctx, sent.device), signature,
+                                  ctx.index_dtype)
+        return rows, PositionSet(sel, ctx.numel, valid=in_cap)
+
+    def reduce(self, received: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
+        """The owner's step: this rank's allgather row from the alltoall's ``received`` rows."""
+        return reduce_region(received, ctx.regions, ctx.signature, ctx.header, ctx.divisor,
+                             ctx.dtype, ctx.value_dtype, ctx.index_dtype)
+
+    def receive(self, gathered: torch.Tensor, ctx: SparseContext, out: torch.Tensor,
+                step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        try:
+            headers, kept, stats = finish(gathered, ctx.regions, ctx.header_words, ctx.value_dtype,
+                                          ctx.index_dtype, out)
+        except ValueError as e:
+            raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}: ranks "
+                                    "disagree on this tensor's size, ratio or wire dtypes. "
+                                    + SAME_MODEL) from None
+        if (step + 1) % self.refresh == 0:
+            key = (ctx.names, ctx.regions.world)
+            self.bounds[key] = refresh_bounds(self._bounds(ctx, out.device), stats, ctx.layout)
+        return headers, kept
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"regions": [{"names": list(names), "world": world, "bounds": b.cpu()}
+                            for (names, world), b in self.bounds.items()]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.bounds = {}
+        regions = state.get("regions", [])
+        if isinstance(regions, dict):  # keyed by "name\nname...@world" strings
+            regions = [{"names": key.rpartition("@")[0].split("\n"), "world": key.rpartition("@")[2],
+                        "bounds": b} for key, b in regions.items()]
+        for r in regions:
+            self.bounds[(tuple(r["names"]), int(r["world"]))] = r["bounds"].clone()
+
+    def reset(self) -> None:
+        self.bounds = {}

@@ -77,7 +77,7 @@ def one_round(cs, layout, world, bounds, capacity):
         u.index_add_(0, sel, c[sel])
     header = torch.tensor([1, 0], dtype=torch.int32)
     owners = [sar.reduce_region(torch.stack([rows[r][j] for r in range(world)]).reshape(-1), plan, 1,
-                                header, 1, torch.float32, torch.float32, torch.int32, lambda v, d: v)
+                                header, 1, torch.float32, torch.float32, torch.int32)
               for j in range(world)]
     out = torch.zeros(n)
     _, kept, stats = sar.finish(torch.cat(owners), plan, 2, torch.float32, torch.int32, out)

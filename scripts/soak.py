@@ -226,7 +226,7 @@ def worker(args) -> int:
                 model.head.bias[0] += 1e-6
         if step + 1 == warm:
             at_warm = CommStats(**asdict(opt.comm_totals))
-        norms = comp.memory.norms().values()
+        norms = comp.state.residuals.norms().values()
         peak = max(norms, default=0.0)
         resid_max.append(peak)
         if not math.isfinite(peak) or (loss is not None and not math.isfinite(loss.item())):

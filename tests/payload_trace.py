@@ -17,7 +17,7 @@ import zlib
 import torch
 
 from hvd_topk import TopKCompressor
-from hvd_topk._cpu_kernel import use_cpu_kernel
+from hvd_topk import use_cpu_kernel
 from hvd_topk.compression import AdamSettings
 
 SIZES = (30_000, 5_000, 700)
@@ -61,7 +61,7 @@ def trace(config: str, grouped: bool, kernel: bool, steps: int = 12) -> list:
                 comp.scatter(payload, ctx)
                 comp.check([ctx])
             comp.step_done()
-            row.append(zlib.crc32(b"".join(comp.memory.get(n).numpy().tobytes() for n in names)))
+            row.append(zlib.crc32(b"".join(comp.state.residuals.get(n).numpy().tobytes() for n in names)))
             out.append(row)
     return out
 

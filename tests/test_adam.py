@@ -10,7 +10,7 @@ from launch import run_ranks
 
 import hvd_topk
 from hvd_topk import AdamSettings, TopKCompressor
-from hvd_topk._cpu_kernel import cpu_kernel, use_cpu_kernel
+from hvd_topk import cpu_kernel, use_cpu_kernel
 
 
 def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0):
@@ -54,11 +54,11 @@ def test_adam_correction_follows_the_written_out_algorithm(amsgrad, variance_ste
         got = comp.scatter(payload, ctx)
         comp.step_done()  # the step is applied: its residual write
         torch.testing.assert_close(got, sent, rtol=1e-6, atol=0, msg=lambda e, t=t: f"step {t}: {e}")
-        torch.testing.assert_close(comp.memory.get("w"), r, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(comp.exp_avg.get("w"), m, rtol=1e-6, atol=0)
-        torch.testing.assert_close(comp.exp_avg_sq.get("w"), s, rtol=1e-6, atol=0)
+        torch.testing.assert_close(comp.state.residuals.get("w"), r, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(comp.state.exp_avg.get("w"), m, rtol=1e-6, atol=0)
+        torch.testing.assert_close(comp.state.exp_avg_sq.get("w"), s, rtol=1e-6, atol=0)
         comp.step_done()
-    assert comp.adam_steps == {"w": 8}
+    assert comp.state.adam_steps == {"w": 8}
 
 
 def test_a_group_whose_tensors_took_different_numbers_of_steps():
@@ -74,12 +74,12 @@ def test_a_group_whose_tensors_took_different_numbers_of_steps():
     for ga, gb in zip(a[3:], b):  # a is at steps 4..6 (variance frozen), b at 1..3
         payload, ctx = comp.compress_group([ga, gb], ["a", "b"], adam=adam)
         comp.step_done()
-    assert comp.adam_steps == {"a": 6, "b": 3}
+    assert comp.state.adam_steps == {"a": 6, "b": 3}
     ref_a, ref_b = (reference(x, 0.02, adam, 2, clip=math.inf)[-1] for x in (a, b))
     for name, (_, r, m, s) in (("a", ref_a), ("b", ref_b)):
-        torch.testing.assert_close(comp.memory.get(name), r, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(comp.exp_avg.get(name), m, rtol=1e-6, atol=0)
-        torch.testing.assert_close(comp.exp_avg_sq.get(name), s, rtol=1e-6, atol=0)
+        torch.testing.assert_close(comp.state.residuals.get(name), r, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(comp.state.exp_avg.get(name), m, rtol=1e-6, atol=0)
+        torch.testing.assert_close(comp.state.exp_avg_sq.get(name), s, rtol=1e-6, atol=0)
 
 
 def test_a_loss_scale_leaves_the_moments_unscaled():
@@ -90,8 +90,9 @@ def test_a_loss_scale_leaves_the_moments_unscaled():
     for g in grads_of(3):
         want, _ = plain.compress_group([g], ["w"], adam=adam)
         got, ctx = scaled.compress_group([g * 512], ["w"], adam=adam, scale=torch.tensor(512.0))
-        for memory in ("memory", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(getattr(scaled, memory).get("w"), getattr(plain, memory).get("w")), memory
+        for memory in ("residuals", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(getattr(scaled.state, memory).get("w"),
+                               getattr(plain.state, memory).get("w")), memory
         plain.step_done()
         scaled.step_done()
     ctx.world = 1

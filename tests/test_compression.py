@@ -11,7 +11,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 def compress_once(comp, g, name="w"):
-    before = comp.memory.get(name)
+    before = comp.state.residuals.get(name)
     c = g.reshape(-1) + (before if before is not None else 0)
     payload, ctx = comp.compress(g, name=name)
     return c, payload, ctx
@@ -38,7 +38,7 @@ def test_exact_k_values_and_residual_identity(dtype, shape):
                            torch.topk(c.abs().float(), ctx.k).values.sort().values)
         sent = comp.decompress(payload, ctx).reshape(-1)
         assert sent.dtype == dtype and sent.shape == c.shape
-        assert torch.equal(comp.memory.get("w") + sent, c)  # residual + sent == compensated, exactly
+        assert torch.equal(comp.state.residuals.get("w") + sent, c)  # residual + sent == compensated, exactly
 
 
 def test_ratio_one_is_no_compression():
@@ -46,7 +46,7 @@ def test_ratio_one_is_no_compression():
     g = torch.randn(40, 30)
     payload, ctx = comp.compress(g, name="w")
     assert torch.equal(comp.decompress(payload, ctx), g)
-    assert torch.count_nonzero(comp.memory.get("w")) == 0
+    assert torch.count_nonzero(comp.state.residuals.get("w")) == 0
 
 
 def test_numel_below_one_over_ratio_sends_one():
@@ -55,7 +55,7 @@ def test_numel_below_one_over_ratio_sends_one():
     payload, ctx = comp.compress(g, name="b")
     assert ctx.k == 1
     assert torch.equal(comp.decompress(payload, ctx), torch.tensor([0.0, -5.0, 0.0]))
-    assert torch.equal(comp.memory.get("b"), torch.tensor([0.1, 0.0, 2.0]))
+    assert torch.equal(comp.state.residuals.get("b"), torch.tensor([0.1, 0.0, 2.0]))
 
 
 def test_error_feedback_eventually_sends_everything():
@@ -71,7 +71,7 @@ def test_error_feedback_eventually_sends_everything():
 def test_default_warmup_starts_dense_ish():
     comp = TopKCompressor(0.01)
     assert comp.warmup_steps == 100 and comp.current_ratio() == 0.25
-    comp.steps = 100
+    comp.state.steps = 100
     assert comp.current_ratio() == 0.01
 
 
@@ -90,7 +90,7 @@ def test_narrow_value_dtype_keeps_rounding_error_in_residual(value_dtype):
     assert ctx.nbytes == 8 + ctx.k * (2 + 4)  # header, fp16 values, int32 indices
     sent = comp.decompress(payload, ctx)
     assert sent.dtype == torch.float32
-    assert torch.equal(comp.memory.get("w") + sent, g)
+    assert torch.equal(comp.state.residuals.get("w") + sent, g)
 
 
 def test_decompress_sums_ranks_and_divides():
@@ -144,7 +144,7 @@ def test_state_dict_round_trip_weights_only(tmp_path):
     other = TopKCompressor(0.1)
     other.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert other.steps == 1
-    assert torch.equal(other.memory.get("a"), comp.memory.get("a"))
+    assert torch.equal(other.state.residuals.get("a"), comp.state.residuals.get("a"))
 
 
 def test_nonfinite_gradient_with_momentum_correction_keeps_memory_finite():
@@ -156,7 +156,7 @@ def test_nonfinite_gradient_with_momentum_correction_keeps_memory_finite():
     for _ in range(2):
         comp.compress(torch.randn(5000, generator=gen), name="w", momentum=0.9)
         comp.step_done()
-    u, e = comp.velocity.get("w").clone(), comp.memory.get("w").clone()
+    u, e = comp.state.velocities.get("w").clone(), comp.state.residuals.get("w").clone()
     g = torch.randn(5000, generator=gen)
     g[7], g[4000] = float("nan"), float("-inf")
     payload, ctx = comp.compress(g, name="w", momentum=0.9)
@@ -164,8 +164,8 @@ def test_nonfinite_gradient_with_momentum_correction_keeps_memory_finite():
     comp.unsend()
     clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
     u_expected = u.mul(0.9).add(clean)
-    assert torch.equal(comp.velocity.get("w"), u_expected)
-    assert torch.equal(comp.memory.get("w"), e.add(u_expected))
+    assert torch.equal(comp.state.velocities.get("w"), u_expected)
+    assert torch.equal(comp.state.residuals.get("w"), e.add(u_expected))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -175,7 +175,7 @@ def test_fused_kernel_path_sends_and_keeps_what_the_reference_path_does(momentum
     (index, value) pairs on the wire, the same residual and velocity bits, over several steps
     (a small tensor, a sampled one; a NaN at step 3). The fused run calls the kernel at every
     step, the reference run never."""
-    from hvd_topk._cpu_kernel import cpu_kernel, use_cpu_kernel
+    from hvd_topk import cpu_kernel, use_cpu_kernel
     if cpu_kernel() is None:
         pytest.skip("CPU kernel not built (compiler, ninja?): nothing to compare")
 
@@ -194,7 +194,7 @@ def test_fused_kernel_path_sends_and_keeps_what_the_reference_path_does(momentum
             order = idx.reshape(-1).argsort()
             sent.append((headers, vals.reshape(-1)[order], idx.reshape(-1)[order]))
             comp.step_done()
-        return sent, comp.memory.get("w"), comp.velocity.get("w")
+        return sent, comp.state.residuals.get("w"), comp.state.velocities.get("w")
 
     for n in (5000, 300_000):
         a, b = run(True, n), run(False, n)

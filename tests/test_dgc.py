@@ -20,15 +20,15 @@ def test_momentum_correction_follows_dgc_equations():
     g1 = torch.tensor([1.0, -4.0, 2.0, 0.5])
     s1 = sent_of(comp, g1, momentum=m)
     assert torch.equal(s1, torch.tensor([0.0, -4.0, 2.0, 0.0]))
-    assert torch.equal(comp.velocity.get("w"), torch.tensor([1.0, 0.0, 0.0, 0.5]))  # masked
-    assert torch.equal(comp.memory.get("w"), torch.tensor([1.0, 0.0, 0.0, 0.5]))
+    assert torch.equal(comp.state.velocities.get("w"), torch.tensor([1.0, 0.0, 0.0, 0.5]))  # masked
+    assert torch.equal(comp.state.residuals.get("w"), torch.tensor([1.0, 0.0, 0.0, 0.5]))
     g2 = torch.tensor([0.25, 1.0, -1.0, 3.0])
     u2 = m * torch.tensor([1.0, 0.0, 0.0, 0.5]) + g2  # [1.15, 1.0, -1.0, 3.45]
     v2 = torch.tensor([1.0, 0.0, 0.0, 0.5]) + u2  # [2.15, 1.0, -1.0, 3.95]
     s2 = sent_of(comp, g2, momentum=m)
     assert torch.allclose(s2, torch.tensor([v2[0], 0, 0, v2[3]]))
-    assert torch.allclose(comp.memory.get("w"), torch.tensor([0.0, v2[1], v2[2], 0.0]))
-    assert torch.allclose(comp.velocity.get("w"), torch.tensor([0.0, u2[1], u2[2], 0.0]))
+    assert torch.allclose(comp.state.residuals.get("w"), torch.tensor([0.0, v2[1], v2[2], 0.0]))
+    assert torch.allclose(comp.state.velocities.get("w"), torch.tensor([0.0, u2[1], u2[2], 0.0]))
 
 
 def test_momentum_correction_nesterov():
@@ -78,7 +78,7 @@ def test_local_clipping_bounds_the_accumulated_gradient():
     comp.world_size = 4
     g = torch.randn(1000) * 100
     sent = sent_of(comp, g)
-    total = sent + comp.memory.get("w")
+    total = sent + comp.state.residuals.get("w")
     assert math.isclose(float(total.norm()), 1.0 / math.sqrt(4), rel_tol=1e-4)
 
 
@@ -87,7 +87,7 @@ def test_state_dict_carries_velocity():
     sent_of(comp, torch.tensor([1.0, 2.0, 3.0, 4.0]), momentum=0.9)
     other = TopKCompressor(0.5)
     other.load_state_dict(comp.state_dict())
-    assert torch.equal(other.velocity.get("w"), comp.velocity.get("w"))
+    assert torch.equal(other.state.velocities.get("w"), comp.state.velocities.get("w"))
 
 
 @pytest.mark.parametrize("bad", [{"momentum_correction": "yes"}, {"local_clip_norm": 0},

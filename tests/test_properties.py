@@ -80,7 +80,7 @@ def bitwise_equal(a, b):
 def compensated(comp, name, g):
     """What compress will select from: ``residual + g`` in the residual's dtype (the residual
     is added into in place), or ``g`` on a name's first step."""
-    before = comp.memory.get(name)
+    before = comp.state.residuals.get(name)
     return g.reshape(-1).clone() if before is None else before + g.reshape(-1)
 
 
@@ -203,7 +203,7 @@ def test_round_trip_at_the_top_of_the_range_stays_finite(pair, n, seed):
     comp = TopKCompressor(1.0, value_dtype=vdt, warmup_steps=0)
     payload, ctx = comp.compress(g, name="w")
     sent = comp.decompress(payload, ctx)
-    residual = comp.memory.get("w")
+    residual = comp.state.residuals.get("w")
     assert bool(torch.isfinite(sent).all()) and bool(torch.isfinite(residual).all())
     assert torch.equal(residual + sent, g)
 
@@ -215,7 +215,7 @@ def test_half_to_other_half_at_fp16s_max_stays_finite(dtype, vdt, value):
     comp = TopKCompressor(1.0, value_dtype=vdt, warmup_steps=0)
     payload, ctx = comp.compress(torch.tensor([value, 1.0], dtype=dtype), name="w")
     assert bool(torch.isfinite(comp.decompress(payload, ctx)).all())
-    assert bool(torch.isfinite(comp.memory.get("w")).all())
+    assert bool(torch.isfinite(comp.state.residuals.get("w")).all())
 
 
 @pytest.mark.parametrize("dtype,value", [(F32, 811509824.0), (F64, 3.937059992050329e17)])
@@ -225,7 +225,7 @@ def test_clamped_values_keep_the_error_feedback_identity_to_an_ulp(dtype, value)
     g = torch.tensor([value, 1.0], dtype=dtype)
     comp = TopKCompressor(1.0, value_dtype=F16, warmup_steps=0)
     payload, ctx = comp.compress(g, name="w")
-    err = (comp.memory.get("w") + comp.decompress(payload, ctx)).double() - g.double()
+    err = (comp.state.residuals.get("w") + comp.decompress(payload, ctx)).double() - g.double()
     assert bool((err.abs() <= torch.finfo(dtype).eps * g.double().abs()).all())
 
 
@@ -249,7 +249,7 @@ def test_error_feedback_identity(shape, dtype, vdt, ratio, kinds, seed):
         c = compensated(comp, "w", g)  # (n,)
         payload, ctx = comp.compress(g, name="w")
         sent = comp.decompress(payload, ctx).reshape(-1)  # (n,)
-        residual = comp.memory.get("w")  # (n,)
+        residual = comp.state.residuals.get("w")  # (n,)
         assert residual.dtype == dtype
         values, idx = selected(payload, ctx)
         # Entries beyond the wire's range are sent clamped; c - sent then may round
@@ -335,7 +335,7 @@ def test_nonfinite_gradient_never_enters_residual_and_poisons_result(shape, dtyp
     for step in range(warm_steps):
         comp.compress(make_grad(kind, shape, dtype, seed + step), name="w")
         comp.step_done()
-    before = comp.memory.get("w")
+    before = comp.state.residuals.get("w")
     before = None if before is None else before.clone()
     g = make_grad(kind, shape, dtype, seed + warm_steps)
     g.view(-1)[int(where * g.numel())] = float(bad)
@@ -343,7 +343,7 @@ def test_nonfinite_gradient_never_enters_residual_and_poisons_result(shape, dtyp
     comp.unsend()
     clean = torch.nan_to_num(g.reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
     expected = clean if before is None else before + clean
-    assert bitwise_equal(comp.memory.get("w"), expected)
+    assert bitwise_equal(comp.state.residuals.get("w"), expected)
     others = [TopKCompressor(ratio, value_dtype=vdt, warmup_steps=0).compress(
         make_grad(kind, shape, dtype, seed + 100 + r), name="w")[0] for r in range(world - 1)]
     ctx = dataclasses.replace(ctx, world=world, divisor=world)
@@ -377,6 +377,6 @@ def test_power_of_two_scale_is_exact(shape, dtype, ratio, kinds, log2_scale, see
         assume(bool(torch.isfinite(ds).all()) and bitwise_equal(ds / s, d_plain))
         p_scaled, ctx_scaled = scaled.compress(gs, name="w", scale=s)
         assert bitwise_equal(scaled.decompress(p_scaled, ctx_scaled), ds)
-        assert bitwise_equal(scaled.memory.get("w"), plain.memory.get("w"))
+        assert bitwise_equal(scaled.state.residuals.get("w"), plain.state.residuals.get("w"))
         plain.step_done()
         scaled.step_done()

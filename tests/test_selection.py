@@ -4,8 +4,9 @@ for one tensor and for groups."""
 import pytest
 import torch
 
+import hvd_topk
 from hvd_topk import index_dtype, num_selected, select_topk
-from hvd_topk import selection
+from hvd_topk import layout, selection
 from hvd_topk.selection import SAMPLED_MIN_NUMEL, GroupLayout, select_group, update_
 
 
@@ -28,8 +29,7 @@ def fallbacks(monkeypatch):
 
 
 def kernel():
-    from hvd_topk import _cpu_kernel
-    if _cpu_kernel.cpu_kernel() is None:
+    if hvd_topk.cpu_kernel() is None:
         pytest.skip("CPU kernel not built (compiler, ninja?): nothing to compare")
 
 
@@ -95,7 +95,7 @@ def test_unlucky_sample_is_flagged_and_the_fallback_stays_exact(fallbacks):
     # fewer than k entries through, so the group is flagged inexact -- and redone exactly.
     n, ratio = 1 << 20, 0.01
     k = num_selected(n, ratio)
-    stride, _ = selection._sample_plan(n, k)
+    stride, _ = layout.sample_plan(n, k)
     x = torch.rand(n, generator=torch.Generator().manual_seed(4))
     x[::stride] = 5.0
     _, inexact = select_group(x, GroupLayout((n,), (k,)))

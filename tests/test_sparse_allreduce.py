@@ -82,8 +82,8 @@ def _simulate(cs, layout, world, bounds, capacity=2.0):
         caps.append((sel, in_cap))
     header = torch.tensor([7, 0], dtype=torch.int32)
     owners = [sar.reduce_region(torch.stack([rows[r][j] for r in range(world)]).reshape(-1), plan, 7,
-                                header, world, torch.float32, torch.float32, torch.int32,
-                                lambda v, d: v.to(d)) for j in range(world)]
+                                header, world, torch.float32, torch.float32, torch.int32)
+              for j in range(world)]
     out = torch.zeros(layout.numel)
     headers, kept, stats = sar.finish(torch.cat(owners), plan, 2, torch.float32, torch.int32, out)
     return out, kept, stats, caps

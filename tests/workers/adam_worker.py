@@ -147,7 +147,7 @@ def check_adam_elastic_state():
     committed = snapshot()
     assert committed[1] and all(t == 3 for t in committed[1].values()), committed[1]
     run(2, 3)  # progress that a failure would make us lose
-    assert all(t == 5 for t in comp.adam_steps.values())
+    assert all(t == 5 for t in comp.state.adam_steps.values())
     state.restore()
     for what, want, got in zip(("params", "adam_steps", "exp_avg", "exp_avg_sq", "residuals"),
                                committed, snapshot()):
@@ -169,7 +169,7 @@ def check_adam_starts_from_the_dense_warm_up():
     comp = opt._compression
     backward(model, opt, 0)
     opt.step()  # ratio 0.9: dense, the wrapped AdamW's step
-    assert opt.comm_stats.sparse_tensors == 0 and not comp.adam_steps
+    assert opt.comm_stats.sparse_tensors == 0 and not comp.state.adam_steps
     names = dict(model.named_parameters())
     dense = {n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
              for n, p in names.items()}
@@ -178,10 +178,10 @@ def check_adam_starts_from_the_dense_warm_up():
     opt.step()  # ratio 0.21: sparse, Adam correction from the dense moments
     assert opt.comm_stats.sparse_tensors == 6, opt.comm_stats
     for n, (m, s) in dense.items():
-        assert comp.adam_steps[n] == 2, comp.adam_steps
+        assert comp.state.adam_steps[n] == 2, comp.state.adam_steps
         g = local[n].reshape(-1)
-        torch.testing.assert_close(comp.exp_avg.get(n), m.reshape(-1).lerp(g, 0.1), rtol=1e-6, atol=0)
-        torch.testing.assert_close(comp.exp_avg_sq.get(n), s.reshape(-1) * 0.999 + 0.001 * g * g,
+        torch.testing.assert_close(comp.state.exp_avg.get(n), m.reshape(-1).lerp(g, 0.1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(comp.state.exp_avg_sq.get(n), s.reshape(-1) * 0.999 + 0.001 * g * g,
                                    rtol=1e-6, atol=0)
     assert_same_on_all_ranks(model, "adam after a dense warm-up")
 

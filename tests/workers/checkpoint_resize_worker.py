@@ -20,11 +20,11 @@ if __name__ == "__main__":
     hvd_topk.load_checkpoint(path, model, opt)
     comp = opt._compression
     assert comp.steps == saved["topk"][0]["steps"]
-    memories = [("residuals", comp.memory)]
-    memories += [("velocities", comp.velocity)] if kind == "sgd" else [
-        ("exp_avg", comp.exp_avg), ("exp_avg_sq", comp.exp_avg_sq)]
+    memories = [("residuals", comp.state.residuals)]
+    memories += [("velocities", comp.state.velocities)] if kind == "sgd" else [
+        ("exp_avg", comp.state.exp_avg), ("exp_avg_sq", comp.state.exp_avg_sq)]
     if kind == "adamw":
-        assert comp.adam_steps == saved["topk"][0]["adam_steps"] and comp.adam_steps
+        assert comp.state.adam_steps == saved["topk"][0]["adam_steps"] and comp.state.adam_steps
     for key, memory in memories:
         names = saved["topk"][0][key].keys()
         assert names and set(memory) == set(names), key

@@ -57,7 +57,7 @@ def check_exact_topk(ratio, value_dtype=None, steps=3, group_bytes=None, unlucky
     path CUDA tensors take); ``unlucky``: rank 0's sampled selection is made wrong and flagged
     inexact, so every rank must exchange the group again, exactly."""
     from hvd_topk import selection
-    from hvd_topk._cpu_kernel import use_cpu_kernel
+    from hvd_topk import use_cpu_kernel
     exact_topk = selection.exact_topk
     try:
         with use_cpu_kernel(False) if torch_path or unlucky else contextlib.nullcontext():
@@ -107,7 +107,8 @@ def train_against_reference(model, opt, comp, steps, expect, **counts):
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad.reshape(-1), want[name], rtol=RTOL, atol=ATOL,
                                        msg=lambda m, s=step, n=name: f"step {s} {n}: {m}")
-            assert torch.equal(comp.memory.get(name), residual[name]), f"step {step}: residual of {name}"
+            assert torch.equal(comp.state.residuals.get(name), residual[name]), \
+                f"step {step}: residual of {name}"
         with opt.skip_synchronize():
             opt.step()
         stats = opt.comm_stats

@@ -53,7 +53,7 @@ def state(model, comp, names):
     params = dict(model.named_parameters())
     out = {f"param {n}": params[n].detach().clone() for n in names}
     for n in names:
-        for what, mem in (("residual", comp.memory), ("velocity", comp.velocity)):
+        for what, mem in (("residual", comp.state.residuals), ("velocity", comp.state.velocities)):
             if mem.get(n) is not None:
                 out[f"{what} {n}"] = mem.get(n).clone()
     return out
@@ -92,9 +92,9 @@ def check_frozen(momentum):
     model = make_model()
     comp, opt = make(model, momentum=momentum, weight_decay=1e-3 if momentum else 0.0)
     train(model, opt, 3)
-    assert comp.memory.get("0.weight") is not None  # it was compressed before freezing
+    assert comp.state.residuals.get("0.weight") is not None  # it was compressed before freezing
     if momentum:
-        assert comp.velocity.get("0.weight") is not None
+        assert comp.state.velocities.get("0.weight") is not None
     set_frozen(model, True)
     before = state(model, comp, FROZEN)
     train(model, opt, 3, start=3)
@@ -106,8 +106,8 @@ def check_frozen(momentum):
     assert_same_on_all_ranks(model, "frozen")
     # Unfreeze: the next gradient of 0.weight is the top-k of kept residual (+ velocity) + g.
     set_frozen(model, False)
-    kept = comp.memory.get("0.weight").clone()
-    velocity = comp.velocity.get("0.weight").clone() if momentum else None
+    kept = comp.state.residuals.get("0.weight").clone()
+    velocity = comp.state.velocities.get("0.weight").clone() if momentum else None
     opt.zero_grad()
     x, y = batch(6)
     nn.functional.cross_entropy(model(x), y).backward()
@@ -146,7 +146,7 @@ def check_lr_zero_group(momentum):
     w0 = model[0].weight.detach().clone()
     train(model, opt, 4)
     assert torch.equal(model[0].weight.detach(), w0), "lr=0 group moved"
-    assert comp.memory.get("0.weight") is not None  # trained (exchanged) all along
+    assert comp.state.residuals.get("0.weight") is not None  # trained (exchanged) all along
     assert not torch.equal(model[2].weight.detach(), make_model()[2].weight.detach())
     assert_same_on_all_ranks(model, "lr=0")
 
@@ -171,8 +171,8 @@ def check_unused_on_one_rank(momentum):
     comp, opt = make(model, momentum=momentum)
     train(model, opt, 2)
     w = model[2].weight
-    kept = comp.memory.get("2.weight").clone().view_as(w)
-    velocity = comp.velocity.get("2.weight").clone().view_as(w) if momentum else None
+    kept = comp.state.residuals.get("2.weight").clone().view_as(w)
+    velocity = comp.state.velocities.get("2.weight").clone().view_as(w) if momentum else None
     opt.zero_grad()
     x, y = batch(2)
     h = model[1](model[0](x))

@@ -62,8 +62,9 @@ def snapshot(model, comp, poisoned=None):
     residuals keep that step's finite gradient owed (tests/test_properties.py checks that
     bit for bit), so only their finiteness is checked here."""
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    residuals = {n: comp.memory.get(n).clone() for n in comp.memory if poisoned in (None, n)}
-    velocities = {n: comp.velocity.get(n).clone() for n in comp.velocity if poisoned in (None, n)}
+    state = comp.state
+    residuals = {n: state.residuals.get(n).clone() for n in state.residuals if poisoned in (None, n)}
+    velocities = {n: state.velocities.get(n).clone() for n in state.velocities if poisoned in (None, n)}
     assert poisoned is None or poisoned == "" or poisoned in residuals, poisoned
     return params, residuals, velocities
 
@@ -76,7 +77,7 @@ def assert_snapshot_equal(a, b, what):
 
 
 def assert_memory_finite(comp):
-    for mem in (comp.memory, comp.velocity):
+    for mem in (comp.state.residuals, comp.state.velocities):
         for n in mem:
             assert torch.isfinite(mem.get(n)).all(), f"residual/velocity of {n} is not finite"
 
@@ -221,7 +222,7 @@ def check_dynamic_graph():
     opt.zero_grad()
     loss_of(model, 4, use_spare=False).backward()  # unused on every rank
     opt.step()
-    assert "spare.weight" in comp.memory
+    assert "spare.weight" in comp.state.residuals
     assert_same_on_all_ranks(model, "dynamic graph")
 
 
@@ -261,7 +262,7 @@ def check_sparse_embedding():
         opt.zero_grad()
         nn.functional.cross_entropy(head(emb(ids).mean(1)), y).backward()
         opt.step()
-    assert "emb.weight" not in comp.memory  # sparse gradients go through Horovod's own path
+    assert "emb.weight" not in comp.state.residuals  # sparse gradients go through Horovod's own path
     assert_same_on_all_ranks(model, "sparse embedding")
 
 
@@ -314,7 +315,7 @@ def check_elastic_state():
     assert comp.steps == steps
     assert_snapshot_equal(committed, snapshot(model, comp), "after restore")
     if hvd.rank() == 1:
-        comp.steps += 7  # as if this rank had joined with another history
+        comp.state.steps += 7  # as if this rank had joined with another history
     state.sync()
     assert comp.steps == steps, comp.steps
     train(model, opt, 2, start=3)

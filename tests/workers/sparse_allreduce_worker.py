@@ -86,7 +86,7 @@ def check_matches_reference(steps=6, grouped=False, momentum=0.0, ratio=0.05, re
 
     train_against_reference(model, opt, comp, steps, expect, sparse_allreduce_tensors=6, allgather_tensors=0)
     assert_same_on_all_ranks(model, "sparse allreduce")
-    moved = [n for (names_, _), b in comp.regions.items() for n in names_
+    moved = [n for (names_, _), b in comp.exchanges["sparse_allreduce"].bounds.items() for n in names_
              if not torch.equal(b.cpu(), torch.stack([_equal_regions(m) for m in _sizes(model, names_)]))]
     assert hvd.size() == 1 or moved, "no region was ever rebalanced"
 
@@ -100,7 +100,8 @@ def _bounds_now(comp, names, name, n):
     """The region starts of tensor ``name`` (``n`` entries) in the group ``names`` for this
     step: the compressor's, equal until its first refresh."""
     key = (tuple(names), hvd.size())
-    return comp.regions[key].cpu()[list(names).index(name)] if key in comp.regions else _equal_regions(n)
+    bounds = comp.exchanges["sparse_allreduce"].bounds
+    return bounds[key].cpu()[list(names).index(name)] if key in bounds else _equal_regions(n)
 
 
 def _sizes(model, names):
@@ -152,14 +153,14 @@ def check_all_mass_in_one_region(steps=12):
         want, residual = reference_step(c, 0.01, bounds, comp.region_capacity)
         opt.synchronize()
         torch.testing.assert_close(model.w.grad.reshape(-1), want, rtol=RTOL, atol=ATOL)
-        assert torch.equal(comp.memory.get("w"), residual)
+        assert torch.equal(comp.state.residuals.get("w"), residual)
         applied += model.w.grad.reshape(-1)
         with opt.skip_synchronize():
             opt.step()
     # Nothing lost: the sum over ranks of (what was fed - what is still owed) was applied.
-    owed = allgather_dense(fed - comp.memory.get("w")).sum(0) / hvd.size()
+    owed = allgather_dense(fed - comp.state.residuals.get("w")).sum(0) / hvd.size()
     torch.testing.assert_close(applied, owed, rtol=1e-5, atol=1e-5)
-    b = comp.regions[(("w",), hvd.size())].cpu()[0]
+    b = comp.exchanges["sparse_allreduce"].bounds[(("w",), hvd.size())].cpu()[0]
     if hvd.size() > 1:
         assert b[1] < model.hot, f"regions did not move to the hot entries: {b.tolist()}"
     assert_same_on_all_ranks(model, "concentrated gradient")

@@ -1,0 +1,142 @@
+"""``TopKSettings``: every setting of ``TopKCompressor``, validated once, frozen, and the
+warm-up schedule (``ratio_at``). The measurements behind the defaults are in
+``docs/design.md`` and ``docs/convergence.md``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES"]
+
+# What ``exchange=`` accepts: a fixed exchange, or "auto" (chosen per tensor by cost).
+EXCHANGE_CHOICES = ("auto", "allgather", "sparse_allreduce")
+
+
+@dataclass(frozen=True)
+class TopKSettings:
+    """The settings of Top-K compression (``TopKCompressor(**settings)`` takes the same
+    keywords). Each is validated here; an error names the setting, what was given and what
+    is allowed.
+
+    Arguments:
+        ratio: fraction of each tensor's entries to send, in (0, 1]. 0.01 sends 1%.
+        value_dtype: dtype of the values on the wire (``torch.float16`` / ``torch.bfloat16``
+            halve the value bytes; the rounding error stays in the residual). ``None``: the
+            gradient's dtype.
+        min_numel: tensors with fewer entries (biases, norms) are allreduced densely.
+        exchange: ``"allgather"`` (every rank receives every rank's ``k`` entries),
+            ``"sparse_allreduce"`` (an alltoall to the owner of each region, which sums and
+            keeps its region's largest sums, then an allgather of those; after Ok-Topk), or
+            ``"auto"``: per tensor, the exchange the cost model (``exchange.py``) finds
+            cheapest. Every rank takes the same decision.
+        density_aware: also consider a dense allreduce, taken where it costs no more.
+        region_capacity: sparse allreduce: a rank sends each owner at most
+            ``ceil(region_capacity * k / P)`` entries (the largest); the rest stay owed.
+        region_refresh: sparse allreduce: regions are rebalanced on the measured load every
+            this many steps.
+        warmup_steps: over the first ``warmup_steps`` steps the ratio decays exponentially
+            from ``warmup_ratio`` to ``ratio`` (DGC's warm-up, made continuous); 0: none.
+        warmup_ratio: the warm-up's starting ratio.
+        momentum_correction: DGC's momentum correction (Lin et al. 2018, 3.2): each rank
+            keeps its own velocity and Top-K sends from it. ``None``: on wherever the wrapped
+            optimizer is SGD with momentum and ``ratio < 1``; ``True``: required; ``False``: off.
+        momentum_masking: DGC's momentum factor masking (the velocity is zeroed where sent).
+        adam_correction: each rank keeps its own Adam moments and Top-K sends from its Adam
+            step (see ``docs/design.md``). ``None``: on for ``torch.optim.Adam``/``AdamW``
+            and ``ratio < 1``; ``True``: required; ``False``: off.
+        adam_variance_steps: local steps after which each rank's second moment is frozen
+            (1-bit Adam, Tang et al. 2021); ``None``: never.
+        adam_clip: each entry of a rank's Adam direction is clipped to ``[-adam_clip,
+            adam_clip]`` (units of ``lr``); ``None``: off.
+        local_clip_norm: DGC's local gradient clipping (3.3): each rank's gradient clipped to
+            ``local_clip_norm / sqrt(world)``; ``None``: off.
+        group_bytes: gradients compressed together as one group (one selection, one payload,
+            one collective), up to about this many bytes. ``None``: 32 MiB on accelerators; on
+            CPU 0 for the allgather (a tensor per group) and 32 MiB for the sparse allreduce.
+    """
+
+    ratio: float = 0.01
+    value_dtype: Optional[torch.dtype] = None
+    min_numel: int = 4096
+    exchange: str = "auto"
+    density_aware: bool = True
+    region_capacity: float = 2.0
+    region_refresh: int = 10
+    warmup_steps: int = 100
+    warmup_ratio: float = 0.25
+    momentum_correction: Optional[bool] = None
+    momentum_masking: bool = True
+    adam_correction: Optional[bool] = None
+    adam_variance_steps: Optional[int] = 100
+    adam_clip: Optional[float] = 10.0
+    local_clip_norm: Optional[float] = None
+    group_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        fix("ratio", check_ratio("ratio", self.ratio))
+        if self.value_dtype is not None and not (isinstance(self.value_dtype, torch.dtype)
+                                                 and self.value_dtype.is_floating_point):
+            raise ValueError(f"value_dtype must be a floating torch.dtype or None, got {self.value_dtype!r}")
+        fix("min_numel", _check_int("min_numel", self.min_numel, 0))
+        if self.exchange not in EXCHANGE_CHOICES:
+            raise ValueError("exchange must be 'auto', 'allgather' or 'sparse_allreduce', "
+                             f"got {self.exchange!r}")
+        fix("density_aware", bool(self.density_aware))
+        if not (float(self.region_capacity) >= 1.0):
+            raise ValueError("region_capacity must be >= 1 (entries a rank may send one region's owner, "
+                             f"in units of k / world), got {self.region_capacity!r}")
+        fix("region_capacity", float(self.region_capacity))
+        fix("region_refresh", _check_int("region_refresh", self.region_refresh, 1, "(steps)"))
+        fix("warmup_steps", _check_int("warmup_steps", self.warmup_steps, 0))
+        fix("warmup_ratio", check_ratio("warmup_ratio", self.warmup_ratio))
+        for name in ("momentum_correction", "adam_correction"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be None (auto), True or False, got {getattr(self, name)!r}")
+        fix("momentum_masking", bool(self.momentum_masking))
+        if self.adam_variance_steps is not None:
+            fix("adam_variance_steps", _check_int("adam_variance_steps", self.adam_variance_steps, 1,
+                                                  "or None (never frozen)"))
+        for name in ("adam_clip", "local_clip_norm"):
+            value = getattr(self, name)
+            if value is not None:
+                if not (float(value) > 0):
+                    raise ValueError(f"{name} must be > 0 or None, got {value!r}")
+                fix(name, float(value))
+        if self.group_bytes is not None:
+            fix("group_bytes", _check_int("group_bytes", self.group_bytes, 0, "or None (auto)"))
+
+    def ratio_at(self, step: int) -> float:
+        """The ratio in force at optimizer step ``step`` (0-based): the warm-up's, then ``ratio``."""
+        if step >= self.warmup_steps or self.warmup_ratio <= self.ratio:
+            return self.ratio
+        return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** (step / self.warmup_steps)
+
+    def group_bytes_for(self, device: torch.device, exchange: str = "allgather") -> int:
+        """``group_bytes`` resolved for gradients on ``device`` sent by ``exchange``."""
+        if self.group_bytes is not None:
+            return self.group_bytes
+        if torch.device(device).type == "cpu" and exchange == "allgather":
+            return 0  # the CPU kernel runs per tensor anyway; Horovod fuses the allgathers
+        return 32 << 20
+
+
+def check_ratio(name: str, value: float) -> float:
+    """``value`` as a float in (0, 1], or a ``ValueError`` that names ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}") from None
+    if not (0.0 < v <= 1.0) or math.isnan(v):
+        raise ValueError(f"{name} must be in (0, 1] (the fraction of entries sent, e.g. 0.01), got {value!r}")
+    return v
+
+
+def _check_int(name: str, value, lowest: int, also: str = "") -> int:
+    if int(value) != value or value < lowest:
+        raise ValueError(f"{name} must be an integer >= {lowest}{' ' + also if also else ''}, got {value!r}")
+    return int(value)

@@ -1,0 +1,145 @@
+"""Step 1 of the selection pipeline: error feedback ``residual += alpha * g``, with DGC's
+momentum correction or Adam correction, and the probes that flag NaN/Inf gradients without a
+host sync (``finite_probe`` for a group, ``stacked_probe`` for the tensors sent dense)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .layout import GroupLayout
+
+__all__ = ["finite_probe", "stacked_probe", "AdamMoments", "adam_direction_", "update_", "clip_local"]
+
+
+def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """``(S,)`` bool, True where a segment of ``g`` holds a NaN/Inf. One pass: the sum of
+    ``g * 0`` per segment is 0 exactly, unless some entry was NaN/Inf (``Inf * 0`` is NaN);
+    unlike a plain sum it cannot overflow."""
+    zeros = g * 0
+    if layout.segments == 1:
+        sums = zeros.sum().reshape(1)
+    else:
+        # unsafe=True skips torch's check that the lengths sum to the data's size, which reads
+        # them back to the host (a sync); the layout built them so.
+        sums = torch.segment_reduce(zeros, "sum", lengths=layout.tensors(g.device)["lengths"], unsafe=True)
+    return torch.isnan(sums)
+
+
+@dataclass
+class AdamMoments:
+    """Step 1's Adam correction for one group: this rank's *local* Adam moments (flat
+    ``(n,)`` buffers in the group's layout, like the residual) and this step's constants.
+
+    ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq`` as in ``torch.optim.Adam``, but of this
+    rank's own gradients; ``bias1 = 1 - beta1^t``, ``bias2 = 1 - beta2^t`` (floats, or ``(n,)``
+    tensors when the group's tensors have taken different numbers of steps).
+    ``update_variance``: False once the variance is frozen (only the first moment moves); an
+    ``(n,)`` bool tensor when it is frozen for some of the group's tensors only. ``lr``: the
+    step's learning rate (a float or 0-dim tensor), which scales what ``v`` accumulates.
+    ``clip``: the direction is clipped to ``[-clip, clip]`` (None: not clipped).
+    """
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: Optional[torch.Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+    bias1: object
+    bias2: object
+    update_variance: object = True
+    lr: object = 1.0
+    clip: Optional[float] = None
+
+
+def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
+    """The rank's Adam update direction ``(m / bias1) / (sqrt(s / bias2) + eps)`` after
+    taking in ``g`` (finite, unscaled), with torch.optim.Adam's arithmetic: ``m = b1 m +
+    (1 - b1) g``; unless frozen ``s = b2 s + (1 - b2) g^2`` (AMSGrad: the running max of
+    ``s`` is the denominator's); then clipped to ``[-clip, clip]``."""
+    m.exp_avg.lerp_(g, 1 - m.beta1)
+    if isinstance(m.update_variance, torch.Tensor):  # (n,) bool: some tensors' is frozen
+        moved = (m.exp_avg_sq * m.beta2).addcmul_(g, g, value=1 - m.beta2)
+        m.exp_avg_sq.copy_(torch.where(m.update_variance, moved, m.exp_avg_sq))
+    elif m.update_variance:
+        m.exp_avg_sq.mul_(m.beta2).addcmul_(g, g, value=1 - m.beta2)
+    if m.update_variance is not False and m.max_exp_avg_sq is not None:
+        torch.maximum(m.max_exp_avg_sq, m.exp_avg_sq, out=m.max_exp_avg_sq)
+    s = m.exp_avg_sq if m.max_exp_avg_sq is None else m.max_exp_avg_sq
+    bias2 = m.bias2 ** 0.5 if not isinstance(m.bias2, torch.Tensor) else m.bias2.sqrt()
+    denom = (s.sqrt() / bias2).add_(m.eps)
+    d = (m.exp_avg / m.bias1).div_(denom)
+    return d if m.clip is None else d.clamp_(-m.clip, m.clip)
+
+
+def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
+            u: Optional[torch.Tensor] = None, momentum: float = 0.0,
+            nesterov: bool = False, adam: Optional[AdamMoments] = None) -> torch.Tensor:
+    """Step 1, in place: ``v += alpha g`` -- or, with a velocity ``u``, DGC momentum
+    correction ``u = m u + alpha g; v += u`` (Nesterov: ``v += alpha g + m u``) -- or, with
+    ``adam``, Adam correction: the local moments take in ``alpha g`` and ``v`` accumulates
+    the rank's Adam step, ``lr`` times its direction (``adam_direction_``). NaN/Inf entries
+    of ``g`` are added as 0.
+
+    Returns:
+        ``(S,)`` bool: the segments whose ``g`` held a NaN/Inf.
+    """
+    bad = finite_probe(g, layout)
+    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(alpha, torch.Tensor):  # a loss scale's inverse on the device (not read)
+        g, alpha = g.mul_(alpha), 1.0
+    if adam is not None:
+        if alpha != 1.0:
+            g = g * alpha
+        d = adam_direction_(adam, g)
+        if isinstance(adam.lr, torch.Tensor):
+            v.add_(d.mul_(adam.lr.to(d.device)))
+        else:
+            v.add_(d, alpha=adam.lr)
+        return bad
+    if u is None:
+        v.add_(g, alpha=alpha)
+        return bad
+    u.mul_(momentum).add_(g, alpha=alpha)
+    if nesterov:
+        v.add_(g * alpha + momentum * u)
+    else:
+        v.add_(u)
+    return bad
+
+
+
+def stacked_probe(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``(len(tensors),)`` bool on the first tensor's device, True where a tensor holds a
+    NaN/Inf. Their max-abs norms in one multi-tensor kernel (``torch._foreach_norm``, as
+    ``clip_grad_norm_`` uses; a max cannot overflow), stacked: no host sync, and a handful of
+    kernels for the hundred small tensors (norms, biases) a model leaves dense."""
+    if not tensors:
+        return None
+    device = tensors[0].device
+    real = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    # An empty tensor has no max-abs norm; it is finite: probe one zero in its place.
+    real = [t if t.numel() else t.new_zeros(1) for t in real]
+    norms = torch._foreach_norm(real, float("inf"))
+    return ~torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+
+
+
+
+def clip_local(g: torch.Tensor, layout: GroupLayout, inv, limit: float) -> torch.Tensor:
+    """DGC's local gradient clipping (3.3): each tensor of the group clipped to the norm
+    ``limit``, the norm taken of the unscaled (``* inv``), finite gradient."""
+    clean = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    if layout.segments == 1:
+        sq = clean.square().sum().reshape(1)
+    else:
+        sq = torch.segment_reduce(clean.square(), "sum", lengths=layout.tensors(g.device)["lengths"],
+                                  unsafe=True)  # see finite_probe
+    factor = (limit / (sq.sqrt() * inv + 1e-6)).clamp(max=1.0).to(g.dtype)  # (S,)
+    if layout.segments > 1:
+        factor = torch.repeat_interleave(factor, layout.tensors(g.device)["lengths"],
+                                         output_size=layout.numel)
+    return g * factor
