@@ -115,6 +115,7 @@ def correction_entry(kind: Tuple[str, bool], name: str, topk: Dict[str, Any],
 
 
 def has_correction_state(kind: Tuple[str, bool], name: str, topk: Dict[str, Any]) -> bool:
+    """Whether ``topk`` holds the correction state of ``name`` (see ``correction_entry``)."""
     return name in topk.get("velocities" if kind[0] == "momentum" else "adam_steps", {})
 
 
@@ -186,3 +187,4 @@ def unpack_topk_state(blob: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, A
                          + f". To start hvd_topk's state afresh instead, delete state_dict['{STATE_KEY}'] "
                          f"and state_dict['param_groups'][0]['{STATE_KEY}'] before load_state_dict().")
     return blob["state"]
+

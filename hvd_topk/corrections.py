@@ -29,7 +29,7 @@ import torch
 
 from .compression import AdamSettings
 
-__all__ = ["MomentumCorrection", "AdamCorrection", "correction_groups"]
+__all__ = ["MomentumCorrection", "AdamCorrection", "CorrectionSet", "correction_groups"]
 
 
 class MomentumCorrection:
@@ -53,10 +53,17 @@ class MomentumCorrection:
         state.pop("momentum_buffer", None)
 
     def compress_kwargs(self) -> dict:
+        """``compress_group``'s arguments for this param group's recurrence."""
         return {"momentum": self.group["momentum"], "nesterov": bool(self.group["nesterov"])}
 
     def apply(self, p: torch.Tensor, update: torch.Tensor) -> None:
+        """``p -= lr * update``: the velocity, sent and averaged, is SGD's step direction."""
         _add_scaled(p, update, self.group["lr"], self.group.get("maximize", False))
+
+    def state_kind(self) -> tuple:
+        """Which wrapped-optimizer state the correction's hvd_topk state stands for (see
+        ``checkpoint.correction_entry``): SGD's ``momentum_buffer``."""
+        return ("momentum", False)
 
 
 class AdamCorrection:
@@ -78,6 +85,7 @@ class AdamCorrection:
         self.decoupled = decoupled
 
     def key(self) -> tuple:
+        """What a compression group's tensors must share: one pipeline run per value."""
         return ("adam", self.index)  # one param group: the same betas, eps and amsgrad
 
     def local_grad(self, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
@@ -102,6 +110,7 @@ class AdamCorrection:
         state.clear()  # the compressor's moments replace them: a moment is never kept twice
 
     def compress_kwargs(self) -> dict:
+        """``compress_group``'s arguments: this step's ``AdamSettings``."""
         beta1, beta2 = self.group["betas"]
         lr = self.group["lr"]
         return {"adam": AdamSettings(float(beta1), float(beta2), float(self.group["eps"]),
@@ -114,6 +123,68 @@ class AdamCorrection:
         if self.decoupled and wd:
             p.mul_(1 - lr * wd)
         _add_scaled(p, update, 1.0, self.group.get("maximize", False))
+
+    def state_kind(self) -> tuple:
+        """Which wrapped-optimizer state the correction's hvd_topk state stands for (see
+        ``checkpoint.correction_entry``): Adam's moments (and ``max_exp_avg_sq``)."""
+        return ("adam", bool(self.group.get("amsgrad", False)))
+
+
+class CorrectionSet:
+    """Owns the corrections of the wrapped optimizer (param -> its correction, from
+    ``correction_groups``) and the params of the step whose synchronized gradient is a
+    corrected update, which ``step`` applies in place of the wrapped optimizer.
+
+    Per step: ``sent(params)`` once a group of corrected params is sent, then ``step``, or
+    ``discard()`` when the step is not applied; ``rebuild`` after ``load_state_dict`` (torch
+    makes new param-group dicts: the corrections must read lr, momentum, betas... from those,
+    the ones schedulers now change).
+    """
+
+    def __init__(self) -> None:
+        self._of: Dict[torch.Tensor, object] = {}
+        self._sent: set = set()  # params whose synchronized grad is a corrected update
+
+    def rebuild(self, opt: torch.optim.Optimizer, comp) -> None:
+        """The corrections of ``opt``'s param groups (see ``correction_groups``)."""
+        self._of = correction_groups(opt, comp)
+
+    def get(self, p: torch.Tensor):
+        """``p``'s correction, or None."""
+        return self._of.get(p)
+
+    def __bool__(self) -> bool:
+        """Some param has a correction."""
+        return bool(self._of)
+
+    def sent(self, params) -> None:
+        """``params``' synchronized gradients will be corrected updates."""
+        self._sent.update(params)
+
+    def discard(self) -> None:
+        """The step is not applied (or a state was loaded): no update is owed."""
+        self._sent = set()
+
+    def step(self, wrapped_step, closure=None):
+        """Apply the step: ``wrapped_step(closure)`` (the wrapped optimizer's) for the params
+        without a corrected update, then each corrected update. Corrected params already carry
+        the optimizer's recurrence (momentum, Adam): they are hidden from the wrapped optimizer
+        (it skips params without grad) and their correction's ``apply`` moves them."""
+        if not self._sent:
+            return wrapped_step(closure)
+        corrected, self._sent = self._sent, set()
+        stash = {p: p.grad for p in corrected}
+        for p in corrected:
+            p.grad = None
+        try:
+            loss = wrapped_step(closure)
+        finally:
+            for p, g in stash.items():
+                p.grad = g
+        with torch.no_grad():
+            for p, g in stash.items():
+                self._of[p].apply(p, g)
+        return loss
 
 
 def _coupled_decay(group: dict, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
