@@ -15,6 +15,7 @@ from ._cpu_kernel import cpu_kernel, use_cpu_kernel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compression import (AdamSettings, RankMismatchError, SparseCompressor, SparseContext,
                           TopKCompressor)
+from .cost import CostModel, exchange_times
 from .exchange import EXCHANGES, exchange_bytes
 from .elastic import register_elastic_handler
 from .memory import ResidualMemory, held_bytes
@@ -40,6 +41,8 @@ __all__ = [
     "SparseCompressor",
     "AdamSettings",
     "exchange_bytes",
+    "exchange_times",
+    "CostModel",
     "EXCHANGES",
     "select_topk",
     "num_selected",

@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import sparse_allreduce as sar
-from .exchange import EXCHANGES, AllgatherExchange, choose_exchange, gradient_costs
+from .cost import choose_exchange, gradient_times
+from .exchange import EXCHANGES, AllgatherExchange, gradient_costs
 from .headers import Signatures, build_header, mark_nonfinite, resolve
 from .interface import (AdamSettings, ComplexContext, Exchange, RankMismatchError, SparseCompressor,
                         SparseContext)
@@ -117,13 +118,16 @@ class TopKCompressor(SparseCompressor):
 
     # -- decisions --------------------------------------------------------------------------
     def exchange_costs(self, tensor: torch.Tensor, world: int) -> Dict[str, int]:
-        """The bytes per rank of each exchange for this gradient at the ratio in force
-        (``exchange.gradient_costs``)."""
+        """Bytes per rank of each exchange for this gradient (``exchange.gradient_costs``)."""
         return gradient_costs(self.settings, tensor, world, self.current_ratio())
 
+    def exchange_times(self, tensor: torch.Tensor, world: int) -> Dict[str, float]:
+        """Seconds each exchange adds to a step for this gradient (``cost.gradient_times``)."""
+        return gradient_times(self.settings, tensor, world, self.current_ratio())
+
     def exchange_for(self, tensor: torch.Tensor, world: int) -> str:
-        """How the optimizer should exchange this gradient: ``"dense"``, ``"allgather"`` or
-        ``"sparse_allreduce"`` (``exchange.choose_exchange``; the same on every rank)."""
+        """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for this gradient, the same on
+        every rank (``cost.choose_exchange``)."""
         return choose_exchange(self.settings, tensor, world, self.current_ratio())
 
     def group_bytes(self, device: torch.device, exchange: str = "allgather") -> int:

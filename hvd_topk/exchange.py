@@ -13,8 +13,9 @@ buffer in the same order, so every rank ends with bit-identical gradients.
 
 The allgather's bytes per rank grow with the world size, ``(P-1) * k`` entries; the sparse
 allreduce (``sparse_allreduce.py``: an alltoall to region owners, then an allgather of what
-they keep) stays near ``3 k (P-1)/P``. ``exchange_bytes`` is the one byte model behind
-``TopKCompressor(exchange="auto")``'s choice among these two and a dense allreduce.
+they keep) stays near ``3 k (P-1)/P``. ``traffic`` is the one byte model: ``comm_stats`` counts
+by it, and the time model behind ``TopKCompressor(exchange="auto")`` (``cost.py``) charges its
+bytes to the link.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .positions import PositionSet
 from .settings import TopKSettings
 
 __all__ = ["sparse_allgather_async", "sparse_alltoall_async", "scatter_add_", "exchange_bytes", "traffic",
-           "ring_allreduce_bytes", "region_sizes", "cheapest_exchange", "choose_exchange", "gradient_costs",
+           "ring_allreduce_bytes", "region_sizes", "cheapest_exchange", "gradient_costs",
            "AllgatherExchange", "local_indices", "EXCHANGES", "QUANTILES"]
 
 #: The exchanges a gradient can take, cheapest first when the model ties.
@@ -112,24 +113,6 @@ def gradient_costs(settings: TopKSettings, tensor: torch.Tensor, world: int, rat
                           index_dtype(n).itemsize, settings.region_capacity)
 
 
-def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float) -> str:
-    """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for one gradient over ``world``
-    ranks at ``ratio``: dense below ``min_numel`` and for what is not a dense floating
-    tensor; else ``settings.exchange``, or under ``"auto"`` (and ``density_aware``) the
-    cheapest. It depends only on host numbers, so every rank takes the same decision."""
-    if not tensor.dtype.is_floating_point or tensor.is_sparse:
-        return "dense"
-    n = tensor.numel()
-    if n == 0 or n < settings.min_numel:
-        return "dense"
-    allowed = EXCHANGES[1:] if settings.exchange == "auto" else (settings.exchange,)
-    if settings.density_aware:
-        allowed = ("dense",) + allowed
-    if len(allowed) == 1:
-        return allowed[0]
-    return cheapest_exchange(gradient_costs(settings, tensor, world, ratio), allowed)
-
-
 def sparse_allgather_async(payload: torch.Tensor, name: str,
                            process_set=mpi_ops.global_process_set) -> Callable[[], torch.Tensor]:
     """Start an allgather of ``payload`` and return a callable that waits for the result.
@@ -200,6 +183,15 @@ class AllgatherExchange(Exchange):
     def payload(self, ctx: SparseContext, sel: torch.Tensor, sent: torch.Tensor,
                 signature: torch.Tensor) -> Tuple[torch.Tensor, Optional[PositionSet]]:
         return pack_header(ctx.header, sent, local_indices(sel, ctx.layout, ctx.index_dtype)), None
+
+    @staticmethod
+    def time(numel: int, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
+             capacity: float, model) -> float:
+        """Its bytes over the link, fused with the step's other allgathers (no messages of its
+        own), the selection, and the scatter-add of the ``P * K`` gathered entries."""
+        link = traffic("allgather", ks, world, value_bytes, index_bytes, capacity)[2]
+        return (link / model.bytes_per_s
+                + 1e-9 * (model.select_ns * numel + model.scatter_ns * world * sum(ks)))
 
     def receive(self, gathered: torch.Tensor, ctx: SparseContext, out: torch.Tensor,
                 step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

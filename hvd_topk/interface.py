@@ -164,6 +164,15 @@ class Exchange(abc.ABC):
         the device); and the positions that travel, when not all of them do (else None)."""
         raise NotImplementedError
 
+    @staticmethod
+    @abc.abstractmethod
+    def time(numel: int, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
+             capacity: float, model) -> float:
+        """Seconds this exchange adds to a step for a group of ``numel`` entries sending ``ks``
+        entries per tensor over ``world`` ranks, under ``model`` (``cost.CostModel``: the
+        link, and the device's compute per entry); what ``exchange="auto"`` compares."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def receive(self, gathered: torch.Tensor, ctx: SparseContext, out: torch.Tensor,
                 step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

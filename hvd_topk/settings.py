@@ -5,15 +5,20 @@ warm-up schedule (``ratio_at``). The measurements behind the defaults are in
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES"]
+__all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US"]
 
 # What ``exchange=`` accepts: a fixed exchange, or "auto" (chosen per tensor by cost).
 EXCHANGE_CHOICES = ("auto", "allgather", "sparse_allreduce")
+#: The link the time model assumes when neither the settings nor the environment name one:
+#: the ordinary network compression is for.
+DEFAULT_LINK_GBPS = 1.0
+DEFAULT_LINK_LATENCY_US = 50.0
 
 
 @dataclass(frozen=True)
@@ -31,9 +36,14 @@ class TopKSettings:
         exchange: ``"allgather"`` (every rank receives every rank's ``k`` entries),
             ``"sparse_allreduce"`` (an alltoall to the owner of each region, which sums and
             keeps its region's largest sums, then an allgather of those; after Ok-Topk), or
-            ``"auto"``: per tensor, the exchange the cost model (``exchange.py``) finds
-            cheapest. Every rank takes the same decision.
-        density_aware: also consider a dense allreduce, taken where it costs no more.
+            ``"auto"``: per tensor, the exchange the time model (``cost.py``) finds fastest.
+            Every rank takes the same decision.
+        density_aware: also consider a dense allreduce: under ``"auto"`` taken where the time
+            model finds it no slower; with a named exchange, where it moves no more bytes.
+        link_gbps: the link's bandwidth the time model assumes, Gbit/s. ``None``:
+            ``HVD_TOPK_LINK_GBPS``, else 1.
+        link_latency_us: one message's latency the time model assumes, microseconds.
+            ``None``: ``HVD_TOPK_LINK_LATENCY_US``, else 50.
         region_capacity: sparse allreduce: a rank sends each owner at most
             ``ceil(region_capacity * k / P)`` entries (the largest); the rest stay owed.
         region_refresh: sparse allreduce: regions are rebalanced on the measured load every
@@ -64,6 +74,8 @@ class TopKSettings:
     min_numel: int = 4096
     exchange: str = "auto"
     density_aware: bool = True
+    link_gbps: Optional[float] = None
+    link_latency_us: Optional[float] = None
     region_capacity: float = 2.0
     region_refresh: int = 10
     warmup_steps: int = 100
@@ -87,6 +99,10 @@ class TopKSettings:
             raise ValueError("exchange must be 'auto', 'allgather' or 'sparse_allreduce', "
                              f"got {self.exchange!r}")
         fix("density_aware", bool(self.density_aware))
+        fix("link_gbps", _link("link_gbps", self.link_gbps, "HVD_TOPK_LINK_GBPS", DEFAULT_LINK_GBPS,
+                                     positive=True))
+        fix("link_latency_us", _link("link_latency_us", self.link_latency_us, "HVD_TOPK_LINK_LATENCY_US",
+                                           DEFAULT_LINK_LATENCY_US))
         if not (float(self.region_capacity) >= 1.0):
             raise ValueError("region_capacity must be >= 1 (entries a rank may send one region's owner, "
                              f"in units of k / world), got {self.region_capacity!r}")
@@ -123,6 +139,22 @@ class TopKSettings:
         if torch.device(device).type == "cpu" and exchange == "allgather":
             return 0  # the CPU kernel runs per tensor anyway; Horovod fuses the allgathers
         return 32 << 20
+
+
+def _link(name: str, value, env: str, default: float, positive: bool = False) -> float:
+    """A link figure: ``value``, else the environment variable ``env``, else ``default``."""
+    source = name
+    if value is None:
+        value, source = os.environ.get(env), env
+        if value is None or value == "":
+            return default
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} must be a number, got {value!r}") from None
+    if not (v > 0 if positive else v >= 0) or math.isinf(v):
+        raise ValueError(f"{source} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
+    return v
 
 
 def check_ratio(name: str, value: float) -> float:

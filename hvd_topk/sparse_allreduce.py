@@ -35,11 +35,11 @@ host sync, fixed sizes from the ``RegionPlan``); ``TopKCompressor`` keeps the st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .exchange import QUANTILES, region_sizes, scatter_add_
+from .exchange import QUANTILES, region_sizes, scatter_add_, traffic
 from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
 from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext
 from .regions import refresh_bounds, uniform_bounds
@@ -293,6 +293,18 @@ class SparseAllreduceExchange(Exchange):
     def prune(self) -> None:
         """Forget the plans of groups no step used since the last call (once per step)."""
         self._plans.prune()
+
+    @staticmethod
+    def time(numel: int, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
+             capacity: float, model) -> float:
+        """Its bytes over the link, its alltoall's ``P - 1`` messages (Horovod does not fuse
+        alltoalls), the selection, the owners' work per selected entry, and the scatter-add
+        of the ``P * R`` entries the owners keep."""
+        link = traffic("sparse_allreduce", ks, world, value_bytes, index_bytes, capacity)[2]
+        kept = sum(region_sizes(k, world, capacity)[1] for k in ks)
+        return (link / model.bytes_per_s + (world - 1) * model.latency_s
+                + 1e-9 * (model.select_ns * numel + model.owner_ns * sum(ks)
+                          + model.scatter_ns * world * kept))
 
     def _bounds(self, ctx: SparseContext, device: torch.device) -> torch.Tensor:
         key = (ctx.names, ctx.regions.world)

@@ -1,31 +1,31 @@
-"""Alpha-beta model of dense ring allreduce, Top-K allgather and Top-K sparse allreduce, from 2
-workers to 1024.
+"""The library's time model (``hvd_topk/cost.py``, what ``TopKCompressor(exchange="auto")``
+chooses by) for dense ring allreduce, Top-K allgather and Top-K sparse allreduce, from 2 workers
+to 1024.
 
-Per step and rank (Thakur, Rabenseifner & Gropp 2005, ring and pairwise algorithms; P workers, n
-gradient entries of b bytes, k = ratio * n selected entries, alpha the latency of one message,
-beta the link's bandwidth in bytes/s; the bytes are ``hvd_topk.exchange_bytes``, the model that
-``TopKCompressor(exchange="auto")`` chooses with)::
+Per step and rank (P workers, n gradient entries of b bytes, k = ratio * n selected entries,
+alpha the latency of one message, beta the link's bandwidth in bytes/s; the bytes are the wire's
+own byte model, ``hvd_topk.exchange_bytes``)::
 
-    allreduce (ring):         T_ar  = 2 (P-1) alpha + bytes_dense / beta     (2 (P-1)/P n b)
-    allgather (ring):         T_ag  =   (P-1) alpha + bytes_allgather / beta  ((P-1) k entries)
-    sparse allreduce:         T_sar = 2 (P-1) alpha + bytes_sar / beta        (~3 k (P-1)/P entries)
-                                      (a pairwise alltoall, then a ring allgather)
-    step = floor + T_comm (+ for Top-K: compress + scatter cost per entry received
-                           (+ for the sparse allreduce: its calibrated extra work))
+    allreduce (ring):         T_ar  = bytes_dense / beta                      (2 (P-1)/P n b)
+    allgather (ring):         T_ag  = bytes_allgather / beta + scatter P k    ((P-1) k entries)
+    sparse allreduce:         T_sar = (P-1) alpha + bytes_sar / beta + owner k + scatter P R
+                                      (~3 k (P-1)/P entries; an unfused alltoall, then an allgather)
+    step = floor + T (+ for Top-K: its compression)
 
+Horovod fuses a step's allreduces and allgathers, so only the alltoall adds messages.
 The allgather's bytes grow with P while the allreduce's stay ~2 n b: the allgather loses from
 P ~ 1/ratio. The sparse allreduce's stay near 3 k b_entry whatever P, so only its 2 (P-1)
-latencies grow. "auto" is what the byte model picks (the whole model taken as one tensor here;
-the optimizer decides per tensor).
+latencies and its owners' work grow. "auto" is what the time model picks (the whole model taken
+as one tensor here; the optimizer decides per tensor).
 
 Calibration (``--measured docs/performance/network.json`` from ``bench_network.py``, 2 hosts):
 the floor, the effective bandwidth ``beta = dense bytes on the wire / (dense step - floor)`` and
 the Top-K 1% overhead ``step - floor - T_ag`` of each model and link. ``--measured-sar`` (runs
 of ``bench_network.py --hosts 3 / 4 --methods ...,topk1ag,topk1sar``): the sparse allreduce's
-extra work per step, taken from the largest host count, and a check of every such run against
-the model (its step time from the 2-host calibration and its own floor, its bytes on rank 0's
-link against the byte model). Models without a measurement (ResNet-50) use the nominal link and
-no floor: communication time only. Run::
+owners' work per selected entry (``owner`` in ``hvd_topk.cost.COMPUTE_NS``), and a check of
+every such run against the model (its step time from the 2-host calibration and its own
+floor, its bytes on rank 0's link against the byte model). Models without a measurement
+(ResNet-50) use the nominal link and no floor: communication time only. Run::
 
     python scripts/scaling_model.py --measured docs/performance/network.json \
         --measured-3 docs/performance/hosts3/network.json \
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import hvd_topk
-from hvd_topk.exchange import EXCHANGES, cheapest_exchange, region_sizes, ring_allreduce_bytes
+from hvd_topk.cost import CostModel, exchange_times, fastest_exchange
+from hvd_topk.exchange import EXCHANGES, ring_allreduce_bytes
 
 RATES = {"1gbit": 1e9 / 8, "10gbit": 10e9 / 8, "100gbit": 100e9 / 8}  # bytes/s
 PARAMS = {"resnet18": 11_173_962, "mlp": 5_256_202, "mlp10m": 10_056_010,  # examples/models.py
@@ -67,39 +68,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ring_allreduce_s(p: int, nbytes: float, alpha: float, beta: float) -> float:
-    """Seconds for a ring allreduce of ``nbytes`` per rank over ``p`` ranks."""
-    if p <= 1:
-        return 0.0
-    return 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes / beta
+def model_for(n: int, compress_s: float, alpha: float, beta: float, scatter_s: float,
+              sar_entry_s: float = 0.0) -> CostModel:
+    """The library's ``CostModel`` for a link of ``alpha`` s latency and ``beta`` bytes/s and a
+    model of ``n`` entries whose Top-K compression costs ``compress_s`` per step."""
+    return CostModel(link_gbps=8 * beta / 1e9, latency_us=1e6 * alpha, select_ns=1e9 * compress_s / n,
+                     scatter_ns=1e9 * scatter_s, owner_ns=1e9 * sar_entry_s)
 
 
-def ring_allgather_s(p: int, nbytes_per_rank: float, alpha: float, beta: float) -> float:
-    """Seconds for a ring allgather where every rank contributes ``nbytes_per_rank``."""
-    if p <= 1:
-        return 0.0
-    return (p - 1) * alpha + (p - 1) * nbytes_per_rank / beta
+def comm_s(p: int, n: int, grad_bytes: int, beta: float) -> float:
+    """Seconds a dense ring allreduce of ``n`` entries of ``grad_bytes`` takes over ``p`` ranks."""
+    return ring_allreduce_bytes(n * grad_bytes, p) / beta
 
 
 def predict(p: int, n: int, ratio: float, floor_s: float, compress_s: float, alpha: float,
             beta: float, scatter_s: float, value_bytes: int = 4, index_bytes: int = 4,
             sar_entry_s: float = 0.0, capacity: float = 2.0) -> Dict[str, float]:
     """Predicted step seconds of dense, Top-K allgather, Top-K sparse allreduce, and of what
-    the byte model picks (``auto``; ``chosen`` names it). ``sar_entry_s``: the sparse
-    allreduce's extra work per selected entry (bucketing, the owner's sort and sums)."""
+    the time model picks (``auto``; ``chosen`` names it): ``floor_s`` plus
+    ``hvd_topk.exchange_times``. ``sar_entry_s``: the sparse allreduce's owners' work per
+    selected entry (bucketing, the owners' sorts and sums). ``p >= 2``."""
+    if p < 2:
+        raise ValueError("the model is for 2 or more workers")
     k = hvd_topk.num_selected(n, ratio)
-    sar_extra_s = sar_entry_s * k
     costs = hvd_topk.exchange_bytes(n, k, p, value_bytes, value_bytes, index_bytes, capacity)
-    live = 1.0 if p > 1 else 0.0  # one rank sends nothing
-    c, r = region_sizes(k, max(p, 2), capacity)
-    times = {
-        "dense": floor_s + live * (2 * (p - 1) * alpha + costs["dense"] / beta),
-        "allgather": floor_s + compress_s + p * k * scatter_s
-        + live * ((p - 1) * alpha + costs["allgather"] / beta),
-        "sparse_allreduce": floor_s + compress_s + sar_extra_s + p * (c + r) * scatter_s
-        + live * (2 * (p - 1) * alpha + costs["sparse_allreduce"] / beta),
-    }
-    chosen = cheapest_exchange(costs, EXCHANGES)
+    model = model_for(n, compress_s, alpha, beta, scatter_s, sar_entry_s)
+    comm = exchange_times(n, k, p, value_bytes, value_bytes, index_bytes, capacity, model)
+    chosen = fastest_exchange(comm, EXCHANGES)
+    times = {e: floor_s + t for e, t in comm.items()}
     return {**times, "auto": times[chosen], "chosen": chosen,
             **{f"bytes_{e}": float(b) for e, b in costs.items()}}
 
@@ -126,8 +122,7 @@ def calibrate(measured: List[dict], model: str, rate: str) -> Dict[str, float]:
     comm = max(rows["dense"]["step_ms"] / 1e3 - floor, 1e-6)
     beta = rows["dense"]["bytes_per_step"] / comm  # effective bytes/s, non-overlapped
     n = rows["dense"].get("params", PARAMS[model])
-    k = hvd_topk.num_selected(n, 0.01)
-    t_ag = ring_allgather_s(2, k * 8, 0.0, beta)
+    t_ag = predict(2, n, 0.01, 0.0, 0.0, 0.0, beta, 0.0)["allgather"]  # its bytes alone
     compress = max(rows["topk1"]["step_ms"] / 1e3 - floor - t_ag, 0.0) if "topk1" in rows else 0.0
     return {"floor": floor, "beta": beta, "compress": compress, "n": n, "rows": rows, "sar_entry": 0.0}
 
@@ -187,7 +182,7 @@ def build(args: argparse.Namespace) -> str:
                 if method not in rows:
                     continue
                 if ratio is None:
-                    pred = cal["floor"] + ring_allreduce_s(2, n * vb, alpha, cal["beta"])
+                    pred = cal["floor"] + comm_s(2, n, vb, cal["beta"])
                 else:
                     pred = predict(2, n, ratio, cal["floor"], cal["compress"], alpha, cal["beta"],
                                    scatter)["allgather"]
@@ -286,8 +281,8 @@ def three_host_check(measured2: List[dict], measured3: List[dict], alpha: float,
             cal = calibrate(measured2, model, rate)
             floor3, n = rows3["none"]["step_ms"] / 1e3, cal["n"]
             preds = {
-                "dense": floor3 + ring_allreduce_s(3, n * 4, alpha, cal["beta"]),
-                "fp16": floor3 + ring_allreduce_s(3, n * 2, alpha, cal["beta"]),
+                "dense": floor3 + comm_s(3, n, 4, cal["beta"]),
+                "fp16": floor3 + comm_s(3, n, 2, cal["beta"]),
                 "topk1": predict(3, n, 0.01, floor3, cal["compress"], alpha, cal["beta"],
                                  scatter)["allgather"],
                 "topk0.1": predict(3, n, 0.001, floor3, cal["compress"], alpha, cal["beta"],

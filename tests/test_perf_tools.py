@@ -21,16 +21,6 @@ def load(name):
     return mod
 
 
-def test_ring_formulas():
-    m = load("scaling_model")
-    # P=2, no latency: a ring allreduce sends n bytes once each way, an allgather k bytes.
-    assert m.ring_allreduce_s(2, 1e6, 0.0, 1e6) == pytest.approx(1.0)
-    assert m.ring_allgather_s(2, 1e3, 0.0, 1e6) == pytest.approx(1e-3)
-    assert m.ring_allreduce_s(4, 0.0, 1e-3, 1.0) == pytest.approx(6e-3)  # 2 (P-1) messages
-    assert m.ring_allgather_s(4, 0.0, 1e-3, 1.0) == pytest.approx(3e-3)  # (P-1) messages
-    assert m.ring_allreduce_s(1, 1e9, 1.0, 1.0) == 0.0
-
-
 def model_bytes(p, n, k):
     """The byte model written out from its description (``hvd_topk.exchange_bytes``'s
     docstring), float32 values, int32 indices, capacity 2: per rank and direction, a ring
@@ -43,30 +33,34 @@ def model_bytes(p, n, k):
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.001])
-def test_model_picks_what_the_compressor_picks(ratio):
-    """scaling_model.py against the byte model and the alpha-beta formulas written out here:
-    its "chosen" is the fewest bytes (ties: dense, allgather, sparse allreduce), which is also
-    the compressor's own choice, and its times are the formulas' (no latency, no scatter
-    cost: floor, + compress for Top-K, + bytes / beta). Relative tolerance 1e-12 on times
-    (float sums in another order)."""
+def test_model_picks_what_the_compressor_picks(ratio, monkeypatch):
+    """scaling_model.py against the byte model and the time model written out here (no
+    latency, no scatter cost: floor, + compress for Top-K, + bytes / beta): its "chosen" is
+    the fastest (ties: dense, allgather, sparse allreduce), which is also the compressor's own
+    choice under the same link and compute figures. Relative tolerance 1e-12 on times."""
     m = load("scaling_model")
     n = 1_000_000
     k = max(1, math.ceil(ratio * n))
-    comp = hvd_topk.TopKCompressor(ratio, warmup_steps=0)
     floor, compress, beta = 0.1, 0.01, 1e8
+    monkeypatch.setenv("HVD_TOPK_COMPUTE_NS", f"select={1e9 * compress / n},scatter=0,owner=0")
+    comp = hvd_topk.TopKCompressor(ratio, warmup_steps=0, link_gbps=8 * beta / 1e9, link_latency_us=0)
     for p in (2, 3, 4, 8, 64, 99, 100, 101, 256, 999, 1000, 1024):
         costs = model_bytes(p, n, k)
-        want = min(("dense", "allgather", "sparse_allreduce"), key=lambda e: costs[e])  # first of ties
+        times = {e: costs[e] / beta + (compress if e != "dense" else 0.0) for e in costs}
+        want = min(("dense", "allgather", "sparse_allreduce"), key=lambda e: times[e])  # first of ties
         r = m.predict(p, n, ratio, floor_s=floor, compress_s=compress, alpha=0.0, beta=beta, scatter_s=0.0)
         assert r["chosen"] == want == comp.exchange_for(torch.zeros(n), p), (p, costs, r["chosen"])
         assert r["auto"] == r[want]
         assert {e: r[f"bytes_{e}"] for e in costs} == costs
-        assert r["dense"] == pytest.approx(floor + costs["dense"] / beta, rel=1e-12)
-        for e in ("allgather", "sparse_allreduce"):
-            assert r[e] == pytest.approx(floor + compress + costs[e] / beta, rel=1e-12), (p, e)
+        for e in costs:
+            assert r[e] == pytest.approx(floor + times[e], rel=1e-12), (p, e)
     # The sparse allreduce's bytes stay flat in P; the allgather's grow past dense.
     big = m.predict(1024, n, ratio, 0.0, 0.0, 0.0, beta, 0.0)
     assert big["sparse_allreduce"] < big["dense"] < big["allgather"]
+    # Latency: the sparse allreduce's alltoall adds its P - 1 messages; the fused collectives none.
+    fast, slow = (m.predict(8, n, ratio, 0.0, 0.0, alpha, beta, 0.0) for alpha in (0.0, 1e-3))
+    assert slow["sparse_allreduce"] - fast["sparse_allreduce"] == pytest.approx(7e-3)
+    assert slow["allgather"] == fast["allgather"] and slow["dense"] == fast["dense"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -52,11 +52,14 @@ def test_region_sizes_and_byte_model():
 
 
 def test_exchange_choice():
-    comp = hvd_topk.TopKCompressor(0.01)
+    comp = hvd_topk.TopKCompressor(0.01, warmup_steps=0, link_gbps=1, link_latency_us=50)
     t = torch.zeros(1_000_000)
     assert comp.exchange_for(t, 2) == "allgather"
-    assert comp.exchange_for(t, 8) == "sparse_allreduce"
+    assert comp.exchange_for(t, 8) == "allgather"  # fewer bytes, but its owners' work costs more
+    assert comp.exchange_for(t, 16) == "sparse_allreduce"
     assert comp.exchange_for(t, 1024) == "sparse_allreduce"
+    # The warm-up's first ratio (25%): at 8 ranks the sparse exchanges save too little.
+    assert hvd_topk.TopKCompressor(0.01, link_gbps=1).exchange_for(t, 8) == "dense"
     assert hvd_topk.TopKCompressor(0.01, exchange="allgather").exchange_for(t, 1024) == "dense"
     assert hvd_topk.TopKCompressor(0.01, exchange="allgather",
                                    density_aware=False).exchange_for(t, 1024) == "allgather"

@@ -1,0 +1,159 @@
+"""The exchanges' time model: what ``TopKCompressor(exchange="auto")`` chooses by.
+
+For one gradient of ``n`` entries, ``k`` of them selected, over ``P`` ranks, each exchange
+predicts the seconds it adds to a step on one rank::
+
+    dense allreduce:   bytes_dense / B
+    allgather:         bytes_ag / B                    + select * n + scatter * P k
+    sparse allreduce:  bytes_sar / B + (P-1) latency   + select * n + owner * k + scatter * P R
+
+- ``bytes_*``: the wire's own byte model (``exchange.traffic``, ``ring_allreduce_bytes``), what
+  the rank's link carries; ``B`` the link's bandwidth.
+- Messages: Horovod fuses a step's allreduces and its allgathers into a few collectives
+  (tensor fusion), so a gradient sent by either adds bytes to them, not messages. The sparse
+  allreduce's alltoall is a collective of its own (Horovod does not fuse alltoalls): it adds
+  its ``P - 1`` messages.
+- Compute, per device type (``COMPUTE_NS``): ``select`` per gradient entry (compensate,
+  select, write the residual), ``scatter`` per entry received and scatter-added, ``owner``
+  per selected entry for the sparse allreduce's region work (bucketing, the owners' sorts and
+  sums; ``R = ceil(k / P)`` entries kept per region).
+
+Every term is computed from host numbers and settings, so every rank takes the same decision.
+The link's figures are settings (``link_gbps``, ``link_latency_us``; environment
+``HVD_TOPK_LINK_GBPS``, ``HVD_TOPK_LINK_LATENCY_US``); the compute figures can be replaced
+through ``HVD_TOPK_COMPUTE_NS`` (for example ``"select=3,scatter=2,owner=300"``). Where they
+come from and how well the model predicts measured steps: ``docs/performance.md``
+(``scripts/scaling_model.py`` calibrates them from ``scripts/bench_network.py`` runs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .exchange import EXCHANGES, AllgatherExchange, cheapest_exchange, gradient_costs, ring_allreduce_bytes
+from .layout import index_dtype, num_selected
+from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings
+from .sparse_allreduce import SparseAllreduceExchange
+
+__all__ = ["CostModel", "COMPUTE_NS", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US", "cost_model",
+           "parse_compute_ns", "exchange_times", "gradient_times", "fastest_exchange", "choose_exchange"]
+
+#: Compute per device type, nanoseconds. CPU: ``select`` from the CPU kernel's compress
+#: (``docs/performance/compression.md``: 1.8-2.8 ns per entry, 1M-25M entries at 1%),
+#: ``scatter`` from the scatter-add of gathered entries, ``owner`` from the sparse allreduce's
+#: measured extra work on 3-4 emulated hosts (``scripts/scaling_model.py --measured-sar``:
+#: 266-612 ns per selected entry; those hosts share two cores, so it errs towards the
+#: allgather). CUDA: estimates from memory bandwidth, not measured.
+COMPUTE_NS: Dict[str, Dict[str, float]] = {
+    "cpu": {"select": 3.0, "scatter": 2.0, "owner": 300.0},
+    "cuda": {"select": 0.05, "scatter": 0.1, "owner": 5.0},
+}
+_COMPUTE_KEYS = ("select", "scatter", "owner")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A link and a device's compute: the figures the time model needs (see the module)."""
+
+    link_gbps: float = DEFAULT_LINK_GBPS
+    latency_us: float = DEFAULT_LINK_LATENCY_US
+    select_ns: float = COMPUTE_NS["cpu"]["select"]
+    scatter_ns: float = COMPUTE_NS["cpu"]["scatter"]
+    owner_ns: float = COMPUTE_NS["cpu"]["owner"]
+
+    @property
+    def bytes_per_s(self) -> float:
+        """The link's bandwidth in bytes per second."""
+        return self.link_gbps * 1e9 / 8
+
+    @property
+    def latency_s(self) -> float:
+        """One message's latency in seconds."""
+        return self.latency_us * 1e-6
+
+
+def parse_compute_ns(text: str) -> Dict[str, float]:
+    """``"select=3,scatter=2,owner=300"`` as a dict (any subset of the three keys), or a
+    ``ValueError`` naming what is wrong."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _COMPUTE_KEYS:
+            raise ValueError(f"HVD_TOPK_COMPUTE_NS: expected key=ns with keys {_COMPUTE_KEYS}, got {item!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"HVD_TOPK_COMPUTE_NS: {key} needs a number of ns, got {value!r}") from None
+        if not out[key] >= 0:
+            raise ValueError(f"HVD_TOPK_COMPUTE_NS: {key} must be >= 0, got {value!r}")
+    return out
+
+
+def cost_model(settings: TopKSettings, device_type: str,
+               compute: Optional[Mapping[str, float]] = None) -> CostModel:
+    """The ``CostModel`` for gradients on ``device_type`` under ``settings``: its link, and the
+    device type's ``COMPUTE_NS`` (CUDA's for any accelerator) updated with ``compute`` (default:
+    ``HVD_TOPK_COMPUTE_NS``)."""
+    ns = dict(COMPUTE_NS["cpu" if device_type == "cpu" else "cuda"])
+    if compute is None:
+        compute = parse_compute_ns(os.environ.get("HVD_TOPK_COMPUTE_NS", ""))
+    ns.update(compute)
+    return CostModel(settings.link_gbps, settings.link_latency_us, ns["select"], ns["scatter"], ns["owner"])
+
+
+def exchange_times(numel: int, k: int, world: int, grad_bytes: int, value_bytes: int, index_bytes: int,
+                   capacity: float, model: CostModel) -> Dict[str, float]:
+    """Seconds each exchange adds to a step for one gradient (the module's model; with one
+    rank, evaluated for two, as ``exchange.exchange_bytes`` is)."""
+    p = max(world, 2)
+    ks: Tuple[int, ...] = (k,)
+    return {
+        "dense": ring_allreduce_bytes(numel * grad_bytes, p) / model.bytes_per_s,
+        "allgather": AllgatherExchange.time(numel, ks, p, value_bytes, index_bytes, capacity, model),
+        "sparse_allreduce": SparseAllreduceExchange.time(numel, ks, p, value_bytes, index_bytes,
+                                                         capacity, model),
+    }
+
+
+def gradient_times(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float,
+                   compute: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """``exchange_times`` for one gradient at ``ratio`` under ``settings``."""
+    n = tensor.numel()
+    vdt = settings.value_dtype or tensor.dtype
+    return exchange_times(n, num_selected(n, ratio), world, tensor.element_size(), vdt.itemsize,
+                          index_dtype(n).itemsize, settings.region_capacity,
+                          cost_model(settings, tensor.device.type, compute))
+
+
+def fastest_exchange(times: Mapping[str, float], allowed) -> str:
+    """The allowed exchange of least time in ``times`` (ties: the earlier in ``EXCHANGES``)."""
+    return min((e for e in EXCHANGES if e in allowed), key=lambda e: (times[e], EXCHANGES.index(e)))
+
+
+def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float,
+                    compute: Optional[Mapping[str, float]] = None) -> str:
+    """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for one gradient over ``world``
+    ranks at ``ratio``: dense below ``min_numel`` and for what is not a dense floating
+    tensor; under ``"auto"`` the fastest by the time model (a dense allreduce among the
+    candidates with ``density_aware``). A named exchange is taken as named; with
+    ``density_aware``, wherever it moves no more bytes than a dense allreduce (the byte model:
+    naming an exchange asks for it, the dense fallback only keeps it from costing more on the
+    wire). Host numbers only: every rank takes the same decision."""
+    if not tensor.dtype.is_floating_point or tensor.is_sparse:
+        return "dense"
+    n = tensor.numel()
+    if n == 0 or n < settings.min_numel:
+        return "dense"
+    allowed = EXCHANGES[1:] if settings.exchange == "auto" else (settings.exchange,)
+    if settings.density_aware:
+        allowed = ("dense",) + allowed
+    if len(allowed) == 1:
+        return allowed[0]
+    if settings.exchange != "auto":
+        return cheapest_exchange(gradient_costs(settings, tensor, world, ratio), allowed)
+    return fastest_exchange(gradient_times(settings, tensor, world, ratio, compute), allowed)
