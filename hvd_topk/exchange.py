@@ -27,7 +27,7 @@ import torch
 from horovod.torch import mpi_ops
 
 from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext, header_words
-from .packing import pack_header, unpack
+from .packing import pack_header, payload_rows
 from .layout import GroupLayout, index_dtype, num_selected
 from .positions import PositionSet
 from .settings import TopKSettings
@@ -172,6 +172,36 @@ def local_indices(sel: torch.Tensor, layout: GroupLayout, index_dtype: torch.dty
     return (sel - layout.slot_tables(sel.device)["slot_start"]).to(index_dtype)
 
 
+#: Gathered entries ``AllgatherExchange.receive`` copies out at once (at least one rank's).
+_SCATTER_ENTRIES = 1 << 20
+
+
+def _slot_bounds(layout: GroupLayout, device: torch.device,
+                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(slot_start, slot_max)`` of each slot (0-dim for one segment), in the wire's index
+    dtype where every group position fits it, so that positions are computed in place."""
+    t = layout.slot_tables(device)
+    if dtype != torch.int64 and layout.numel >= 2**31:
+        dtype = torch.int64
+    return t["slot_start"].to(dtype), t["slot_max"].to(dtype)
+
+
+def _scatter_rows(out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                  bounds: Tuple[torch.Tensor, torch.Tensor], ctx: SparseContext) -> None:
+    """Scatter-add some ranks' ``(p, K)`` values at their ``(p, K)`` local indices into ``out``."""
+    start, last = bounds
+    # A rank that disagrees on the layout is caught by check(); clamp its indices into each
+    # slot's own tensor so that the scatter never writes out of bounds.
+    pos = indices.to(start.dtype).clamp_(min=0)  # (p, K), one buffer for the chain (in place)
+    pos = torch.minimum(pos, last, out=pos).add_(start)
+    vals = values.reshape(-1).to(ctx.dtype)  # (p * K,)
+    if ctx.divisor != 1:
+        # Divide the P * K gathered values, not the n-element result: every rank still
+        # computes the same bits (same bytes, same order).
+        vals = vals.div_(ctx.divisor)
+    scatter_add_(out, pos.reshape(-1), vals)
+
+
 class AllgatherExchange(Exchange):
     """Every rank's payload to every rank (Horovod's allgather, fused with other tensors), then
     each rank divides the ``P * K`` gathered values and scatter-adds them in rank order, so
@@ -196,25 +226,21 @@ class AllgatherExchange(Exchange):
     def receive(self, gathered: torch.Tensor, ctx: SparseContext, out: torch.Tensor,
                 step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         try:
-            headers, values, indices = unpack(gathered, ctx.k, ctx.value_dtype, ctx.index_dtype,
-                                              ctx.world, ctx.header_words)  # (P, H), (P, K), (P, K)
+            rows = payload_rows(gathered, ctx.k, ctx.value_dtype, ctx.index_dtype, ctx.world,
+                                ctx.header_words)
         except ValueError as e:
             raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}. "
                                     + SAME_MODEL) from None
         out.zero_()
         if ctx.k:
-            t = ctx.layout.slot_tables(gathered.device)
-            # A rank that disagrees on the layout is caught by check(); clamp its indices
-            # into each slot's own tensor so that the scatter never writes out of bounds.
-            pos = indices.long().clamp_(min=0)  # (P, K), one buffer for the chain (in place)
-            pos = torch.minimum(pos, t["slot_max"], out=pos).add_(t["slot_start"])
-            vals = values.reshape(-1).to(ctx.dtype)  # (P * K,)
-            if ctx.divisor != 1:
-                # Divide the P * K gathered values, not the n-element result: every rank
-                # still computes the same bits (same bytes, same order).
-                vals = vals.div_(ctx.divisor)
-            scatter_add_(out, pos.reshape(-1), vals)
-        return headers, None
+            # A few ranks' entries at a time (rank order kept: the same bits), so that the
+            # copies a scatter needs stay near one payload however many ranks there are.
+            per = max(1, _SCATTER_ENTRIES // ctx.k)
+            bounds = _slot_bounds(ctx.layout, gathered.device, rows.spec[2][1])
+            for first in range(0, rows.rows, per):
+                _scatter_rows(out, rows.part(1, first, first + per), rows.part(2, first, first + per),
+                              bounds, ctx)
+        return rows.part(0), None  # (P, header_words)
 
     def state_dict(self) -> Dict[str, Any]:
         return {}

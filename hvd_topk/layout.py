@@ -18,7 +18,9 @@ __all__ = ["num_selected", "index_dtype", "GroupLayout", "expand_counts", "segme
 SAMPLED_MIN_NUMEL = 1 << 12
 # Expected number of sampled entries above the true threshold (at most; see sample_plan):
 # more samples make the safe threshold tighter (fewer candidates) for a longer strided read.
-_SAMPLE_HITS = 256
+# The cap matters only where k is a large share of n (the warm-up's first ratios), where the
+# candidates' buffers, not the samples, dominate a step's memory.
+_SAMPLE_HITS = 4096
 _MIN_SAMPLE_HITS = 16
 _MIN_SAMPLES = 512
 # Standard deviations of margin below the sampled estimate (an inexact segment costs a redo).
@@ -59,6 +61,15 @@ def sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:
     return None if m >= s else (stride, m)
 
 
+def _capacity(stride: int, m: int) -> int:
+    """Candidate slots for a segment sampled at ``stride`` and thresholded at the sample's
+    ``m``-th largest: ~ ``m * stride`` candidates are expected, with a standard deviation of
+    ~ ``sqrt(m) * stride``; room for 8 of those (at least a quarter more, at most twice the
+    expectation) plus slack. A fuller buffer only costs a redo (``exact_topk``)."""
+    expected = m * stride
+    return expected + min(expected, max(expected // 4, math.ceil(8 * math.sqrt(m) * stride))) + 64
+
+
 @dataclass
 class GroupLayout:
     """Where each segment lives in the group's flat buffer, its ``k``, and the per-step plan
@@ -92,9 +103,7 @@ class GroupLayout:
         self.plans = tuple(sample_plan(n, k) if 0 < k < n else None for n, k in zip(self.sizes, self.ks))
         cap = 0
         for n, plan in zip(self.sizes, self.plans):
-            # ~ m * stride candidates are expected (the threshold is the sample's m-th
-            # largest); twice that plus slack is room enough. Unsampled: all of them.
-            cap += n if plan is None else min(n, 2 * plan[0] * plan[1] + 64)
+            cap += n if plan is None else min(n, _capacity(*plan))
         self.capacity = max(1, min(cap, self.numel))
 
     @property

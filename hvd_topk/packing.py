@@ -27,8 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["payload_nbytes", "pack", "pack_header", "unpack", "pack_rows", "unpack_rows", "row_nbytes",
-           "HEADER_BYTES", "FLAG_NONFINITE", "FLAG_INEXACT", "FLAG_MISMATCH"]
+__all__ = ["payload_nbytes", "pack", "pack_header", "unpack", "payload_rows", "payload_spec", "pack_rows",
+           "unpack_rows", "Rows", "row_nbytes", "FLAG_INEXACT", "FLAG_NONFINITE", "FLAG_MISMATCH"]
 
 #: Bytes of the per-rank header: int32 signature, int32 flags.
 HEADER_BYTES = 8
@@ -64,7 +64,14 @@ def unpack(buf: torch.Tensor, k: int, value_dtype: torch.dtype, index_dtype: tor
            world: Optional[int] = None,
            header_words: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a gathered buffer into ``headers`` ``(world, header_words)`` int32, ``values`` and
-    ``indices``, both ``(world, k)``.
+    ``indices``, both ``(world, k)`` (``payload_rows``, every part, every row)."""
+    rows = payload_rows(buf, k, value_dtype, index_dtype, world, header_words)
+    return rows.part(0), rows.part(1), rows.part(2)  # (world, header_words), (world, k), (world, k)
+
+
+def payload_rows(buf: torch.Tensor, k: int, value_dtype: torch.dtype, index_dtype: torch.dtype,
+                 world: Optional[int] = None, header_words: int = 2) -> Rows:
+    """A gathered buffer as ``Rows`` of payloads (parts: header, values, indices).
 
     ``buf`` is ``(world * nbytes,)`` uint8. Raises ``ValueError`` when its size is not
     ``world * nbytes`` (with ``world=None``: not a multiple of ``nbytes``) -- the ranks then
@@ -77,9 +84,13 @@ def unpack(buf: torch.Tensor, k: int, value_dtype: torch.dtype, index_dtype: tor
         raise ValueError(
             f"gathered payload of {buf.numel()} bytes is not {world} rank payloads of {nbytes} "
             "bytes: ranks disagree on this tensor's size, ratio or wire dtypes")
-    headers, values, indices = unpack_rows(buf, world, [(header_words, torch.int32), (k, value_dtype),
-                                                        (k, index_dtype)])
-    return headers, values, indices  # (world, header_words), (world, k), (world, k)
+    return Rows(buf, world, payload_spec(k, value_dtype, index_dtype, header_words))
+
+
+def payload_spec(k: int, value_dtype: torch.dtype, index_dtype: torch.dtype,
+                 header_words: int = 2) -> List[Tuple[int, torch.dtype]]:
+    """One allgathered payload as ``unpack_rows`` parts: header, values, indices."""
+    return [(header_words, torch.int32), (k, value_dtype), (k, index_dtype)]
 
 
 def row_nbytes(spec: Sequence[Tuple[int, torch.dtype]]) -> int:
@@ -99,17 +110,32 @@ def unpack_rows(buf: torch.Tensor, rows: int,
                 spec: Sequence[Tuple[int, torch.dtype]]) -> List[torch.Tensor]:
     """Split ``(rows * row_bytes,)`` uint8 into one ``(rows, count)`` tensor per ``(count, dtype)``
     of ``spec`` (the inverse of ``pack_rows``). Raises ``ValueError`` on a size mismatch."""
-    nbytes = row_nbytes(spec)
-    if buf.numel() != rows * nbytes:
-        raise ValueError(f"{buf.numel()} bytes are not {rows} rows of {nbytes} bytes")
-    view = buf.view(rows, nbytes)
-    out, at = [], 0
-    for count, dtype in spec:
-        width = count * _itemsize(dtype)
+    table = Rows(buf, rows, spec)
+    return [table.part(i) for i in range(len(spec))]
+
+
+class Rows:
+    """A ``(rows * row_bytes,)`` uint8 buffer of ``pack_rows`` rows, read part by part and a
+    few rows at a time (``part``), so that a reader of many rows need not copy them all at once.
+    Raises ``ValueError`` when the buffer is not ``rows`` rows of ``spec``."""
+
+    def __init__(self, buf: torch.Tensor, rows: int, spec: Sequence[Tuple[int, torch.dtype]]) -> None:
+        nbytes = row_nbytes(spec)
+        if buf.numel() != rows * nbytes:
+            raise ValueError(f"{buf.numel()} bytes are not {rows} rows of {nbytes} bytes")
+        self.rows, self.spec = rows, list(spec)
+        self._view = buf.view(rows, nbytes)
+        self._starts = [0]
+        for count, dtype in self.spec:
+            self._starts.append(self._starts[-1] + count * _itemsize(dtype))
+
+    def part(self, i: int, first: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Part ``i`` of rows ``first .. stop - 1`` (default: all) as a fresh ``(rows, count)``
+        tensor of its dtype."""
+        count, dtype = self.spec[i]
+        rows = self._view[first:stop, self._starts[i]:self._starts[i + 1]]
         # clone(): a fresh, aligned buffer (a slice's storage offset may not fit the wider dtype).
-        out.append(view[:, at:at + width].reshape(-1).clone().view(dtype).view(rows, count))
-        at += width
-    return out
+        return rows.reshape(-1).clone().view(dtype).view(rows.shape[0], count)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

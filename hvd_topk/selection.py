@@ -85,37 +85,39 @@ def segment_order(seg: Optional[torch.Tensor], mag: torch.Tensor) -> torch.Tenso
     return by_mag.index_select(0, torch.sort(seg.index_select(0, by_mag), stable=True).indices)
 
 
-def thresholds(mag: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """Step 2: ``(S,)`` per-segment thresholds (``mag``'s dtype) from strided samples of
-    ``mag = |v|`` (-1 for unsampled segments: every entry passes). One sort ranks every
+def thresholds(v: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Step 2: ``(S,)`` per-segment thresholds (``magnitude``'s dtype) from strided samples
+    of ``|v|`` (-1 for unsampled segments: every entry passes). One sort ranks every
     segment's samples at once (``segment_order``)."""
-    t = layout.tensors(mag.device)
-    sample_pos, sample_seg = layout.sample_tables(mag.device)
+    t = layout.tensors(v.device)
+    sample_pos, sample_seg = layout.sample_tables(v.device)
     if sample_pos.numel() == 0:
-        return torch.full((layout.segments,), -1.0, dtype=mag.dtype, device=mag.device)
-    sampled = mag.index_select(0, sample_pos)  # (samples,)
+        dtype = torch.float64 if v.dtype == torch.float64 else torch.float32  # magnitude's
+        return torch.full((layout.segments,), -1.0, dtype=dtype, device=v.device)
+    sampled = magnitude(v.index_select(0, sample_pos))  # (samples,)
     order = segment_order(sample_seg, sampled.clone())  # by segment, largest magnitude first
     thr = sampled.index_select(0, order.index_select(0, t["m_pos"].clamp(min=0)))  # (S,)
     return torch.where(t["m_pos"] >= 0, thr, torch.full_like(thr, -1.0))
 
 
-def candidates(mag: torch.Tensor, thr: torch.Tensor,
+def candidates(v: torch.Tensor, thr: torch.Tensor,
                layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 3: ascending positions with ``|v| > t_s``, in a ``(capacity,)`` buffer padded with
     ``numel``, and a 0-dim bool: True when the buffer is full, so some may have been cut (no
-    count is taken: a full last slot says as much, and costs nothing)."""
-    t = layout.tensors(mag.device)
+    count is taken: a full last slot says as much, and costs nothing). ``|v|`` lives only for
+    the comparison: what outlives it is one byte per entry."""
+    t = layout.tensors(v.device)
     if layout.segments == 1:
-        passed = mag > thr
+        passed = magnitude(v) > thr
     else:
-        passed = mag > torch.repeat_interleave(thr, t["lengths"], output_size=layout.numel)  # (n,)
+        passed = magnitude(v) > torch.repeat_interleave(thr, t["lengths"], output_size=layout.numel)  # (n,)
     cand = torch.nonzero_static(passed, size=layout.capacity, fill_value=layout.numel).squeeze(1)
     if layout.capacity >= layout.numel:  # room for every entry: nothing can be cut
-        return cand, torch.zeros((), dtype=torch.bool, device=mag.device)
+        return cand, torch.zeros((), dtype=torch.bool, device=v.device)
     return cand, cand[-1] < layout.numel
 
 
-def exact_topk(mag: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
+def exact_topk(v: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
                layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 4: the ``k_s`` largest of each segment among the candidates.
 
@@ -125,11 +127,11 @@ def exact_topk(mag: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
         than ``k_s`` candidates or the candidate buffer was full (``full``) -- then ``sel`` is a
         valid but maybe not the exact selection, and ``exact_topk_fallback`` must replace it.
     """
-    t = layout.tensors(mag.device)
+    t = layout.tensors(v.device)
     n = layout.numel
     valid = cand < n  # (cap,)
     pos = cand.clamp_(max=n - 1)  # in place: the candidates are this step's own
-    cmag = mag.index_select(0, pos)  # (cap,), consumed by segment_order
+    cmag = magnitude(v.index_select(0, pos))  # (cap,), consumed by segment_order
     if layout.segments == 1:
         # Padding sorts last: the largest key, after the real zeros (stable: they come first).
         cmag.masked_fill_(~valid, _PAD_MAG[cmag.dtype])
@@ -138,7 +140,7 @@ def exact_topk(mag: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
         have = valid.sum().reshape(1)  # (1,)
         take = order[:layout.k]  # k <= capacity (the layout makes room for at least k)
     else:
-        slots = layout.slot_tables(mag.device)
+        slots = layout.slot_tables(v.device)
         seg = torch.searchsorted(t["ends"], pos, right=True)  # (cap,) segment of each candidate
         seg.masked_fill_(~valid, layout.segments)  # padding sorts last
         order = segment_order(seg, cmag)  # stable: ties keep ascending positions
@@ -176,10 +178,10 @@ def select_group(v: torch.Tensor, layout: GroupLayout) -> Tuple[torch.Tensor, to
     if layout.k == 0:
         none = torch.zeros(0, dtype=torch.long, device=v.device)
         return none, torch.zeros((), dtype=torch.bool, device=v.device)
-    mag = magnitude(v)  # (n,)
-    thr = thresholds(mag, layout)
-    cand, full = candidates(mag, thr, layout)
-    return exact_topk(mag, cand, full, layout)
+    # No (n,) magnitude buffer outlives a step: each step takes |v| of what it reads.
+    thr = thresholds(v, layout)
+    cand, full = candidates(v, thr, layout)
+    return exact_topk(v, cand, full, layout)
 
 
 def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
