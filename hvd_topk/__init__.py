@@ -12,22 +12,32 @@ Example::
 """
 
 from ._cpu_kernel import cpu_kernel, use_cpu_kernel
-from .checkpoint import load_checkpoint, save_checkpoint
-from .compression import (AdamSettings, RankMismatchError, SparseCompressor, SparseContext,
-                          TopKCompressor)
-from .cost import CostModel, exchange_times
-from .exchange import EXCHANGES, exchange_bytes
-from .elastic import register_elastic_handler
-from .memory import ResidualMemory, held_bytes
-from .optimizer import CommStats, DistributedOptimizer, TopKDistributedOptimizer
-from .registry import COMPRESSORS, make_compressor, register_compressor
-from .packing import pack, payload_nbytes, unpack
-from .selection import index_dtype, num_selected, select_topk
+# The Horovod engine. hvd_topk.ddp (the PyTorch DDP hook) and the selection pipeline need no
+# Horovod: without it, `import hvd_topk.ddp` still works and these names say what is missing.
+try:
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .compression import (AdamSettings, RankMismatchError, SparseCompressor, SparseContext,
+                              TopKCompressor)
+    from .cost import CostModel, exchange_times
+    from .exchange import EXCHANGES, exchange_bytes
+    from .elastic import register_elastic_handler
+    from .memory import ResidualMemory, held_bytes
+    from .optimizer import CommStats, DistributedOptimizer, TopKDistributedOptimizer
+    from .registry import COMPRESSORS, make_compressor, register_compressor
+    from .packing import pack, payload_nbytes, unpack
+    from .selection import index_dtype, num_selected, select_topk
+except ImportError as _missing:
+    if not (_missing.name or "").startswith("horovod"):
+        raise
+    _HOROVOD_MISSING = _missing
+else:
+    _HOROVOD_MISSING = None
 
 __version__ = "0.1.0"
 
 # hvd.elastic.TorchState(optimizer=...) then commits and restores hvd_topk's state too.
-register_elastic_handler()
+if _HOROVOD_MISSING is None:
+    register_elastic_handler()
 
 __all__ = [
     "TopKCompressor",
@@ -58,3 +68,13 @@ __all__ = [
     "cpu_kernel",
     "use_cpu_kernel",
 ]
+
+if _HOROVOD_MISSING is not None:
+    _NEEDS_HOROVOD = frozenset(name for name in __all__ if name not in globals())
+    __all__ = [name for name in __all__ if name not in _NEEDS_HOROVOD]
+
+    def __getattr__(name):
+        if name in _NEEDS_HOROVOD:
+            raise ImportError(f"hvd_topk.{name} needs Horovod ({_HOROVOD_MISSING}); the PyTorch DDP "
+                              "hook, hvd_topk.ddp, does not") from _HOROVOD_MISSING
+        raise AttributeError(f"module 'hvd_topk' has no attribute {name!r}")

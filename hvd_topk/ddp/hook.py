@@ -1,0 +1,117 @@
+"""``topk_hook``: the DDP communication hook, a bucket at a time (``TopKState`` documents the
+algorithm). The sparse gradients take the selection pipeline and an allgather of fixed-size
+payloads; the rest take an allreduce; both are launched before either is waited for.
+
+No ``from __future__ import annotations`` here: DDP checks the hook's annotations as objects
+(``dist.GradBucket``, ``torch.futures.Future[torch.Tensor]``)."""
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..packing import pack_header, unpack
+from ..selection import segment_views, select
+from ..update import clip_local
+from ..wire import to_wire
+from .plan import BucketPlan
+from .state import TopKState
+
+__all__ = ["topk_hook"]
+
+
+def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Top-K with error feedback for one DDP bucket: ``ddp_model.register_comm_hook(state,
+    topk_hook)``. Returns a future of the bucket's buffer holding the averaged gradient.
+
+    Arguments:
+        state: a ``TopKState`` (settings, residuals, the step).
+        bucket: DDP's ``GradBucket``; its gradients are views of its buffer.
+    """
+    plan = state.begin_bucket(bucket)
+    grads = bucket.gradients()
+    futures, finish = [], []
+    if plan.layout is not None:
+        gathered = _send_sparse(state, plan, grads, futures)
+        finish.append(lambda: _receive_sparse(state, plan, grads, gathered))
+    if plan.dense:
+        summed, velocity = _send_dense(state, plan, grads, futures)
+        finish.append(lambda: _receive_dense(state, plan, grads, summed, velocity))
+    state.end_bucket(bucket)
+    buffer = bucket.buffer()
+
+    def done(_) -> torch.Tensor:
+        for part in finish:
+            part()
+        return buffer
+
+    fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
+    return fut.then(done)
+
+
+def _send_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
+                 futures: List[torch.futures.Future]) -> torch.Tensor:
+    """Steps 2-4 for the bucket's sparse gradients: select, pack, start the allgather.
+    Returns the ``(P * nbytes,)`` uint8 buffer the allgather fills."""
+    layout = plan.layout
+    g = torch.cat([grads[i].reshape(-1) for i in plan.sparse])  # (n,)
+    residual, velocity = state.buffers(plan.sparse_names, layout.sizes, g, residual=True)
+    clip = state.settings.local_clip_norm
+    if clip is not None:  # DGC 3.3, to local_clip_norm / sqrt(P)
+        g = clip_local(g, layout, 1.0, clip / math.sqrt(state.world_size))
+    chosen = select(residual, g, layout, velocity=velocity, momentum=state.momentum,
+                    nesterov=state.nesterov, fused=clip is None)  # 2.-3.
+    header = chosen.bad.to(device=g.device, dtype=torch.int32)  # (S,) 1: not finite
+    payload = pack_header(header, to_wire(chosen.values, plan.value_dtype),
+                          chosen.positions.to(plan.index_dtype))  # (nbytes,) uint8
+    state.commits.add(residual, velocity, chosen.positions, plan.value_dtype)
+    gathered = payload.new_empty(state.world_size * payload.numel())  # (P * nbytes,)
+    work = dist.all_gather_into_tensor(gathered, payload, group=state.process_group, async_op=True)
+    futures.append(work.get_future())
+    return gathered
+
+
+def _receive_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
+                    gathered: torch.Tensor) -> None:
+    """Step 5: every rank's values divided by ``P`` and summed in rank order into the sparse
+    gradients (views of the bucket's buffer); a tensor some rank flagged becomes NaN."""
+    layout = plan.layout
+    world = state.world_size
+    headers, values, indices = unpack(gathered, layout.k, plan.value_dtype, plan.index_dtype, world,
+                                      layout.segments)  # (P, S), (P, K), (P, K)
+    dtype = grads[plan.sparse[0]].dtype
+    out = torch.zeros(layout.numel, dtype=dtype, device=gathered.device)  # (n,)
+    pos = indices.long().clamp_(0, layout.numel - 1).reshape(-1)  # (P * K,) never out of bounds
+    # Divide the P * K values, not the result; index_put_ accumulates in order (deterministic,
+    # unlike CUDA's index_add_), so every rank computes the same bits.
+    out.index_put_((pos,), values.reshape(-1).to(dtype).div_(world), accumulate=True)
+    bad = headers.ne(0).any(0)  # (S,) some rank's gradient was not finite
+    for s, (i, part) in enumerate(zip(plan.sparse, segment_views(out, layout))):
+        grads[i].view(-1).copy_(part.masked_fill_(bad[s], float("nan")))
+    state.commits.flag(bad.any())
+
+
+def _send_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
+                futures: List[torch.futures.Future]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The dense gradients back to back, the start of their allreduce (a sum), and their
+    velocity with momentum correction (taken here: the callbacks, on the collectives'
+    threads, touch no shared state but tensors)."""
+    flat = torch.cat([grads[i].reshape(-1) for i in plan.dense])  # (n_dense,)
+    _, velocity = state.buffers(plan.dense_names, plan.dense_sizes, flat, residual=False)
+    work = dist.all_reduce(flat, group=state.process_group, async_op=True)
+    futures.append(work.get_future())
+    return flat, velocity
+
+
+def _receive_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
+                   summed: torch.Tensor, velocity: Optional[torch.Tensor]) -> None:
+    """The average into the dense gradients; with momentum correction, heavy-ball momentum
+    of the average (what a momentum SGD would apply to them)."""
+    avg = summed.div_(state.world_size)  # (n_dense,)
+    state.commits.flag(~torch.isfinite(avg).all())
+    if velocity is not None:
+        velocity.mul_(state.momentum).add_(avg)
+        avg = avg.add(velocity, alpha=state.momentum) if state.nesterov else velocity
+    for i, part in zip(plan.dense, torch.split(avg, plan.dense_sizes)):
+        grads[i].view(-1).copy_(part)

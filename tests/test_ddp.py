@@ -1,0 +1,175 @@
+"""``hvd_topk.ddp``: the Top-K DDP communication hook on Gloo, 2 and 3 ranks.
+
+The ranks are started by ``torchrun --standalone`` from the test (``launch``: a hang fails
+with every rank's output), once per world size, and run every scenario of
+``tests/workers/ddp_worker.py``; each rank saves what it saw, and the references and
+tolerances are here:
+
+- the sparse gradients DDP leaves equal, bit for bit, the average over ranks of each rank's
+  own ``torch.topk`` of its compensated gradient (residual + gradient), densified: the hook
+  divides each value by P and sums in rank order, and so does the reference. The dense ones
+  (biases) equal the ranks' average within ``rtol=1e-6, atol=1e-8``: Gloo's allreduce may sum
+  three ranks in another order (a few ulps), two ranks exactly;
+- ratio 1 equals DDP's default allreduce hook within the same tolerance;
+- the ranks' parameters are bit-identical after training; a checkpoint restored mid warm-up
+  continues bit for bit as the uninterrupted run;
+- a NaN on one rank makes that tensor NaN on every rank, and nothing of the step is lost;
+- the hook and its callbacks run no op that would sync a CUDA device with the host.
+"""
+
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from launch import BIN, REPO, WORKERS, launch, worker_env
+
+from hvd_topk.layout import num_selected
+
+SCENARIOS = ("exact", "ratio_one", "identical", "resume", "nonfinite", "no_sync")
+MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
+DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
+
+
+@dataclass
+class Ranks:
+    world: int
+    out: Path
+
+    def load(self, scenario: str) -> list:
+        return [torch.load(self.out / f"{scenario}_rank{r}.pt", weights_only=False)
+                for r in range(self.world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
+def ranks(request, tmp_path_factory) -> Ranks:
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ddp_np{world}")
+    launch([BIN / "torchrun", "--standalone", "--nproc-per-node", world, WORKERS / "ddp_worker.py", out,
+            *SCENARIOS], timeout=240, env=worker_env())
+    return Ranks(world, out)
+
+
+def sent_by(c: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The reference selection: ``torch.topk`` of ``|c|``, densified."""
+    idx = torch.topk(c.abs(), num_selected(c.numel(), ratio)).indices
+    return torch.zeros_like(c).index_copy_(0, idx, c[idx])
+
+
+def test_sparse_average_of_each_ranks_topk(ranks):
+    results = ranks.load("exact")
+    assert all(r["steps_counted"] == 3 for r in results)
+    for step in range(3):
+        recs = [r["steps"][step] for r in results]
+        ratio = recs[0]["ratio"]
+        assert ratio == pytest.approx(0.25 * 0.2 ** (step / 2))  # the warm-up, 0.25 -> 0.05
+        for name, g0 in recs[0]["grad_in"].items():
+            if g0.numel() < MIN_NUMEL:
+                dense = sum(rec["grad_in"][name] for rec in recs) / ranks.world
+                for rec in recs:
+                    torch.testing.assert_close(rec["grad_out"][name], dense, **DENSE_TOL)
+                    assert rec["residual_after"][name] is None
+                continue
+            expected = torch.zeros(g0.numel())
+            for rec in recs:
+                before = rec["residual_before"][name]
+                c = rec["grad_in"][name].reshape(-1) + (0 if before is None else before)
+                sent = sent_by(c, ratio)
+                expected += sent / ranks.world
+                assert torch.equal(rec["residual_after"][name], c - sent), (name, step)
+            for rec in recs:
+                assert torch.equal(rec["grad_out"][name].reshape(-1), expected), (name, step)
+
+
+def test_ratio_one_equals_default_allreduce(ranks):
+    for result in ranks.load("ratio_one"):
+        for hooked, plain in result["pairs"]:
+            for name in plain:
+                torch.testing.assert_close(hooked[name], plain[name], **DENSE_TOL)
+
+
+def test_ranks_bit_identical(ranks):
+    results = ranks.load("identical")
+    for name, p in results[0]["params"].items():
+        assert all(torch.equal(r["params"][name], p) for r in results[1:]), name
+    # the residuals are each rank's own
+    assert not torch.equal(results[0]["residuals"]["0.weight"], results[1]["residuals"]["0.weight"])
+
+
+def test_resume_equals_uninterrupted(ranks):
+    for straight, resumed in zip(ranks.load("identical"), ranks.load("resume")):
+        assert resumed["steps"] == straight["steps"] == 6
+        for name, p in straight["params"].items():
+            assert torch.equal(resumed["params"][name], p), name
+            r, q = straight["residuals"][name], resumed["residuals"][name]
+            assert (r is None and q is None) or torch.equal(q, r), name
+
+
+def test_nonfinite_tensor_is_nan_everywhere_and_nothing_is_lost(ranks):
+    for result in ranks.load("nonfinite"):
+        finite, poisoned = result["steps"]
+        for name, g in poisoned["grad_out"].items():
+            assert bool(g.isnan().all()) if name == "2.weight" else bool(g.isfinite().all()), name
+        for name, after in poisoned["residual_after"].items():
+            if after is None:
+                continue
+            g = poisoned["grad_in"][name].reshape(-1)
+            if result["poisoned"] and name == "2.weight":  # the NaN column was added as 0
+                g = g.reshape(48, 64).index_fill(1, torch.tensor([3]), 0.0).reshape(-1)
+            assert torch.equal(after, poisoned["residual_before"][name] + g), name  # all still owed
+        # the finite step did send: its residuals lost their sent entries
+        c = finite["grad_in"]["0.weight"].reshape(-1)  # the first step's residual started empty
+        assert not torch.equal(finite["residual_after"]["0.weight"], c)
+
+
+def test_hook_makes_no_host_sync(ranks):
+    for result in ranks.load("no_sync"):
+        assert result["syncs"] == []
+
+
+def test_imports_and_runs_without_horovod(tmp_path):
+    """``import hvd_topk.ddp`` and a one-rank step of the sparse path with Horovod unimportable;
+    ``hvd_topk``'s Horovod names then say what is missing."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["horovod"] = None  # any import of horovod now fails
+        import torch, torch.distributed as dist
+        import hvd_topk, hvd_topk.ddp
+        assert "DistributedOptimizer" not in hvd_topk.__all__ and "cpu_kernel" in hvd_topk.__all__
+        try:
+            hvd_topk.DistributedOptimizer
+        except ImportError as e:
+            assert "needs Horovod" in str(e)
+        else:
+            raise AssertionError("hvd_topk.DistributedOptimizer without Horovod")
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+        model = torch.nn.Linear(64, 8)
+        state = hvd_topk.ddp.TopKState(model, ratio=0.1, min_numel=100, warmup_steps=0, density_aware=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp.register_comm_hook(state, hvd_topk.ddp.topk_hook)
+        ddp(torch.randn(4, 64)).square().sum().backward()
+        assert int((model.weight.grad != 0).sum()) == 52  # k = ceil(0.1 * 512)
+        assert state.steps == 1
+        assert not [m for m, mod in sys.modules.items() if m.startswith("horovod") and mod is not None]
+        dist.destroy_process_group()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=worker_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    ({"ratio": 0.0}, ValueError, "ratio must be in (0, 1]"),
+    ({"ratio": 0.01, "exchange": "sparse_allreduce"}, ValueError, "exchange must be 'auto' or 'allgather'"),
+    ({"ratio": 0.01, "adam_correction": True}, TypeError, "does not take: ['adam_correction']"),
+    ({"ratio": 0.01, "momentum": 1.0}, ValueError, "momentum must be in [0, 1)"),
+    ({"ratio": 0.01, "nesterov": True}, ValueError, "nesterov=True needs momentum > 0"),
+])
+def test_state_validates_its_arguments(kwargs, error, words):
+    with pytest.raises(error) as info:
+        from hvd_topk.ddp import TopKState
+        TopKState(torch.nn.Linear(2, 2), **kwargs)
+    assert words in str(info.value)

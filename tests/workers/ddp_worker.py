@@ -1,0 +1,223 @@
+"""Ranks of tests/test_ddp.py: a small MLP under ``DistributedDataParallel`` with the
+``hvd_topk.ddp`` hook, on Gloo.
+
+    torchrun --standalone --nproc-per-node 2 tests/workers/ddp_worker.py OUT SCENARIO...
+
+Each scenario saves what the test compares to ``OUT/<scenario>_rank<r>.pt``; the test holds
+the reference and the tolerances, the worker only trains and records.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import hvd_topk.ddp
+import hvd_topk.ddp.hook
+from hvd_topk._cpu_kernel import use_cpu_kernel
+from sync_ops import SyncRecorder, recording  # tests/ is on the ranks' path (launch.worker_env)
+
+MIN_NUMEL = 256  # the weights (2048, 3072, 480 entries) are sent sparse, the biases densely
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 48),
+                               torch.nn.Tanh(), torch.nn.Linear(48, 10))
+
+
+def batch(step: int, rank: int):
+    """This rank's batch at ``step``: ``(x (8, 32), y (8, 10))``, different on every rank."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(8, 32, generator=gen), torch.randn(8, 10, generator=gen)
+
+
+def loss_of(model, x, y) -> torch.Tensor:
+    return (model(x) - y).square().mean()
+
+
+def wrap(model, state=None) -> DistributedDataParallel:
+    # Buckets of ~10 KB: several per model, most holding a weight (sparse) and biases (dense).
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)
+    if state is not None:
+        ddp.register_comm_hook(state, hvd_topk.ddp.topk_hook)
+    return ddp
+
+
+def grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def observed_step(model, replica, ddp, state, x, y) -> dict:
+    """One step's backward, observed: the step's ratio, this rank's own gradient (from
+    ``replica``, a copy without DDP), the residuals before and after, and what DDP leaves."""
+    replica.load_state_dict(model.state_dict())
+    local = torch.autograd.grad(loss_of(replica, x, y), list(replica.parameters()))
+    record = {"ratio": state.current_ratio(),
+              "grad_in": {n: g.clone() for (n, _), g in zip(model.named_parameters(), local)},
+              "residual_before": {n: state.residual(n) for n, _ in model.named_parameters()}}
+    ddp.zero_grad()
+    loss_of(ddp, x, y).backward()
+    record["grad_out"] = grads(model)
+    record["residual_after"] = {n: state.residual(n) for n, _ in model.named_parameters()}
+    return record
+
+
+def exact(rank: int, world: int) -> dict:
+    """Three steps through the warm-up (ratios 0.25, ~0.11, 0.05): each rank's own gradient
+    and residual before the step (from a replica without DDP), and what DDP leaves."""
+    model = mlp()
+    replica = copy.deepcopy(model)
+    state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, warmup_steps=2, warmup_ratio=0.25)
+    ddp = wrap(model, state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    for step in range(3):
+        steps.append(observed_step(model, replica, ddp, state, *batch(step, rank)))
+        opt.step()
+    return {"steps": steps, "steps_counted": state.steps}
+
+
+def ratio_one(rank: int, world: int) -> dict:
+    """Ratio 1 (every entry sent, density_aware off so the sparse path runs) against DDP's
+    default allreduce, from the same parameters at every step."""
+    hooked, plain = mlp(), mlp()
+    state = hvd_topk.ddp.TopKState(hooked, ratio=1.0, min_numel=MIN_NUMEL, warmup_steps=0,
+                                   density_aware=False)
+    ddp_hooked, ddp_plain = wrap(hooked, state), wrap(plain)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    pairs = []
+    for step in range(3):
+        x, y = batch(step, rank)
+        with torch.no_grad():
+            for p, q in zip(hooked.parameters(), plain.parameters()):
+                p.copy_(q)
+        for ddp in (ddp_hooked, ddp_plain):
+            ddp.zero_grad()
+            loss_of(ddp, x, y).backward()
+        pairs.append((grads(hooked), grads(plain)))
+        opt.step()
+    return {"pairs": pairs}
+
+
+def train(state_kwargs: dict, steps: int, rank: int, checkpoint_at=None) -> dict:
+    """``steps`` steps of SGD without momentum (the hook's momentum correction stands in for
+    it); with ``checkpoint_at``, everything is saved there and restored into fresh objects."""
+    model = mlp()
+    state = hvd_topk.ddp.TopKState(model, **state_kwargs)
+    ddp = wrap(model, state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        if step == checkpoint_at:
+            blob = io.BytesIO()
+            saved = {"model": model.state_dict(), "opt": opt.state_dict(), "topk": state.state_dict()}
+            torch.save(saved, blob)
+            blob.seek(0)
+            saved = torch.load(blob, weights_only=True)
+            model = mlp()
+            model.load_state_dict(saved["model"])
+            state = hvd_topk.ddp.TopKState(model, **state_kwargs)
+            state.load_state_dict(saved["topk"])
+            ddp = wrap(model, state)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            opt.load_state_dict(saved["opt"])
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        loss_of(ddp, x, y).backward()
+        opt.step()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "residuals": {n: state.residual(n) for n, _ in model.named_parameters()}, "steps": state.steps}
+
+
+def train_settings(world: int) -> dict:
+    """Momentum correction, float16 values, a warm-up of 4 steps. At 3 ranks every tensor is
+    sent sparse (``min_numel=0``): Gloo's allreduce of three ranks sums in an order that
+    depends on the bucket's layout, which a fresh DDP builds differently in its first
+    iteration, so densely reduced biases would differ by an ulp after a restore (as with
+    plain DDP); the sparse path sums in rank order whatever the layout. A sum of two is
+    exact in any order: at 2 ranks the biases stay dense."""
+    return {"ratio": 0.05, "min_numel": MIN_NUMEL if world == 2 else 0, "warmup_steps": 4,
+            "momentum": 0.9, "value_dtype": torch.float16}
+
+
+def identical(rank: int, world: int) -> dict:
+    """Six steps (``train_settings``): the parameters and residuals on every rank."""
+    return train(train_settings(world), 6, rank)
+
+
+def resume(rank: int, world: int) -> dict:
+    """The same six steps, checkpointed and restored after three (mid warm-up)."""
+    return train(train_settings(world), 6, rank, checkpoint_at=3)
+
+
+def nonfinite(rank: int, world: int) -> dict:
+    """At step 1 the gradient of ``2.weight`` holds NaNs (column 3) on rank ``world - 1``:
+    each rank's own gradient (a replica without DDP, NaNs left out), the residuals before
+    and after, and what DDP leaves."""
+    model = mlp()
+    replica = copy.deepcopy(model)
+    state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, warmup_steps=0)
+    ddp = wrap(model, state)
+    poisoned = rank == world - 1
+    hook = model[2].weight.register_hook(
+        lambda g: g.index_fill(1, torch.tensor([3]), float("nan")) if poisoned and state.steps == 1 else g)
+    out = [observed_step(model, replica, ddp, state, *batch(step, rank)) for step in range(2)]
+    hook.remove()
+    return {"steps": out, "poisoned": poisoned}
+
+
+def no_sync(rank: int, world: int) -> dict:
+    """The ops of the hook and of its callbacks that would force a host sync on CUDA, on the
+    torch path (the CPU kernel off), at the warm-up's ratio and after it. The callbacks run
+    on Gloo's threads, and a dispatch mode records one thread only: each gets its own."""
+    model = mlp()
+    state = hvd_topk.ddp.TopKState(model, ratio=0.01, min_numel=MIN_NUMEL, warmup_steps=1, momentum=0.9)
+    ddp = wrap(model, state)
+    found = []
+
+    def recorded(fn):
+        def run(*args):
+            with SyncRecorder() as rec:
+                fn(*args)
+            found.extend(rec.syncs)
+        return run
+
+    receivers = {name: getattr(hvd_topk.ddp.hook, name) for name in ("_receive_sparse", "_receive_dense")}
+    for name, fn in receivers.items():
+        setattr(hvd_topk.ddp.hook, name, recorded(fn))
+    try:
+        with use_cpu_kernel(False):
+            for step in range(3):
+                x, y = batch(step, rank)
+                with recording() as rec:
+                    loss_of(ddp, x, y).backward()
+                found.extend(rec.syncs)
+    finally:
+        for name, fn in receivers.items():
+            setattr(hvd_topk.ddp.hook, name, fn)
+    return {"syncs": [(op, where) for op, where in found if where != "outside hvd_topk"]}
+
+
+SCENARIOS = {f.__name__: f for f in (exact, ratio_one, identical, resume, nonfinite, no_sync)}
+
+
+def main(out: Path, names) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name in names:
+        result = SCENARIOS[name](rank, world)
+        torch.save(result, out / f"{name}_rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HVD_TOPK_LOG", "warning")
+    main(Path(sys.argv[1]), sys.argv[2:])
