@@ -42,6 +42,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     buffer = bucket.buffer()
 
     def done(_) -> torch.Tensor:
+        for f in futures:
+            f.value()  # a collective's error surfaces here, in DDP's wait
         for part in finish:
             part()
         return buffer
