@@ -14,6 +14,7 @@ tolerances are here:
 - the ranks' parameters are bit-identical after training; a checkpoint restored mid warm-up
   continues bit for bit as the uninterrupted run;
 - a NaN on one rank makes that tensor NaN on every rank, and nothing of the step is lost;
+- ranks given other settings all raise at construction;
 - the hook and its callbacks run no op that would sync a CUDA device with the host.
 """
 
@@ -29,7 +30,7 @@ from launch import BIN, REPO, WORKERS, launch, worker_env
 
 from hvd_topk.layout import num_selected
 
-SCENARIOS = ("exact", "ratio_one", "identical", "resume", "nonfinite", "no_sync")
+SCENARIOS = ("exact", "ratio_one", "identical", "resume", "nonfinite", "disagree", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -123,6 +124,14 @@ def test_nonfinite_tensor_is_nan_everywhere_and_nothing_is_lost(ranks):
         # the finite step did send: its residuals lost their sent entries
         c = finite["grad_in"]["0.weight"].reshape(-1)  # the first step's residual started empty
         assert not torch.equal(finite["residual_after"]["0.weight"], c)
+
+
+def test_ranks_with_other_settings_all_raise(ranks):
+    last = ranks.world - 1  # it asked for ratio 0.02, the others for 0.01
+    for rank, result in enumerate(ranks.load("disagree")):
+        others = list(range(last)) if rank == last else [last]
+        assert f"rank(s) {others} have other settings" in result["error"]
+        assert "ratio=0.02" in result["error"] and "ratio=0.01" in result["error"]
 
 
 def test_hook_makes_no_host_sync(ranks):

@@ -57,7 +57,9 @@ class TopKState:
         model: the module (before or after wrapping in DDP; its parameter names key the
             residuals and ``state_dict()``), or its ``named_parameters()``.
         ratio: fraction of each tensor's entries sent, in (0, 1].
-        process_group: the group DDP reduces over (``None``: the default group).
+        process_group: the group DDP reduces over (``None``: the default group). Every rank
+            of it constructs its ``TopKState`` together: they compare their settings (one
+            ``all_gather_object``) and all raise ``ValueError`` if they differ.
         momentum: DGC's momentum correction (0: off), in [0, 1).
         nesterov: Nesterov's form of it (needs ``momentum > 0``).
         **settings: the ``TopKSettings`` keywords in ``HOOK_SETTINGS`` (``warmup_steps``,
@@ -108,6 +110,7 @@ class TopKState:
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
+        _agree(f"{self.settings}, momentum={self.momentum}, nesterov={self.nesterov}", process_group)
         self._names = _parameter_names(model)
         self.rank_state = CompressorState()
         self.commits = DeferredCommits(self.settings.momentum_masking)
@@ -216,3 +219,15 @@ def _parameter_names(model) -> Dict[int, str]:
     if not names:
         raise ValueError("TopKState needs the model's parameters; got none")
     return names
+
+
+def _agree(settings: str, group: Optional[dist.ProcessGroup]) -> None:
+    """Raise ``ValueError`` on every rank unless every rank of ``group`` has these settings
+    (different ratios would make payloads of different sizes: a failed or hung allgather)."""
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, settings, group=group)
+    mine = every[dist.get_rank(group)]
+    others = [r for r, text in enumerate(every) if text != mine]
+    if others:
+        raise ValueError(f"TopKState: rank(s) {others} have other settings than this rank's "
+                         f"{mine}; theirs: {every[others[0]]}")

@@ -173,6 +173,15 @@ def nonfinite(rank: int, world: int) -> dict:
     return {"steps": out, "poisoned": poisoned}
 
 
+def disagree(rank: int, world: int) -> dict:
+    """The last rank asks for another ratio: every rank's error."""
+    try:
+        hvd_topk.ddp.TopKState(mlp(), ratio=0.02 if rank == world - 1 else 0.01)
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 def no_sync(rank: int, world: int) -> dict:
     """The ops of the hook and of its callbacks that would force a host sync on CUDA, on the
     torch path (the CPU kernel off), at the warm-up's ratio and after it. The callbacks run
@@ -205,7 +214,7 @@ def no_sync(rank: int, world: int) -> dict:
     return {"syncs": [(op, where) for op, where in found if where != "outside hvd_topk"]}
 
 
-SCENARIOS = {f.__name__: f for f in (exact, ratio_one, identical, resume, nonfinite, no_sync)}
+SCENARIOS = {f.__name__: f for f in (exact, ratio_one, identical, resume, nonfinite, disagree, no_sync)}
 
 
 def main(out: Path, names) -> None:
