@@ -131,8 +131,7 @@ class TopKCompressor(SparseCompressor):
         return choose_exchange(self.settings, tensor, world, self.current_ratio())
 
     def group_bytes(self, device: torch.device, exchange: str = "allgather") -> int:
-        """Gradient bytes compressed together on ``device`` for ``exchange``
-        (``TopKSettings.group_bytes_for``)."""
+        """Gradient bytes compressed together (``TopKSettings.group_bytes_for``)."""
         return self.settings.group_bytes_for(device, exchange)
 
     def _layout(self, sizes: Tuple[int, ...]) -> GroupLayout:
@@ -170,8 +169,11 @@ class TopKCompressor(SparseCompressor):
         dtype = tensors[0].dtype
         layout = self._layout(tuple(t.numel() for t in tensors))
         ranks = world if world is not None else self.world_size
+        # The sparse allreduce's rows need the world and its plan (the allgather infers the world).
+        regions = self.exchanges[exchange].plan(layout, ranks) if exchange == "sparse_allreduce" else None
         ctx = SparseContext(names, tuple(t.shape for t in tensors), dtype, layout, s.value_dtype or dtype,
-                            index_dtype(max(layout.sizes)), divisor=divisor, world=world, exchange=exchange)
+                            index_dtype(max(layout.sizes)), divisor=divisor, exchange=exchange,
+                            world=ranks if regions is not None else world, regions=regions)
         g = (tensors[0].detach().reshape(-1) if len(tensors) == 1
              else torch.cat([t.detach().reshape(-1) for t in tensors]))  # (n,)
         residual = state.residuals.group_buffer(names, layout.sizes, g)  # (n,)
@@ -189,8 +191,6 @@ class TopKCompressor(SparseCompressor):
                         nesterov=nesterov, adam=moments, fused=s.local_clip_norm is None)  # 1.-4.
         sent = PositionSet(chosen.positions, layout.numel)
         pend = self.selections[names] = Pending(residual, velocity, sent, chosen.bad, scale, ctx.value_dtype)
-        if exchange == "sparse_allreduce":  # its rows need the world (the allgather infers it)
-            ctx.world, ctx.regions = ranks, self.exchanges[exchange].plan(layout, ranks)
         return self._send(ctx, pend, chosen.positions, chosen.values, chosen.inexact), ctx
 
     def _send(self, ctx: SparseContext, pend: Pending, positions: torch.Tensor, values: torch.Tensor,
@@ -199,13 +199,13 @@ class TopKCompressor(SparseCompressor):
         the flags, the values as they travel, in the exchange's wire format."""
         sent = scaled_wire(values, pend.scale, pend.value_dtype)
         signature = self._signatures.get(ctx, sent.device)
-        ctx.header = build_header(ctx, signature, pend.bad, inexact).to(sent.device)
-        payload, pend.travels = self.exchanges[ctx.exchange].payload(ctx, positions, sent, signature)
+        ctx.sending(build_header(ctx, signature, pend.bad, inexact).to(sent.device))
+        payload, travels = self.exchanges[ctx.exchange].payload(ctx, positions, sent, signature)
+        pend.sent_as(travels)
         return payload
 
     def reduce_regions(self, received: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
-        """The sparse allreduce's middle step at this rank as the owner of its regions
-        (``SparseAllreduceExchange.reduce``): its row for the allgather -- no host sync."""
+        """The sparse allreduce's owner step (``SparseAllreduceExchange.reduce``), no host sync."""
         return self.exchanges["sparse_allreduce"].reduce(received, ctx)
 
     # -- decompress -------------------------------------------------------------------------
@@ -214,12 +214,12 @@ class TopKCompressor(SparseCompressor):
         """The dense sum of what ``gathered`` holds (``SparseCompressor.scatter``)."""
         if out is None:
             out = torch.empty(ctx.numel, dtype=ctx.dtype, device=gathered.device)
-        ctx.headers, kept = self.exchanges[ctx.exchange].receive(gathered, ctx, out, self.state.steps)
+        headers, kept = self.exchanges[ctx.exchange].receive(gathered, ctx, out, self.state.steps)
         if kept is not None:
             pend = self.selections[ctx.names]
             pos, fits = pend.travels.positions()
-            pend.applied = PositionSet(pos, ctx.numel, valid=sar.was_kept(pos, kept) & fits)
-        ctx.out = out
+            pend.kept(PositionSet(pos, ctx.numel, valid=sar.was_kept(pos, kept) & fits))
+        ctx.received(headers, out)
         return out
 
     def check(self, ctxs: Sequence[SparseContext], extra: Optional[torch.Tensor] = None):

@@ -58,8 +58,9 @@ class SparseContext:
     lives in the group's flat buffer and its ``k``; ``divisor``: what the sum over ranks is
     divided by (the world size for ``hvd.Average``); ``world``: the ranks whose payloads the
     gathered buffer holds (``None``: inferred from its size); ``regions``: the sparse
-    allreduce's plan. Set by the compressor as the step goes: ``header`` (this rank's, device
-    int32), then after ``scatter`` ``headers`` (every rank's) and ``out`` (the dense result).
+    allreduce's plan. What the step adds, through the context's own methods: ``header``
+    (``sending``: this rank's, device int32), then ``headers`` (every rank's) and ``out`` (the
+    dense result) once received (``received``).
     """
 
     names: Tuple[str, ...]
@@ -75,6 +76,14 @@ class SparseContext:
     header: Optional[torch.Tensor] = field(default=None, repr=False)
     headers: Optional[torch.Tensor] = field(default=None, repr=False)
     out: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def sending(self, header: torch.Tensor) -> None:
+        """This rank's header for the payload being sent (a redo sends a new one)."""
+        self.header = header
+
+    def received(self, headers: torch.Tensor, out: torch.Tensor) -> None:
+        """Every rank's header, and the dense result the gathered payloads were scattered into."""
+        self.headers, self.out = headers, out
 
     @property
     def name(self) -> str:

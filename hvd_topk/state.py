@@ -60,6 +60,14 @@ class Pending:
     travels: Optional[PositionSet] = None  # sparse allreduce: those that fit an owner's row
     applied: Optional[PositionSet] = None  # sparse allreduce: those some owner kept (committed)
 
+    def sent_as(self, travels: Optional[PositionSet]) -> None:
+        """The positions that travel, when not all of them do (the sparse allreduce's rows)."""
+        self.travels = travels
+
+    def kept(self, applied: PositionSet) -> None:
+        """The positions some owner kept: the only ones the commit writes (sparse allreduce)."""
+        self.applied = applied
+
 
 class StepSelections:
     """This step's selection of each group (``Pending``, keyed by the group's names) until the
