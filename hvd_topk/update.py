@@ -59,7 +59,8 @@ def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
     """The rank's Adam update direction ``(m / bias1) / (sqrt(s / bias2) + eps)`` after
     taking in ``g`` (finite, unscaled), with torch.optim.Adam's arithmetic: ``m = b1 m +
     (1 - b1) g``; unless frozen ``s = b2 s + (1 - b2) g^2`` (AMSGrad: the running max of
-    ``s`` is the denominator's); then clipped to ``[-clip, clip]``."""
+    ``s`` is the denominator's); then clipped to ``[-clip, clip]``. ``g`` is consumed: its
+    buffer becomes the direction (a step's temporaries are one ``(n,)`` buffer fewer)."""
     m.exp_avg.lerp_(g, 1 - m.beta1)
     if isinstance(m.update_variance, torch.Tensor):  # (n,) bool: some tensors' is frozen
         moved = (m.exp_avg_sq * m.beta2).addcmul_(g, g, value=1 - m.beta2)
@@ -71,7 +72,7 @@ def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
     s = m.exp_avg_sq if m.max_exp_avg_sq is None else m.max_exp_avg_sq
     bias2 = m.bias2 ** 0.5 if not isinstance(m.bias2, torch.Tensor) else m.bias2.sqrt()
     denom = (s.sqrt() / bias2).add_(m.eps)
-    d = (m.exp_avg / m.bias1).div_(denom)
+    d = torch.div(m.exp_avg, m.bias1, out=g).div_(denom)
     return d if m.clip is None else d.clamp_(-m.clip, m.clip)
 
 
