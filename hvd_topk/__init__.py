@@ -12,20 +12,21 @@ Example::
 """
 
 from ._cpu_kernel import cpu_kernel, use_cpu_kernel
-# The Horovod engine. hvd_topk.ddp (the PyTorch DDP hook) and the selection pipeline need no
-# Horovod: without it, `import hvd_topk.ddp` still works and these names say what is missing.
+# The engine-independent core: selection, packing, the byte and time models.
+from .cost import CostModel, exchange_times
+from .exchange_core import EXCHANGES, exchange_bytes
+from .packing import pack, payload_nbytes, unpack
+from .selection import index_dtype, num_selected, select_topk
+# The Horovod engine. hvd_topk.ddp (the PyTorch DDP hook) and the core need no Horovod:
+# without it, `import hvd_topk.ddp` still works and these names say what is missing.
 try:
     from .checkpoint import load_checkpoint, save_checkpoint
     from .compression import (AdamSettings, RankMismatchError, SparseCompressor, SparseContext,
                               TopKCompressor)
-    from .cost import CostModel, exchange_times
-    from .exchange import EXCHANGES, exchange_bytes
     from .elastic import register_elastic_handler
     from .memory import ResidualMemory, held_bytes
     from .optimizer import CommStats, DistributedOptimizer, TopKDistributedOptimizer
     from .registry import COMPRESSORS, make_compressor, register_compressor
-    from .packing import pack, payload_nbytes, unpack
-    from .selection import index_dtype, num_selected, select_topk
 except ImportError as _missing:
     if not (_missing.name or "").startswith("horovod"):
         raise

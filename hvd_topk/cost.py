@@ -7,7 +7,7 @@ predicts the seconds it adds to a step on one rank::
     allgather:         bytes_ag / B                    + select * n + scatter * P k
     sparse allreduce:  bytes_sar / B + (P-1) latency   + select * n + owner * k + scatter * P R
 
-- ``bytes_*``: the wire's own byte model (``exchange.traffic``, ``ring_allreduce_bytes``), what
+- ``bytes_*``: the wire's own byte model (``exchange_core.traffic``, ``ring_allreduce_bytes``), what
   the rank's link carries; ``B`` the link's bandwidth.
 - Messages: Horovod fuses a step's allreduces and its allgathers into a few collectives
   (tensor fusion), so a gradient sent by either adds bytes to them, not messages. The sparse
@@ -17,6 +17,10 @@ predicts the seconds it adds to a step on one rank::
   select, write the residual), ``scatter`` per entry received and scatter-added, ``owner``
   per selected entry for the sparse allreduce's region work (bucketing, the owners' sorts and
   sums; ``R = ceil(k / P)`` entries kept per region).
+
+One formula per exchange (``allgather_time``, ``sparse_allreduce_time``; the exchanges'
+``time`` methods are these), and no Horovod: the DDP hook (``hvd_topk.ddp``) chooses between a
+dense allreduce and its allgather by the same ``choose_exchange``.
 
 Every term is computed from host numbers and settings, so every rank takes the same decision.
 The link's figures are settings (``link_gbps``, ``link_latency_us``; environment
@@ -30,17 +34,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .exchange import EXCHANGES, AllgatherExchange, cheapest_exchange, gradient_costs, ring_allreduce_bytes
+from .exchange_core import (EXCHANGES, cheapest_exchange, gradient_costs, region_sizes, ring_allreduce_bytes,
+                            traffic)
 from .layout import index_dtype, num_selected
 from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings
-from .sparse_allreduce import SparseAllreduceExchange
 
 __all__ = ["CostModel", "COMPUTE_NS", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US", "cost_model",
-           "parse_compute_ns", "exchange_times", "gradient_times", "fastest_exchange", "choose_exchange"]
+           "parse_compute_ns", "allgather_time", "sparse_allreduce_time",
+           "exchange_times", "gradient_times", "fastest_exchange", "choose_exchange"]
 
 #: Compute per device type, nanoseconds. CPU: ``select`` from the CPU kernel's compress
 #: (``docs/performance/compression.md``: 1.8-2.8 ns per entry, 1M-25M entries at 1%),
@@ -106,6 +111,28 @@ def cost_model(settings: TopKSettings, device_type: str,
     return CostModel(settings.link_gbps, settings.link_latency_us, ns["select"], ns["scatter"], ns["owner"])
 
 
+def allgather_time(numel: int, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
+                   capacity: float, model: CostModel) -> float:
+    """Seconds the allgather adds for a group sending ``ks`` entries of ``numel``: its bytes
+    over the link, fused with the step's other allgathers (no messages of its own), the
+    selection, and the scatter-add of the ``P * K`` gathered entries."""
+    link = traffic("allgather", ks, world, value_bytes, index_bytes, capacity)[2]
+    return (link / model.bytes_per_s
+            + 1e-9 * (model.select_ns * numel + model.scatter_ns * world * sum(ks)))
+
+
+def sparse_allreduce_time(numel: int, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
+                          capacity: float, model: CostModel) -> float:
+    """Seconds the sparse allreduce adds: its bytes over the link, its alltoall's ``P - 1``
+    messages (Horovod does not fuse alltoalls), the selection, the owners' work per selected
+    entry, and the scatter-add of the ``P * R`` entries the owners keep."""
+    link = traffic("sparse_allreduce", ks, world, value_bytes, index_bytes, capacity)[2]
+    kept = sum(region_sizes(k, world, capacity)[1] for k in ks)
+    return (link / model.bytes_per_s + (world - 1) * model.latency_s
+            + 1e-9 * (model.select_ns * numel + model.owner_ns * sum(ks)
+                      + model.scatter_ns * world * kept))
+
+
 def exchange_times(numel: int, k: int, world: int, grad_bytes: int, value_bytes: int, index_bytes: int,
                    capacity: float, model: CostModel) -> Dict[str, float]:
     """Seconds each exchange adds to a step for one gradient (the module's model; with one
@@ -114,9 +141,8 @@ def exchange_times(numel: int, k: int, world: int, grad_bytes: int, value_bytes:
     ks: Tuple[int, ...] = (k,)
     return {
         "dense": ring_allreduce_bytes(numel * grad_bytes, p) / model.bytes_per_s,
-        "allgather": AllgatherExchange.time(numel, ks, p, value_bytes, index_bytes, capacity, model),
-        "sparse_allreduce": SparseAllreduceExchange.time(numel, ks, p, value_bytes, index_bytes,
-                                                         capacity, model),
+        "allgather": allgather_time(numel, ks, p, value_bytes, index_bytes, capacity, model),
+        "sparse_allreduce": sparse_allreduce_time(numel, ks, p, value_bytes, index_bytes, capacity, model),
     }
 
 
@@ -136,20 +162,22 @@ def fastest_exchange(times: Mapping[str, float], allowed) -> str:
 
 
 def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float,
-                    compute: Optional[Mapping[str, float]] = None) -> str:
+                    compute: Optional[Mapping[str, float]] = None,
+                    sparse_exchanges: Sequence[str] = EXCHANGES[1:]) -> str:
     """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for one gradient over ``world``
     ranks at ``ratio``: dense below ``min_numel`` and for what is not a dense floating
     tensor; under ``"auto"`` the fastest by the time model (a dense allreduce among the
     candidates with ``density_aware``). A named exchange is taken as named; with
     ``density_aware``, wherever it moves no more bytes than a dense allreduce (the byte model:
     naming an exchange asks for it, the dense fallback only keeps it from costing more on the
-    wire). Host numbers only: every rank takes the same decision."""
+    wire). ``sparse_exchanges``: those the engine has, what ``"auto"`` chooses among (the DDP
+    hook: ``("allgather",)``). Host numbers only: every rank takes the same decision."""
     if not tensor.dtype.is_floating_point or tensor.is_sparse:
         return "dense"
     n = tensor.numel()
     if n == 0 or n < settings.min_numel:
         return "dense"
-    allowed = EXCHANGES[1:] if settings.exchange == "auto" else (settings.exchange,)
+    allowed = tuple(sparse_exchanges) if settings.exchange == "auto" else (settings.exchange,)
     if settings.density_aware:
         allowed = ("dense",) + allowed
     if len(allowed) == 1:

@@ -11,166 +11,29 @@
 Only the payloads cross the wire; nothing dense-sized does. Every rank sums the same gathered
 buffer in the same order, so every rank ends with bit-identical gradients.
 
-The allgather's bytes per rank grow with the world size, ``(P-1) * k`` entries; the sparse
-allreduce (``sparse_allreduce.py``: an alltoall to region owners, then an allgather of what
-they keep) stays near ``3 k (P-1)/P``. ``traffic`` is the one byte model: ``comm_stats`` counts
-by it, and the time model behind ``TopKCompressor(exchange="auto")`` (``cost.py``) charges its
-bytes to the link.
+The byte model, the scatter-add and the local indices are engine-independent
+(``exchange_core.py``, shared with the DDP hook); the Horovod collectives are in
+``collectives.py``. Both are re-exported here under their old names.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
-from horovod.torch import mpi_ops
 
-from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext, header_words
+from .collectives import sparse_allgather_async, sparse_alltoall_async
+from .cost import allgather_time
+from .exchange_core import (EXCHANGES, QUANTILES, cheapest_exchange, exchange_bytes, gradient_costs,
+                            local_indices, region_sizes, ring_allreduce_bytes, scatter_add_, traffic)
+from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext
 from .packing import pack_header, payload_rows
-from .layout import GroupLayout, index_dtype, num_selected
+from .layout import GroupLayout
 from .positions import PositionSet
-from .settings import TopKSettings
 
 __all__ = ["sparse_allgather_async", "sparse_alltoall_async", "scatter_add_", "exchange_bytes", "traffic",
            "ring_allreduce_bytes", "region_sizes", "cheapest_exchange", "gradient_costs",
            "AllgatherExchange", "local_indices", "EXCHANGES", "QUANTILES"]
-
-#: The exchanges a gradient can take, cheapest first when the model ties.
-EXCHANGES = ("dense", "allgather", "sparse_allreduce")
-#: The sparse allreduce's load statistics per (owner, tensor), in its allgather row: the
-#: demand, then QUANTILES - 1 inner quantiles (``sparse_allreduce.refresh_bounds``).
-QUANTILES = 8
-
-
-def region_sizes(k: int, world: int, capacity: float) -> Tuple[int, int]:
-    """The sparse allreduce's ``(c, R)`` for a tensor sending ``k`` entries over ``world``
-    ranks: at most ``c`` entries per (sender, region), and ``R`` entries kept per region
-    (``P * R >= k``)."""
-    if k == 0:
-        return 0, 0
-    c = min(k, math.ceil(capacity * k / world))
-    return c, math.ceil(k / world)
-
-
-def ring_allreduce_bytes(nbytes: int, world: int) -> int:
-    """Bytes a ring allreduce of ``nbytes`` carries on each rank's link, each way:
-    ``2 (P-1)/P * nbytes`` (0 for one rank)."""
-    return math.ceil(2 * (world - 1) * nbytes / world) if world > 1 else 0
-
-
-def traffic(exchange: str, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
-            capacity: float = 2.0) -> Tuple[int, int, int]:
-    """The byte model, the wire's own: ``(sent, received, link)`` bytes of one rank for one
-    group of tensors sending ``ks`` entries each over ``world`` ranks, ``link`` being what its
-    link carries to other ranks (each way, for the symmetric collectives used here).
-
-    - ``allgather``: one payload, header (``2`` int32 words, ``2 + S`` for a group of ``S``
-      tensors) plus ``K`` values and indices; every rank receives all ``P``;
-    - ``sparse_allreduce``: ``P`` alltoall rows of ``1 + S`` header words and ``C`` entries,
-      then an allgather of each owner's row: header, ``R`` entries, ``S * QUANTILES`` load
-      statistics (``sparse_allreduce.RegionPlan``).
-    """
-    entry, segments = value_bytes + index_bytes, len(ks)
-    head = 4 * header_words(segments)
-    if exchange == "sparse_allreduce":
-        sizes = [region_sizes(k, world, capacity) for k in ks]
-        row1 = 4 * (1 + segments) + sum(c for c, _ in sizes) * entry
-        row2 = head + sum(r for _, r in sizes) * entry + segments * QUANTILES * index_bytes
-        return (world - 1) * row1 + row2, (world - 1) * row1 + world * row2, (world - 1) * (row1 + row2)
-    if exchange != "allgather":
-        raise ValueError(f"no byte model for exchange {exchange!r}")
-    payload = head + sum(ks) * entry
-    return payload, world * payload, (world - 1) * payload
-
-
-def exchange_bytes(numel: int, k: int, world: int, grad_bytes: int, value_bytes: int,
-                   index_bytes: int, capacity: float = 2.0) -> dict:
-    """Bytes each rank's link carries to exchange one gradient of ``numel`` entries, ``k`` of
-    them selected, over ``world`` ranks, by each exchange -- the model behind
-    ``TopKCompressor(exchange="auto")`` (``docs/performance/scaling.md`` measures it against
-    real links): a ring allreduce's ``2 (P-1)/P * n * b_grad`` for ``dense``, ``traffic``'s
-    ``link`` for the sparse ones. With one rank nothing is sent; the model is then evaluated
-    for two, so that a single-rank run compresses as a small job would.
-    """
-    p = max(world, 2)
-    costs = {"dense": ring_allreduce_bytes(numel * grad_bytes, p)}
-    for name in EXCHANGES[1:]:
-        costs[name] = traffic(name, (k,), p, value_bytes, index_bytes, capacity)[2]
-    return costs
-
-
-def cheapest_exchange(costs: dict, allowed) -> str:
-    """The allowed exchange of fewest bytes in ``costs`` (ties: the earlier in ``EXCHANGES``)."""
-    return min((e for e in EXCHANGES if e in allowed), key=lambda e: (costs[e], EXCHANGES.index(e)))
-
-
-def gradient_costs(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float) -> dict:
-    """``exchange_bytes`` for one gradient at ``ratio`` under ``settings``."""
-    n = tensor.numel()
-    vdt = settings.value_dtype or tensor.dtype
-    return exchange_bytes(n, num_selected(n, ratio), world, tensor.element_size(), vdt.itemsize,
-                          index_dtype(n).itemsize, settings.region_capacity)
-
-
-def sparse_allgather_async(payload: torch.Tensor, name: str,
-                           process_set=mpi_ops.global_process_set) -> Callable[[], torch.Tensor]:
-    """Start an allgather of ``payload`` and return a callable that waits for the result.
-
-    A callable handle is what Horovod's own sparse path returns and what its
-    ``DistributedOptimizer.synchronize()`` accepts.
-    """
-    handle = mpi_ops.allgather_async(payload, name=name, process_set=process_set)
-
-    def wait() -> torch.Tensor:
-        return mpi_ops.synchronize(handle)  # (world * nbytes,) uint8
-
-    return wait
-
-
-def sparse_alltoall_async(payload: torch.Tensor, rows: int, name: str,
-                          process_set=mpi_ops.global_process_set) -> Callable[[], torch.Tensor]:
-    """Start an alltoall of ``payload``, ``rows`` equal rows (row j to rank j), and return a
-    callable that waits for the ``(rows * row_bytes,)`` received rows (row r from rank r).
-
-    The splits are explicit, so that a rank whose rows have another size is received (and
-    detected by ``sparse_allreduce.reduce_region``) instead of failing in Horovod. They are
-    host numbers known before the step: nothing is read from the device.
-    """
-    splits = torch.full((rows,), payload.numel() // max(rows, 1), dtype=torch.int32)
-    handle = mpi_ops.alltoall_async(payload, splits=splits, name=name, process_set=process_set)
-
-    def wait() -> torch.Tensor:
-        output, _received_splits = mpi_ops.synchronize(handle)
-        return output
-
-    return wait
-
-
-def scatter_add_(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``out[indices[i]] += values[i]`` for all i, duplicates summed, deterministically.
-
-    Arguments:
-        out: ``(n,)`` dense buffer, modified in place.
-        indices: ``(m,)`` int32/int64 indices (duplicates across ranks are expected).
-        values: ``(m,)`` values, cast to ``out``'s dtype.
-    """
-    values = values.to(out.dtype)
-    if out.device.type == "cpu":
-        out.index_add_(0, indices, values)
-    else:
-        # CUDA index_add_ uses atomics (order varies between ranks); index_put_ with
-        # accumulate=True sorts first, so every rank gets the same bits.
-        out.index_put_((indices.long(),), values, accumulate=True)
-    return out
-
-
-def local_indices(sel: torch.Tensor, layout: GroupLayout, index_dtype: torch.dtype) -> torch.Tensor:
-    """``(K,)`` each slot's index within its own tensor, in the wire's index dtype."""
-    if layout.segments == 1:
-        return sel.to(index_dtype)
-    return (sel - layout.slot_tables(sel.device)["slot_start"]).to(index_dtype)
-
 
 #: Gathered entries ``AllgatherExchange.receive`` copies out at once (at least one rank's).
 _SCATTER_ENTRIES = 1 << 20
@@ -218,10 +81,9 @@ class AllgatherExchange(Exchange):
     def time(numel: int, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
              capacity: float, model) -> float:
         """Its bytes over the link, fused with the step's other allgathers (no messages of its
-        own), the selection, and the scatter-add of the ``P * K`` gathered entries."""
-        link = traffic("allgather", ks, world, value_bytes, index_bytes, capacity)[2]
-        return (link / model.bytes_per_s
-                + 1e-9 * (model.select_ns * numel + model.scatter_ns * world * sum(ks)))
+        own), the selection, and the scatter-add of the ``P * K`` gathered entries
+        (``cost.allgather_time``)."""
+        return allgather_time(numel, ks, world, value_bytes, index_bytes, capacity, model)
 
     def receive(self, gathered: torch.Tensor, ctx: SparseContext, out: torch.Tensor,
                 step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from horovod.torch.compression import Compressor
 
+from .exchange_core import header_words, traffic
 from .packing import payload_nbytes
 from .selection import GroupLayout, PositionSet
 
@@ -135,8 +136,7 @@ class SparseContext:
     def traffic(self) -> Tuple[int, int, int]:
         """``(sent, received, link)``: the bytes this rank sends and receives for the group's
         exchange over ``world`` ranks, and those its link carries to other ranks (what
-        ``comm_stats`` counts) -- the exchange's own byte model (``exchange.traffic``)."""
-        from .exchange import traffic  # the exchanges import this module
+        ``comm_stats`` counts) -- the exchange's own byte model (``exchange_core.traffic``)."""
         capacity = self.regions.capacity if self.regions is not None else 2.0
         return traffic(self.exchange, self.layout.ks, self.world or 1, self.value_dtype.itemsize,
                        self.index_dtype.itemsize, capacity)
@@ -146,11 +146,6 @@ class SparseContext:
         """This rank's header flags (``FLAG_NONFINITE``, ``FLAG_INEXACT``). Reading it copies
         the header to the host: for tests and single-process use, not inside a step."""
         return int(self.header[1]) if self.header is not None else 0
-
-
-def header_words(segments: int) -> int:
-    """int32 words of a payload's header for a group of ``segments`` tensors."""
-    return 2 if segments == 1 else 2 + segments
 
 
 class ComplexContext:

@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .exchange import QUANTILES, region_sizes, scatter_add_, traffic
+from .cost import sparse_allreduce_time
+from .exchange_core import QUANTILES, region_sizes, scatter_add_
 from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
 from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext
 from .regions import refresh_bounds, uniform_bounds
@@ -271,7 +272,7 @@ class SparseAllreduceExchange(Exchange):
     (``bounds``, ``(S, P + 1)`` per ``(names, world)``, the same on every rank) are its own
     state. Per step: ``payload`` (this rank's alltoall rows), ``reduce`` (the owner's step,
     after the alltoall), ``receive`` (after the allgather of the owners' rows); its bytes are
-    ``exchange.traffic("sparse_allreduce", ...)``.
+    ``exchange_core.traffic("sparse_allreduce", ...)``.
 
     Arguments:
         capacity: ``region_capacity``, see ``TopKSettings``.
@@ -299,12 +300,8 @@ class SparseAllreduceExchange(Exchange):
              capacity: float, model) -> float:
         """Its bytes over the link, its alltoall's ``P - 1`` messages (Horovod does not fuse
         alltoalls), the selection, the owners' work per selected entry, and the scatter-add
-        of the ``P * R`` entries the owners keep."""
-        link = traffic("sparse_allreduce", ks, world, value_bytes, index_bytes, capacity)[2]
-        kept = sum(region_sizes(k, world, capacity)[1] for k in ks)
-        return (link / model.bytes_per_s + (world - 1) * model.latency_s
-                + 1e-9 * (model.select_ns * numel + model.owner_ns * sum(ks)
-                          + model.scatter_ns * world * kept))
+        of the ``P * R`` entries the owners keep (``cost.sparse_allreduce_time``)."""
+        return sparse_allreduce_time(numel, ks, world, value_bytes, index_bytes, capacity, model)
 
     def _bounds(self, ctx: SparseContext, device: torch.device) -> torch.Tensor:
         key = (ctx.names, ctx.regions.world)

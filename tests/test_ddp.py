@@ -28,7 +28,10 @@ import pytest
 import torch
 from launch import BIN, REPO, WORKERS, launch, worker_env
 
+from hvd_topk.cost import choose_exchange
+from hvd_topk.ddp.plan import build_plan
 from hvd_topk.layout import num_selected
+from hvd_topk.settings import TopKSettings
 
 SCENARIOS = ("exact", "ratio_one", "identical", "resume", "nonfinite", "disagree", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
@@ -168,6 +171,24 @@ def test_imports_and_runs_without_horovod(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=worker_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bucket_split_follows_the_horovod_paths_rule():
+    """The gradients the hook sends sparse are those ``cost.choose_exchange`` gives the allgather
+    with the allgather as the only sparse exchange: by bytes for a named exchange (a tie stays
+    dense; one rank is evaluated as two), by the time model under "auto" (where the Horovod path
+    takes its sparse allreduce, the hook allgathers while that beats a dense allreduce)."""
+    named = TopKSettings(0.01, exchange="allgather")
+    w = torch.zeros(10_000)  # P = 2: dense 2 (P-1)/P * 40000 = 40000 bytes, allgather 8 + 8 k
+    assert build_plan(["w"], [w], named, 0.49975, 2).sparse == (0,)  # k = 4998: 39992 bytes
+    assert build_plan(["w"], [w], named, 0.49985, 2).sparse == ()  # k = 4999: 40000, a tie
+    assert build_plan(["w"], [w], named, 0.49975, 1).sparse == (0,)
+    auto, big, bias = TopKSettings(0.01), torch.zeros(1_000_000), torch.zeros(10)
+    assert choose_exchange(auto, big, 64, 0.01) == "sparse_allreduce"
+    plan = build_plan(["w", "b"], [big, bias], auto, 0.01, 64)  # allgather 45 ms, dense 63 ms
+    assert (plan.sparse, plan.dense) == ((0,), (1,))
+    assert build_plan(["w"], [big], auto, 0.01, 256).sparse == ()  # allgather 171 ms, dense 64 ms
+    assert build_plan(["i"], [torch.zeros(100_000, dtype=torch.int64)], auto, 0.01, 2).sparse == ()
 
 
 @pytest.mark.parametrize("kwargs,error,words", [

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..exchange_core import scatter_add_
 from ..packing import pack_header, unpack
 from ..selection import segment_views, select
 from ..update import clip_local
@@ -85,9 +86,9 @@ def _receive_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Te
     dtype = grads[plan.sparse[0]].dtype
     out = torch.zeros(layout.numel, dtype=dtype, device=gathered.device)  # (n,)
     pos = indices.long().clamp_(0, layout.numel - 1).reshape(-1)  # (P * K,) never out of bounds
-    # Divide the P * K values, not the result; index_put_ accumulates in order (deterministic,
-    # unlike CUDA's index_add_), so every rank computes the same bits.
-    out.index_put_((pos,), values.reshape(-1).to(dtype).div_(world), accumulate=True)
+    # Divide the P * K values, not the result, and sum them in rank order: the same bits on
+    # every rank (the Horovod path's scatter-add).
+    scatter_add_(out, pos, values.reshape(-1).to(dtype).div_(world))
     bad = headers.ne(0).any(0)  # (S,) some rank's gradient was not finite
     for s, (i, part) in enumerate(zip(plan.sparse, segment_views(out, layout))):
         grads[i].view(-1).copy_(part.masked_fill_(bad[s], float("nan")))

@@ -1,8 +1,10 @@
 """A DDP bucket's plan: which of its gradients Top-K sends and which are allreduced densely,
 the sent ones as one group of the selection pipeline (``GroupLayout``), and the wire's dtypes.
 
-Host numbers only (names, sizes, dtypes, the step's ratio, the world size), so every rank
-builds the same plan, knows every rank's ``k`` and hence the size of every payload.
+Which gradients are sent sparse is the Horovod path's own decision, ``cost.choose_exchange``,
+with the hook's one sparse exchange, the allgather, as the only candidate besides a dense
+allreduce. Host numbers only (names, sizes, dtypes, the step's ratio, the world size), so every
+rank builds the same plan, knows every rank's ``k`` and hence the size of every payload.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..cost import choose_exchange
 from ..layout import GroupLayout, index_dtype, num_selected
+from ..packing import payload_nbytes
 from ..settings import TopKSettings
 
-__all__ = ["BucketPlan", "build_plan", "travels_sparse"]
+__all__ = ["BucketPlan", "build_plan", "travels_sparse", "HOOK_EXCHANGES"]
+
+#: The sparse exchanges the hook has: what ``exchange="auto"`` chooses among (with a dense
+#: allreduce where ``density_aware``). The Horovod path's sparse allreduce is not one of them.
+HOOK_EXCHANGES = ("allgather",)
 
 
 @dataclass(frozen=True)
@@ -58,22 +66,15 @@ class BucketPlan:
         ``K`` indices (0 without sparse gradients)."""
         if self.layout is None:
             return 0
-        return (4 * self.layout.segments + self.layout.k * (self.value_dtype.itemsize
-                                                            + self.index_dtype.itemsize))
+        return payload_nbytes(self.layout.k, self.value_dtype, self.index_dtype, self.layout.segments)
 
 
 def travels_sparse(grad: torch.Tensor, settings: TopKSettings, ratio: float, world: int) -> bool:
-    """Whether Top-K sends this gradient: a floating tensor of at least ``min_numel`` entries,
-    and with ``density_aware`` one whose allgather moves fewer bytes than a ring allreduce,
-    ``(P-1) k (value + index bytes) < 2 (P-1)/P n (gradient bytes)`` (a tie, and a world of
-    one, stay dense: the Horovod path's byte rule). Host numbers only."""
-    n = grad.numel()
-    if not grad.dtype.is_floating_point or n == 0 or n < settings.min_numel:
-        return False
-    if not settings.density_aware:
-        return True
-    entry = (settings.value_dtype or grad.dtype).itemsize + index_dtype(n).itemsize
-    return world > 1 and world * num_selected(n, ratio) * entry < 2 * n * grad.element_size()
+    """Whether Top-K sends this gradient: ``cost.choose_exchange`` picks the allgather for it
+    (a floating tensor of at least ``min_numel`` entries; with ``density_aware``, one whose
+    allgather is cheaper than a dense allreduce: by bytes for ``exchange="allgather"``, by the
+    time model for ``"auto"``; one rank is evaluated as two, as on the Horovod path)."""
+    return choose_exchange(settings, grad, world, ratio, sparse_exchanges=HOOK_EXCHANGES) == "allgather"
 
 
 def build_plan(names: Sequence[str], grads: Sequence[torch.Tensor], settings: TopKSettings,

@@ -34,8 +34,8 @@ class TopKState:
     Per bucket, every step (one bucket = one group of ``hvd_topk.selection``):
 
     1. split the bucket: floating gradients of at least ``min_numel`` entries are sent sparse
-       (with ``density_aware``, only where the allgather moves fewer bytes than an allreduce),
-       the rest are allreduced densely;
+       (with ``density_aware``, only where ``cost.choose_exchange``, the Horovod path's rule,
+       prefers the allgather to an allreduce), the rest are allreduced densely;
     2. compensate ``c = residual + g`` (with ``momentum``, DGC's momentum correction: the
        rank's velocity ``u = m u + g``, ``c = residual + u``), NaN/Inf entries added as 0 and
        the tensor flagged;
@@ -43,8 +43,9 @@ class TopKState:
        ``torch.topk`` picks), ``ratio`` being the warm-up's at this step;
     4. allgather every rank's payload ``[flags | k values | k indices]`` per tensor: every
        rank knows every ``k``, so payloads have a fixed size and nothing waits for a count;
-    5. every rank scatter-adds the ``P * K`` values divided by ``P``, in rank order: the same
-       bits everywhere; a tensor some rank flagged becomes NaN (as dense DDP would give);
+    5. every rank scatter-adds (``exchange_core.scatter_add_``) the ``P * K`` values divided by
+       ``P``, in rank order: the same bits everywhere; a tensor some rank flagged becomes NaN
+       (as dense DDP would give);
     6. once the step is over (at the next step's first bucket, or ``state_dict()``): the sent
        entries leave the residual (``residual = c - sent``) -- unless some gradient of the
        step was non-finite, when everything stays owed (a ``GradScaler`` skips that step).
