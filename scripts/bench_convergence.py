@@ -1,10 +1,13 @@
 """Convergence benchmark: dense, fp16, Top-K 1% and 0.1% (defaults, and each technique off).
 
-``--task digits`` (the default) runs examples/train.py on 2 ranks (horovodrun --gloo) with one
-seed and equal epochs per configuration, prints a Markdown table of final test accuracy and
-bytes sent per step, and writes the table (``--out``, .md) and a PNG of test accuracy per epoch.
+``--task digits`` (the default) runs examples/train.py on 2 ranks (horovodrun --gloo; the
+``DDP`` rows ``--engine ddp`` under torchrun, Gloo) with one seed and equal epochs per
+configuration, prints a Markdown table of final test accuracy and bytes sent per step, and
+writes the table (``--out``, .md) and a PNG of test accuracy per epoch. The DDP rows (dense
+DDP, PyTorch's PowerSGD hook, the hvd_topk.ddp Top-K hook) count no bytes.
 
     python scripts/bench_convergence.py                       # digits, the offline default
+    python scripts/bench_convergence.py --only DDP --out /tmp/ddp.md   # the DDP rows alone
     python scripts/bench_convergence.py --dataset mnist --epochs 3 --seeds 1
     python scripts/bench_convergence.py --seeds 42 43 44      # mean over seeds
 
@@ -52,6 +55,10 @@ CONFIGS = [
     ("dense, AdamW", ["--topk", "0", "--optimizer", "adamw", "--lr", "0.002"]),
     ("Top-K 1%, AdamW", ["--topk", "0.01", "--optimizer", "adamw", "--lr", "0.002"]),
     ("Top-K 0.1%, AdamW", ["--topk", "0.001", "--optimizer", "adamw", "--lr", "0.002"]),
+    # the same training under torchrun + DistributedDataParallel (examples/train.py --engine ddp)
+    ("DDP dense (SGD momentum)", ["--engine", "ddp", "--topk", "0"]),
+    ("DDP PowerSGD hook, rank 4", ["--engine", "ddp", "--powersgd", "4"]),
+    ("DDP Top-K 1% hook, defaults", ["--engine", "ddp", "--topk", "0.01"]),
 ]
 
 # examples/train_lm.py; the optimizer is AdamW unless the flags say --optimizer sgd.
@@ -72,7 +79,8 @@ LM_CONFIGS = [
     ("ablation, AdamW 0.1%: no Adam correction", ["--topk", "0.001", "--adam-correction", "off"]),
 ]
 
-EPOCH_RE = re.compile(r"epoch\s+(\d+).*test acc ([\d.]+)%.*sent/step ([\d.]+) KB \(([\d.]+)% of dense\)")
+# The DDP engine prints no sent/step: its two groups are then empty.
+EPOCH_RE = re.compile(r"epoch\s+(\d+).*test acc ([\d.]+)%(?:.*sent/step ([\d.]+) KB \(([\d.]+)% of dense\))?")
 LM_STEP_RE = re.compile(r"step (\d+) train_loss \S+ val_loss (\S+) .*\(([\d.]+)% of dense\) "
                         r"total_sent ([\d.]+) MB")
 LM_FINAL_RE = re.compile(r"final val_loss (\S+)")
@@ -89,11 +97,24 @@ def horovodrun(script, argv, args, timeout=3600):
     return out.stdout
 
 
+def torchrun(script, argv, args, timeout=3600):
+    """stdout of ``script`` (in examples/) run on ``args.np`` local ranks by torchrun."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(args.np),
+           str(REPO / "examples" / script), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
 def run(flags, args, seed):
-    stdout = horovodrun("train.py", ["--dataset", args.dataset, "--model", args.model, "--epochs",
-                                     str(args.epochs), "--seed", str(seed), "--no-progress", *flags], args)
-    epochs = [(int(m[0]), float(m[1]), float(m[2]), float(m[3])) for m in EPOCH_RE.findall(stdout)]
-    return epochs
+    """(epoch, test acc., KB sent per step, % of dense) per epoch; the last two None for DDP."""
+    launch = torchrun if "ddp" in flags else horovodrun
+    stdout = launch("train.py", ["--dataset", args.dataset, "--model", args.model, "--epochs",
+                                 str(args.epochs), "--seed", str(seed), "--no-progress", *flags], args)
+    return [(int(m[0]), float(m[1]), float(m[2]) if m[2] else None, float(m[3]) if m[3] else None)
+            for m in EPOCH_RE.findall(stdout)]
 
 
 def lm_flags(flags, args):
@@ -222,6 +243,8 @@ def main(args):
         sent = "100%" if not flags.startswith("--topk 0.") else f"{kb:.1f} KB ({share:.2f}%)"
         if flags.startswith("--fp16"):
             sent = "50%"
+        if flags.startswith("--engine ddp"):
+            sent = "100%" if flags.endswith("--topk 0") else "not counted"
         lines.append(f"| {label} | `{flags}` | {mean:.2f}% | {per} | {mean - dense:+.2f} | {sent} |")
     table = "\n".join(lines)
     print(table)

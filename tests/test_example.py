@@ -1,9 +1,10 @@
-"""Runs of examples/train.py on 2 ranks, one epoch of digits each (about 23 steps)."""
+"""Runs of examples/train.py on 2 ranks, one epoch of digits each (about 23 steps), on
+Horovod and on DDP (``--engine ddp`` under ``torchrun``)."""
 
 import re
 
 import pytest
-from launch import REPO, run_ranks
+from launch import BIN, REPO, launch, run_ranks, worker_env
 
 TRAIN = REPO / "examples" / "train.py"
 
@@ -21,12 +22,24 @@ def test_train_learns(backend, flags, tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard events written"
 
 
+def test_train_ddp_engine_learns():
+    """``torchrun --nproc-per-node 2 examples/train.py --engine ddp --topk 0.01``: DDP on Gloo with
+    the hvd_topk.ddp hook, two epochs (about 46 steps, inside the 100-step warm-up)."""
+    _, out = launch([BIN / "torchrun", "--standalone", "--nproc-per-node", 2, TRAIN, "--engine", "ddp",
+                     "--topk", "0.01", "--epochs", "2", "--no-progress"], timeout=240, env=worker_env())
+    assert "2 ranks, DDP, hvd_topk.ddp.topk_hook" in out, out
+    m = re.search(r"final test accuracy: ([\d.]+)%", out)
+    assert m, out
+    assert float(m.group(1)) > 50, out  # 79.2% measured here (one epoch: 47.5%; chance 10%)
+    assert out.count("final test accuracy") == 1, out  # rank 0 alone prints
+
+
 def test_train_help_shows_defaults():
     import subprocess
     import sys
     out = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    for flag in ("--topk", "--fp16", "--model", "--dataset", "--epochs", "--batch-size", "--lr",
+    for flag in ("--engine", "--topk", "--fp16", "--model", "--dataset", "--epochs", "--batch-size", "--lr",
                  "--momentum", "--seed", "--data-dir", "--log-dir", "--checkpoint"):
         assert flag in out
     assert "(default: digits)" in " ".join(out.split())
