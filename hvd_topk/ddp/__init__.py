@@ -3,7 +3,7 @@
 
 The same selection pipeline, residual memory, warm-up and settings as the Horovod engine
 (``hvd_topk.DistributedOptimizer``); only the exchange differs: ``torch.distributed``'s
-``all_gather_into_tensor`` and ``all_reduce``. ``TopKState`` documents the algorithm;
+``all_gather_single`` and ``all_reduce``. ``TopKState`` documents the algorithm;
 ``docs/ddp.md`` the usage and limits.
 
 Example::

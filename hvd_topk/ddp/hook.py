@@ -70,7 +70,7 @@ def _send_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tenso
                           chosen.positions.to(plan.index_dtype))  # (nbytes,) uint8
     state.commits.add(residual, velocity, chosen.positions, plan.value_dtype)
     gathered = payload.new_empty(state.world_size * payload.numel())  # (P * nbytes,)
-    work = dist.all_gather_into_tensor(gathered, payload, group=state.process_group, async_op=True)
+    work = _ALL_GATHER(gathered, payload, group=state.process_group, async_op=True)
     futures.append(work.get_future())
     return gathered
 
@@ -118,3 +118,8 @@ def _receive_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Ten
         avg = avg.add(velocity, alpha=state.momentum) if state.nesterov else velocity
     for i, part in zip(plan.dense, torch.split(avg, plan.dense_sizes)):
         grads[i].view(-1).copy_(part)
+
+
+# ``all_gather_single`` where torch has it (``all_gather_into_tensor``, the same collective,
+# warns there that it is deprecated), else ``all_gather_into_tensor``.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
