@@ -10,6 +10,7 @@ the reference and the tolerances, the worker only trains and records.
 from __future__ import annotations
 
 import copy
+import faulthandler
 import io
 import os
 import sys
@@ -228,5 +229,6 @@ def main(out: Path, names) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable(all_threads=True)  # a rank that aborts shows where every thread was
     os.environ.setdefault("HVD_TOPK_LOG", "warning")
     main(Path(sys.argv[1]), sys.argv[2:])
