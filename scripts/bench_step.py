@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loop", type=int, default=20,
                    help="repeats of the compress-every-gradient timing (0: skip)")
     p.add_argument("--out", default=None, help="also write the Markdown tables to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's table of one grouped compress + scatter of every "
+                        "gradient (Top-K 1%%), by device time (CUDA) or CPU time")
     p.add_argument("--interleave", action="store_true",
                    help="time one step of each method in turn (a model and optimizer each, built "
                         "first), so that a busy patch of a shared machine slows every method alike")
@@ -211,6 +214,8 @@ def bench_compress_loop(name: str, args, device: torch.device) -> Dict[str, floa
                 comp.step_done()
 
             out[f"hvd_topk {label} {ratio}"] = statistics.median(timed_steps(run, device, 3, args.loop))
+            if args.profile and ratio == 0.01 and group_bytes is None:
+                print_profile(run, device)
         residuals = {n: torch.zeros_like(g).reshape(-1) for n, g in params}
 
         def naive(ratio=ratio, residuals=residuals):
@@ -223,6 +228,17 @@ def bench_compress_loop(name: str, args, device: torch.device) -> Dict[str, floa
 
         out[f"naive torch.topk loop {ratio}"] = statistics.median(timed_steps(naive, device, 3, args.loop))
     return out
+
+
+def print_profile(run: Callable[[], None], device: torch.device) -> None:
+    """torch.profiler's table of one call of ``run``, the ops by the time they took."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
 
 
 def main(args) -> None:

@@ -44,7 +44,8 @@ HOROVOD_VERSION="${HOROVOD_VERSION:-0.28.1}"
 CACHE="${HVD_TOPK_CACHE:-$HOME/.cache/hvd-topk}"
 VENV="${HVD_TOPK_VENV:-$REPO/.venv}"
 PYTHON_BOOT="${HVD_TOPK_PYTHON:-python3}"
-export MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}"
+# nproc alone would honour OMP_NUM_THREADS (1 in the launch scripts) and build on one core.
+export MAKEFLAGS="${MAKEFLAGS:--j$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 log() { printf '[install] %s\n' "$*" >&2; }

@@ -146,9 +146,22 @@ def test_install_script_builds_with_the_toolchain_fixes():
 
 def test_gpu_check_runs_every_step():
     text = (REPO / "scripts" / "gpu_check.sh").read_text()
-    for needle in ("./scripts/install.sh", "horovodrun --check-build", "for what in NCCL MPI Gloo PyTorch",
-                   "exchange_worker.py", "scripts/bench_compression.py --device cuda --repeats 11 "
-                   "--sizes 1M,4M,25M,100M", "scripts/bench_step.py --out", "examples/train.py --device cuda",
+    for needle in ("./scripts/install.sh", "hvd.nccl_built()", "hvd.mpi_built()", "hvd.gloo_built()",
+                   "exchange_worker sparse_allreduce_worker", "scripts/bench_compression.py --device cuda",
+                   "--sizes 1M,4M,25M,100M", "scripts/bench_step.py --models resnet50,resnet18,vit_b_16",
+                   "scripts/bench_memory.py --device cuda", "examples/train.py --device cuda",
                    "--allow-run-as-root", "HOROVOD_ELASTIC=1", 'tee -a "$OUT/gpu_check.log"',
                    "16 * 1024 * 1024", "HVD_TOPK_VENV", "HOROVOD_WHEEL"):
         assert needle in text, needle
+
+
+def test_install_builds_on_every_core_whatever_omp_num_threads():
+    """``nproc`` honours OMP_NUM_THREADS, which the launch scripts set to 1: the build's
+    ``-j`` must not (one core turned a 2-minute Horovod build into a 7-minute timeout)."""
+    line = next(ln for ln in (REPO / "scripts" / "install.sh").read_text().splitlines()
+                if ln.startswith("export MAKEFLAGS="))
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "OMP_THREAD_LIMIT")}
+    env["OMP_NUM_THREADS"] = "1"
+    got = subprocess.run(["bash", "-c", f'{line}; echo "$MAKEFLAGS"'], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert got == f"-j{len(os.sched_getaffinity(0))}"
