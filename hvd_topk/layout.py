@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["num_selected", "index_dtype", "GroupLayout", "expand_counts", "segment_views",
+__all__ = ["num_selected", "index_dtype", "GroupLayout", "StepTables", "expand_counts", "segment_views",
            "sample_plan", "SAMPLED_MIN_NUMEL"]
 
 # Below this many elements a segment has no sample: all its entries are candidates (small
@@ -70,6 +70,34 @@ def _capacity(stride: int, m: int) -> int:
     return expected + min(expected, max(expected // 4, math.ceil(8 * math.sqrt(m) * stride))) + 64
 
 
+class StepTables:
+    """``k``-sized index tables kept for the rest of one step, when they are small.
+
+    A step asks for a group's slot tables several times (selection, values, scatter, sparse
+    allreduce rows); on a GPU every rebuild is a dozen kernel launches. They are kept until
+    ``end_step`` only while they weigh at most ``1/8`` of the group's fp32 bytes (at most
+    ``k <= n / 64`` for the slot tables): the warm-up's ratios rebuild them per call, as their
+    size would be a share of the group. Nothing is kept from one step to the next.
+    """
+
+    def __init__(self, numel: int) -> None:
+        self.budget = numel * 4 // 8
+        self._tables: Dict[Any, Dict[str, torch.Tensor]] = {}
+
+    def get(self, key, nbytes: int, build: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """The tables under ``key`` built this step, else ``build()`` (kept when ``nbytes`` fits)."""
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = build()
+            if nbytes <= self.budget:
+                self._tables[key] = tables
+        return tables
+
+    def end_step(self) -> None:
+        """Forget this step's tables."""
+        self._tables.clear()
+
+
 @dataclass
 class GroupLayout:
     """Where each segment lives in the group's flat buffer, its ``k``, and the per-step plan
@@ -90,6 +118,7 @@ class GroupLayout:
     plans: Tuple[Optional[Tuple[int, int]], ...] = field(init=False)
     _device: Dict[torch.device, Dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _samples: int = field(default=0, init=False, repr=False)
+    step_tables: StepTables = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.sizes) != len(self.ks) or not self.sizes:
@@ -105,6 +134,7 @@ class GroupLayout:
         for n, plan in zip(self.sizes, self.plans):
             cap += n if plan is None else min(n, _capacity(*plan))
         self.capacity = max(1, min(cap, self.numel))
+        self.step_tables = StepTables(self.numel)
 
     @property
     def segments(self) -> int:
@@ -166,9 +196,18 @@ class GroupLayout:
         return t["offsets"][sample_seg] + j * t["sample_stride"][which], sample_seg
 
     def slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
-        """The ``(K,)`` tables of the payload's slots, built on ``device`` at each call (a few
-        kernels; not cached: at the warm-up's ratios they would weigh a quarter of the group).
-        A single tensor's tables broadcast from 0-dim tensors where they are constant."""
+        """The ``(K,)`` tables of the payload's slots, built on ``device`` (a few kernels) and
+        kept for the rest of the step when small (``StepTables``; never across steps: at the
+        warm-up's ratios they would weigh a quarter of the group). A single tensor's tables
+        broadcast from 0-dim tensors where they are constant."""
+        device = torch.device(device)
+        return self.step_tables.get(("slots", device), 32 * self.k, lambda: self._slot_tables(device))
+
+    def end_step(self) -> None:
+        """The step is over: drop its ``StepTables``."""
+        self.step_tables.end_step()
+
+    def _slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
         t = self.tensors(device)
         if self.segments == 1:  # no (K,) memory: a slot's rank in its segment is the slot itself
             zero = t["offsets"][0]

@@ -143,4 +143,4 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize

@@ -109,8 +109,17 @@ class RegionPlan:
         return t
 
     def slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
-        """The ``(C,)`` and ``(R,)`` tables of the rows' slots, built at each call (not cached:
-        they scale with ``k``, see ``GroupLayout.slot_tables``)."""
+        """The ``(C,)`` and ``(R,)`` tables of the rows' slots, kept for the rest of the step
+        when small (they scale with ``k``, see ``GroupLayout.slot_tables``)."""
+        device = torch.device(device)
+        return self.layout.step_tables.get(("regions", self.world, device), 40 * (self.slots + self.kept),
+                                           lambda: self._slot_tables(device))
+
+    def end_step(self) -> None:
+        """The step is over: drop the tables kept for it (``GroupLayout.end_step``)."""
+        self.layout.end_step()
+
+    def _slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
         lt, t = self.layout.tensors(device), self.tensors(device)
         col1, _ = expand_counts(t["caps"], self.slots)  # (C,)
         col2, rank2 = expand_counts(t["keeps"], self.kept)  # (R,)

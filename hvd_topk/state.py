@@ -35,9 +35,14 @@ class GroupCache:
         return entry
 
     def prune(self) -> None:
-        """Forget the entries not used since the last prune."""
+        """Forget the entries not used since the last prune; the others' ``end_step()`` (where
+        they have one) drops what they kept for the step."""
         for key in [k for k in self._entries if k not in self._used]:
             del self._entries[key]
+        for entry in self._entries.values():
+            end_step = getattr(entry, "end_step", None)
+            if end_step is not None:
+                end_step()
         self._used = set()
 
     def __len__(self) -> int:
