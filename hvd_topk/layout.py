@@ -53,12 +53,23 @@ def sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:
     # hits ~ (k^2 / n)^(2/3): 256 at 1% of 25M, 16 (the floor) at 0.1% of small tensors.
     hits = min(_SAMPLE_HITS, max(_MIN_SAMPLE_HITS, round((k * k / n) ** (2 / 3))))
     s = min(n, max(_MIN_SAMPLES, math.ceil(hits * n / k)))
-    stride = max(1, n // s)
+    stride = _coprime_stride(max(1, n // s), n)
     s = -(-n // stride)  # len(x[::stride])
     mu = s * k / n
     # Rank in the sample of a threshold safely below the k-th largest.
     m = min(s, math.ceil(mu + _MARGIN_SIGMAS * math.sqrt(mu) + 4))
     return None if m >= s else (stride, m)
+
+
+def _coprime_stride(stride: int, n: int) -> int:
+    """The smallest stride ``>= stride`` that shares no factor with ``n``: a strided sample of a
+    matrix then visits every column alike (a stride sharing a factor with the row length
+    would see only some columns; gradients like ``delta x^T`` differ by column, and a sample
+    of a few columns misjudges the threshold, which costs a redo). ``n``'s factors divide
+    every dimension's, so this holds whatever the tensor's shape."""
+    while stride > 1 and math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
 
 
 def _capacity(stride: int, m: int) -> int:

@@ -1,12 +1,14 @@
 """Exact selection: the set torch.topk picks, on every path (sampled, fallback, CPU kernel),
 for one tensor and for groups."""
 
+import math
 import pytest
 import torch
 
 import hvd_topk
 from hvd_topk import index_dtype, num_selected, select_topk
 from hvd_topk import layout, selection
+from hvd_topk.headers import FLAG_INEXACT
 from hvd_topk.selection import SAMPLED_MIN_NUMEL, GroupLayout, select_group, update_
 
 
@@ -247,3 +249,21 @@ def test_fused_update_is_the_same_on_one_thread_and_several(momentum):
     assert torch.equal(v1, v2) and torch.equal(i1, i2) and torch.equal(x1, x2) and f1 == f2 is False
     if momentum:
         assert torch.equal(u1, u2) and torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("rows,cols", [(2304, 2304), (768, 3072), (1024, 1000), (512, 4608)])
+@pytest.mark.parametrize("ratio", [0.25, 0.1, 0.01])
+def test_sample_sees_every_column_of_a_structured_gradient(rows, cols, ratio):
+    """A weight's gradient ``delta x^T`` differs by column. The strided sample must not see only
+    some columns (a stride sharing a factor with the row length does): its threshold would be
+    misjudged and the selection flagged inexact (a redo: a second exchange and host sync)."""
+    gen = torch.Generator().manual_seed(0)
+    delta, x = torch.randn(rows, generator=gen), torch.randn(cols, generator=gen)
+    x[::4] *= 0.05  # every fourth input small: columns 0, 4, 8, ... carry little
+    g = torch.outer(delta, x).reshape(-1)
+    with hvd_topk.use_cpu_kernel(False):
+        comp = hvd_topk.TopKCompressor(ratio, warmup_steps=0)
+        _, ctx = comp.compress_group([g], ["w"])
+        assert not ctx.flags & FLAG_INEXACT
+        stride = ctx.layout.plans[0][0]
+        assert math.gcd(stride, rows * cols) == 1
