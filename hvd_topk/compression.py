@@ -180,15 +180,14 @@ class TopKCompressor(SparseCompressor):
         velocity = state.velocities.group_buffer(names, layout.sizes, g) if momentum > 0 else None
         if isinstance(scale, torch.Tensor):  # GradScaler's scale, left on the device: no sync
             scale = scale.to(device=g.device, dtype=torch.float32)
-            inv = scale.reciprocal()
-        else:
-            inv = 1.0 / scale
+        inv = scale.reciprocal() if isinstance(scale, torch.Tensor) else 1.0 / scale
         if s.local_clip_norm is not None:  # DGC 3.3, to local_clip_norm / sqrt(P)
             g = clip_local(g, layout, inv, s.local_clip_norm / math.sqrt(max(1, ranks)))
         moments = (state.adam_moments(names, layout, g, adam, s.adam_variance_steps, s.adam_clip)
                    if adam is not None else None)
         chosen = select(residual, g, layout, alpha=inv, velocity=velocity, momentum=momentum,
-                        nesterov=nesterov, adam=moments, fused=s.local_clip_norm is None)  # 1.-4.
+                        nesterov=nesterov, adam=moments, fused=s.local_clip_norm is None,
+                        owned=len(tensors) > 1 or s.local_clip_norm is not None)  # 1.-4.
         sent = PositionSet(chosen.positions, layout.numel)
         pend = self.selections[names] = Pending(residual, velocity, sent, chosen.bad, scale, ctx.value_dtype)
         return self._send(ctx, pend, chosen.positions, chosen.values, chosen.inexact), ctx

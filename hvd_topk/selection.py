@@ -102,16 +102,25 @@ def thresholds(v: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
 
 def candidates(v: torch.Tensor, thr: torch.Tensor,
                layout: GroupLayout) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Step 3: ascending positions with ``|v| > t_s``, in a ``(capacity,)`` buffer padded with
-    ``numel``, and a 0-dim bool: True when the buffer is full, so some may have been cut (no
-    count is taken: a full last slot says as much, and costs nothing). ``|v|`` lives only for
-    the comparison: what outlives it is one byte per entry."""
+    """Step 3: ascending positions with ``|v| > t_s`` (int32 when the buffer holds more than
+    an eighth of the group), in a ``(capacity,)`` buffer padded with ``numel``, and a 0-dim
+    bool: True when the buffer is full, so some may have been cut (no count is taken: a full
+    last slot says as much, and costs nothing). ``thr`` is consumed; no
+    ``(n,)`` buffer of ``|v|`` is made."""
     t = layout.tensors(v.device)
-    if layout.segments == 1:
-        passed = magnitude(v) > thr
-    else:
-        passed = magnitude(v) > torch.repeat_interleave(thr, t["lengths"], output_size=layout.numel)  # (n,)
+    if layout.segments > 1:
+        thr = torch.repeat_interleave(thr, t["lengths"], output_size=layout.numel)  # (n,)
+    # |v| > t as v > t or v < -t, compared in thr's dtype (magnitude's: exact for every
+    # narrower dtype of v): two bytes per entry instead of an (n,) |v| (NaN: neither).
+    passed = torch.gt(v, thr)
+    passed.logical_or_(torch.lt(v, thr.neg_()))  # thr is this call's own (thresholds made it)
+    del thr
     cand = torch.nonzero_static(passed, size=layout.capacity, fill_value=layout.numel).squeeze(1)
+    del passed
+    if layout.capacity * 8 >= layout.numel and layout.numel < 2**31:
+        # A large share of the group (the warm-up's ratios): int32 positions halve what the
+        # next steps keep alive; at small ratios the buffer is small and one op fewer counts.
+        cand = cand.to(torch.int32)
     if layout.capacity >= layout.numel:  # room for every entry: nothing can be cut
         return cand, torch.zeros((), dtype=torch.bool, device=v.device)
     return cand, cand[-1] < layout.numel
@@ -151,6 +160,8 @@ def exact_topk(v: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
         take = order.index_select(0, (first.index_select(0, slots["slot_seg"]) + slots["slot_rank"])
                                   .clamp(max=layout.capacity - 1))
     sel = pos.index_select(0, take)  # (K,)
+    if sel.dtype != torch.int64:
+        sel = sel.long()
     inexact = (have < t["ks"]).any() | full
     return sel, inexact
 
@@ -259,16 +270,17 @@ class Selection:
 
 def select(residual: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
            velocity: Optional[torch.Tensor] = None, momentum: float = 0.0, nesterov: bool = False,
-           adam: Optional[AdamMoments] = None, fused: bool = True) -> Selection:
+           adam: Optional[AdamMoments] = None, fused: bool = True, owned: bool = False) -> Selection:
     """Steps 1-4 on a group: the update of ``residual`` (and ``velocity``) in place, then the
     exact top-k of each segment -- by the fused CPU kernel where it applies (float32 on CPU,
-    no Nesterov or Adam, ``fused``; the same bits), else by the torch steps above."""
+    no Nesterov or Adam, ``fused``; the same bits), else by the torch steps above. ``owned``:
+    ``g`` is this step's own buffer, which step 1 may overwrite (``update_``)."""
     if fused and not nesterov and adam is None:
         done = _fused(residual, velocity, g, layout, momentum, alpha)
         if done is not None:
             return done
     bad = update_(residual, g, layout, alpha=alpha, u=velocity, momentum=momentum, nesterov=nesterov,
-                  adam=adam)  # 1.
+                  adam=adam, owned=owned)  # 1.
     sel, inexact = select_group(residual, layout)  # 2.-4.
     vals, bad = selected_values(residual, sel, bad, layout)
     return Selection(sel, vals, bad, inexact)

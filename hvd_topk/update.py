@@ -15,16 +15,17 @@ __all__ = ["finite_probe", "stacked_probe", "AdamMoments", "adam_direction_", "u
 
 
 def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """``(S,)`` bool, True where a segment of ``g`` holds a NaN/Inf. One pass: the sum of
-    ``g * 0`` per segment is 0 exactly, unless some entry was NaN/Inf (``Inf * 0`` is NaN);
-    unlike a plain sum it cannot overflow."""
-    zeros = g * 0
+    """``(S,)`` bool, True where a segment of ``g`` holds a NaN/Inf. One pass: for one
+    segment of at most 32-bit floats, whether their float64 sum is finite (finite entries
+    cannot overflow it: 2^40 of them sum below 10^51); otherwise the sum of ``g * 0`` per
+    segment, which is 0 exactly unless some entry was NaN/Inf (``Inf * 0`` is NaN)."""
+    if layout.segments == 1 and g.dtype != torch.float64:  # no (n,) temporary
+        return torch.isfinite(g.sum(dtype=torch.float64)).logical_not_().reshape(1)
     if layout.segments == 1:
-        sums = zeros.sum().reshape(1)
-    else:
-        # unsafe=True skips torch's check that the lengths sum to the data's size, which reads
-        # them back to the host (a sync); the layout built them so.
-        sums = torch.segment_reduce(zeros, "sum", lengths=layout.tensors(g.device)["lengths"], unsafe=True)
+        return torch.isnan((g * 0).sum()).reshape(1)
+    # unsafe=True skips torch's check that the lengths sum to the data's size, which reads
+    # them back to the host (a sync); the layout built them so.
+    sums = torch.segment_reduce(g * 0, "sum", lengths=layout.tensors(g.device)["lengths"], unsafe=True)
     return torch.isnan(sums)
 
 
@@ -78,18 +79,21 @@ def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
 
 def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
             u: Optional[torch.Tensor] = None, momentum: float = 0.0,
-            nesterov: bool = False, adam: Optional[AdamMoments] = None) -> torch.Tensor:
+            nesterov: bool = False, adam: Optional[AdamMoments] = None,
+            owned: bool = False) -> torch.Tensor:
     """Step 1, in place: ``v += alpha g`` -- or, with a velocity ``u``, DGC momentum
     correction ``u = m u + alpha g; v += u`` (Nesterov: ``v += alpha g + m u``) -- or, with
     ``adam``, Adam correction: the local moments take in ``alpha g`` and ``v`` accumulates
     the rank's Adam step, ``lr`` times its direction (``adam_direction_``). NaN/Inf entries
-    of ``g`` are added as 0.
+    of ``g`` are added as 0. ``owned``: ``g`` is the step's own buffer (a group's
+    concatenation), cleaned in place instead of copied.
 
     Returns:
         ``(S,)`` bool: the segments whose ``g`` held a NaN/Inf.
     """
     bad = finite_probe(g, layout)
-    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    clean = torch.Tensor.nan_to_num_ if owned else torch.nan_to_num
+    g = clean(g, nan=0.0, posinf=0.0, neginf=0.0)
     if isinstance(alpha, torch.Tensor):  # a loss scale's inverse on the device (not read)
         g, alpha = g.mul_(alpha), 1.0
     if adam is not None:
