@@ -20,7 +20,7 @@ def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     cannot overflow it: 2^40 of them sum below 10^51); otherwise the sum of ``g * 0`` per
     segment, which is 0 exactly unless some entry was NaN/Inf (``Inf * 0`` is NaN)."""
     if layout.segments == 1 and g.dtype != torch.float64:  # no (n,) temporary
-        return torch.isfinite(g.sum(dtype=torch.float64)).logical_not_().reshape(1)
+        return torch.isnan(g.sum(dtype=torch.float64).mul_(0)).reshape(1)
     if layout.segments == 1:
         return torch.isnan((g * 0).sum()).reshape(1)
     # unsafe=True skips torch's check that the lengths sum to the data's size, which reads
