@@ -43,6 +43,7 @@ from .cost import sparse_allreduce_time
 from .exchange_core import QUANTILES, region_sizes, scatter_add_
 from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
 from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext
+from .layout import StepTables
 from .regions import refresh_bounds, uniform_bounds
 from .selection import GroupLayout, PositionSet, expand_counts, magnitude, segment_order
 from .state import GroupCache
@@ -68,8 +69,10 @@ class RegionPlan:
     caps: Tuple[int, ...] = field(init=False)  # c_s: slots per (sender, region) of segment s
     keeps: Tuple[int, ...] = field(init=False)  # R_s: entries each owner keeps of segment s
     _device: Dict[torch.device, Dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _step: StepTables = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._step = StepTables(self.layout.numel)
         sizes = [region_sizes(k, self.world, self.capacity) for k in self.layout.ks]
         self.caps = tuple(c for c, _ in sizes)
         self.keeps = tuple(r for _, r in sizes)
@@ -112,12 +115,11 @@ class RegionPlan:
         """The ``(C,)`` and ``(R,)`` tables of the rows' slots, kept for the rest of the step
         when small (they scale with ``k``, see ``GroupLayout.slot_tables``)."""
         device = torch.device(device)
-        return self.layout.step_tables.get(("regions", self.world, device), 40 * (self.slots + self.kept),
-                                           lambda: self._slot_tables(device))
+        return self._step.get(device, 40 * (self.slots + self.kept), lambda: self._slot_tables(device))
 
     def end_step(self) -> None:
-        """The step is over: drop the tables kept for it (``GroupLayout.end_step``)."""
-        self.layout.end_step()
+        """The step is over: drop the tables kept for it."""
+        self._step.end_step()
 
     def _slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
         lt, t = self.layout.tensors(device), self.tensors(device)
