@@ -89,11 +89,13 @@ class ModelAgreement:
         others = [r for r, d in enumerate(digests) if d[1] != digests[0][1]]
         if others:
             raise RankMismatchError(
-                f"hvd_topk: rank(s) {others} list the trained parameters in another order than rank 0 "
-                "(named_parameters or the optimizer's param_groups), and this step exchanges several "
+                f"hvd_topk: rank(s) {others} cut this step's tensors into other groups than rank 0: "
+                "they list the trained parameters in another order (named_parameters or the "
+                "optimizer's param_groups), or their TopKCompressor settings differ (ratio, exchange, "
+                "value_dtype... decide which tensors go sparse), and this step exchanges several "
                 "tensors together (group_bytes: by default on accelerators, and on CPU for the sparse "
-                "allreduce; or groups=): the ranks would cut them into different groups. Pass the "
-                "parameters in the same order on every rank, or group_bytes=0.")
+                "allreduce; or groups=). Pass the parameters in the same order and the same settings "
+                "on every rank.")
 
     def _compare_models(self):
         mine = sorted((str(n), tuple(p.shape), str(p.dtype)) for p, n in self._names.items())

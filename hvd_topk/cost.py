@@ -38,8 +38,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .exchange_core import (EXCHANGES, cheapest_exchange, gradient_costs, region_sizes, ring_allreduce_bytes,
-                            traffic)
+from .exchange_core import (EXCHANGES, cheapest_exchange, fits_memory, gradient_costs, region_sizes,
+                            ring_allreduce_bytes, traffic)
 from .layout import index_dtype, num_selected
 from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings
 
@@ -170,8 +170,12 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
     candidates with ``density_aware``). A named exchange is taken as named; with
     ``density_aware``, wherever it moves no more bytes than a dense allreduce (the byte model:
     naming an exchange asks for it, the dense fallback only keeps it from costing more on the
-    wire). ``sparse_exchanges``: those the engine has, what ``"auto"`` chooses among (the DDP
-    hook: ``("allgather",)``). Host numbers only: every rank takes the same decision."""
+    wire). With ``density_aware``, a sparse exchange whose temporaries exceed
+    ``exchange_core.MEMORY_BUDGET`` times the gradient's bytes is no candidate
+    (``exchange_core.fits_memory``; float32 with int32 indices: the sparse allreduce above a
+    density of 1/16, the allgather beyond ``1 / ratio`` ranks). ``sparse_exchanges``: those
+    the engine has, what ``"auto"`` chooses among (the DDP hook: ``("allgather",)``). Host
+    numbers only: every rank takes the same decision."""
     if not tensor.dtype.is_floating_point or tensor.is_sparse:
         return "dense"
     n = tensor.numel()
@@ -179,7 +183,11 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
         return "dense"
     allowed = tuple(sparse_exchanges) if settings.exchange == "auto" else (settings.exchange,)
     if settings.density_aware:
-        allowed = ("dense",) + allowed
+        vdt = settings.value_dtype or tensor.dtype
+        k = num_selected(n, ratio)
+        allowed = ("dense",) + tuple(e for e in allowed if fits_memory(
+            e, n, k, world, tensor.element_size(), vdt.itemsize, index_dtype(n).itemsize,
+            settings.region_capacity))
     if len(allowed) == 1:
         return allowed[0]
     if settings.exchange != "auto":

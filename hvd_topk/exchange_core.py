@@ -22,8 +22,9 @@ import torch
 from .layout import GroupLayout, index_dtype, num_selected
 from .settings import TopKSettings
 
-__all__ = ["EXCHANGES", "QUANTILES", "header_words", "region_sizes", "ring_allreduce_bytes", "traffic",
-           "exchange_bytes", "cheapest_exchange", "gradient_costs", "scatter_add_", "local_indices"]
+__all__ = ["EXCHANGES", "QUANTILES", "MEMORY_BUDGET", "header_words", "region_sizes",
+           "ring_allreduce_bytes", "traffic", "temporaries", "fits_memory", "exchange_bytes",
+           "cheapest_exchange", "gradient_costs", "scatter_add_", "local_indices"]
 
 #: The exchanges a gradient can take, cheapest first when the model ties.
 EXCHANGES = ("dense", "allgather", "sparse_allreduce")
@@ -76,6 +77,42 @@ def traffic(exchange: str, ks: Sequence[int], world: int, value_bytes: int, inde
         raise ValueError(f"no byte model for exchange {exchange!r}")
     payload = head + sum(ks) * entry
     return payload, world * payload, (world - 1) * payload
+
+
+#: Bytes of temporaries per alltoall slot the sparse allreduce's owner step handles (it sorts
+#: the ``P * c`` entries it receives by position, then the sums by magnitude: two sorts of
+#: int64 keys and their permutations), as ``scripts/bench_memory.py`` measures it on CPU.
+OWNER_SLOT_BYTES = 64
+#: With ``density_aware``, a sparse exchange is a candidate for a gradient only while its
+#: temporaries (``temporaries``) are at most this many times the gradient's own bytes; past
+#: that (the sparse allreduce above a density of 1/16 for float32: the warm-up's first 43
+#: steps; the allgather beyond ``1 / ratio`` ranks) the gradient is allreduced dense,
+#: which needs none. Memory is a figure like bytes and time: a step's transient memory stays
+#: proportional to what it sends, never a multiple of the model.
+MEMORY_BUDGET = 2.0
+
+
+def temporaries(exchange: str, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
+                capacity: float = 2.0) -> int:
+    """Bytes an exchange's own step holds at once for a group sending ``ks`` entries over
+    ``world`` ranks: none for ``dense`` (the allreduce works in place), the gathered ``P * K``
+    entries for ``allgather``, the owner's ``OWNER_SLOT_BYTES`` per slot of the ``P * c`` it
+    receives for ``sparse_allreduce``."""
+    if exchange == "dense":
+        return 0
+    if exchange == "allgather":
+        return world * sum(ks) * (value_bytes + index_bytes)
+    if exchange == "sparse_allreduce":
+        return world * sum(region_sizes(k, world, capacity)[0] for k in ks) * OWNER_SLOT_BYTES
+    raise ValueError(f"no memory model for exchange {exchange!r}")
+
+
+def fits_memory(exchange: str, numel: int, k: int, world: int, grad_bytes: int, value_bytes: int,
+                index_bytes: int, capacity: float = 2.0) -> bool:
+    """Whether ``exchange``'s ``temporaries`` for one gradient stay within ``MEMORY_BUDGET``
+    times its bytes (with one rank, evaluated for two, as ``exchange_bytes`` is)."""
+    budget = MEMORY_BUDGET * numel * grad_bytes
+    return temporaries(exchange, (k,), max(world, 2), value_bytes, index_bytes, capacity) <= budget
 
 
 def exchange_bytes(numel: int, k: int, world: int, grad_bytes: int, value_bytes: int,

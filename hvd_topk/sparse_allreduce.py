@@ -123,10 +123,13 @@ class RegionPlan:
 
     def _slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
         lt, t = self.layout.tensors(device), self.tensors(device)
+        if self.layout.segments == 1:  # constants broadcast from 0-dim tensors: no (C,) memory
+            zero, last = lt["offsets"][0], lt["lengths"][0] - 1
+            return {"start1": zero, "max1": last, "col2": zero.expand(self.kept),
+                    "rank2": torch.arange(self.kept, device=device), "start2": zero, "max2": last}
         col1, _ = expand_counts(t["caps"], self.slots)  # (C,)
         col2, rank2 = expand_counts(t["keeps"], self.kept)  # (R,)
         return {
-            "col1": col1,  # (C,) segment of each alltoall slot
             "col2": col2,  # (R,) segment of each kept slot
             "rank2": rank2,  # (R,) rank among its segment's kept slots
             "start1": lt["offsets"][col1], "max1": lt["lengths"][col1] - 1,  # (C,)
@@ -153,25 +156,32 @@ def to_regions(sel: torch.Tensor, sent: torch.Tensor, plan: RegionPlan, bounds: 
     layout, P = plan.layout, plan.world
     S, C, K = layout.segments, plan.slots, layout.k
     lt, t, slots = layout.tensors(sel.device), plan.tensors(sel.device), layout.slot_tables(sel.device)
-    seg = slots["slot_seg"]  # (K,)
-    # Every segment's inner boundaries, in group positions: one ascending array.
+    # Every segment's inner boundaries, in group positions: one ascending array; an entry of
+    # segment s finds s * (P-1) of them below its own segment's, so adding s makes the key.
+    # (Each (K,) temporary is dropped or overwritten once used: at the warm-up's ratios K is
+    # a quarter of the group.)
     inner = (bounds[:, 1:P] + lt["offsets"][:S, None]).reshape(-1)  # (S * (P-1),)
-    region = torch.searchsorted(inner, sel, right=True) - seg * (P - 1)  # (K,) in [0, P)
-    key = seg * P + region  # (K,) (segment, owner)
+    key = torch.searchsorted(inner, sel, right=True).add_(slots["slot_seg"])  # (K,) seg * P + owner
     order = segment_order(key, magnitude(sent))  # by (segment, owner), largest first
-    sorted_key = key.index_select(0, order)
-    first = torch.searchsorted(sorted_key, torch.arange(S * P + 1, device=sel.device))  # (S*P + 1,)
+    key = key.index_select(0, order)
+    first = torch.searchsorted(key, torch.arange(S * P + 1, device=sel.device))  # (S*P + 1,)
     demand = (first[1:] - first[:-1]).view(S, P)  # (S, P) entries bound for each owner
-    rank = torch.arange(K, device=sel.device) - first.index_select(0, sorted_key)  # (K,) rank in its region
-    sseg = seg.index_select(0, order)
+    rank = torch.arange(K, device=sel.device).sub_(first.index_select(0, key))  # (K,) rank in its region
+    dest = key.remainder(P)  # (K,) owner
+    sseg = key.div_(P, rounding_mode="floor")  # (K,) segment
+    del key
     fits = rank < t["caps"].index_select(0, sseg)
-    dest = torch.where(fits, region.index_select(0, order) * C + t["cap_off"].index_select(0, sseg) + rank,
-                       P * C)  # (K,) slot in the rows; P * C: dropped
+    dest.mul_(C).add_(t["cap_off"].index_select(0, sseg)).add_(rank)  # (K,) slot in the rows
+    del sseg, rank
+    dest.masked_fill_(~fits, P * C)  # P * C: dropped
     vals = torch.zeros(P * C + 1, dtype=sent.dtype, device=sent.device)
     vals.index_put_((dest,), sent.index_select(0, order))
-    local = sel - slots["slot_start"]  # (K,) index within its tensor
+    local = sel.index_select(0, order)  # (K,) index within its tensor
+    start = slots["slot_start"]
+    local.sub_(start.index_select(0, order) if start.dim() else start)
     idx = torch.full((P * C + 1,), -1, dtype=index_dtype, device=sel.device)
-    idx.index_put_((dest,), local.index_select(0, order).to(index_dtype))
+    idx.index_put_((dest,), local.to(index_dtype))
+    del local, dest
     in_cap = torch.empty(K, dtype=torch.bool, device=sel.device)
     in_cap.index_put_((order,), fits)
     header = torch.cat([signature.reshape(1, 1).expand(P, 1), demand.t().to(torch.int32)], dim=1)  # (P, 1+S)
@@ -209,30 +219,42 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
                           torch.full((1, R), -1, dtype=index_dtype, device=device), stats.view(1, -1)])
     header[1] = header[1] | (hdr[:, 0] != signature).any().to(torch.int32) * FLAG_MISMATCH
     valid = idx >= 0  # (P, C)
-    pos = torch.minimum(idx.long().clamp(min=0), t["max1"]) + t["start1"]  # (P, C) group positions
+    at = idx.long()  # (P, C) group positions (in place from here: each (P*C,) buffer is the step's own)
+    del idx
+    torch.minimum(at.clamp_(min=0), t["max1"], out=at).add_(t["start1"])
     # Sum by position without a dense buffer: sort the P*C entries by position (stable: rank
     # order within a position), number the runs of equal positions, add each run in order.
-    at = torch.where(valid, pos, n).reshape(-1)  # (P*C,) n: an empty slot, sorts last
-    order = torch.sort(at, stable=True).indices
-    ordered = at.index_select(0, order)  # (P*C,) ascending positions
+    at.masked_fill_(~valid, n)  # n: an empty slot, sorts last
+    ordered, order = torch.sort(at.reshape(-1), stable=True)  # (P*C,) ascending positions
+    del at
     head = torch.ones_like(ordered, dtype=torch.bool)
     head[1:] = ordered[1:] != ordered[:-1]  # the first entry of each position
-    run = torch.cumsum(head, 0) - 1  # (P*C,) which position
+    run = torch.cumsum(head, 0).sub_(1)  # (P*C,) which position
     acc = torch.promote_types(dtype, torch.float32)  # half-precision sums of P values could overflow
+    vals = vals.to(acc).masked_fill_(~valid, 0).reshape(-1).index_select(0, order)
+    del valid, order
     sums = torch.zeros(P * C, dtype=acc, device=device)
-    scatter_add_(sums, run, vals.to(acc).masked_fill(~valid, 0).reshape(-1).index_select(0, order))
+    scatter_add_(sums, run, vals)
+    del vals
     sums = sums.index_select(0, run)  # (P*C,) each entry's position's sum
-    seg = torch.where(head & (ordered < n), t["col1"].repeat(P).index_select(0, order), S)  # S sorts last
+    del run
+    seg = torch.searchsorted(lt["ends"], ordered, right=True)  # (P*C,) segment; S for empty slots
+    seg.masked_fill_(~head, S)  # one entry per position: the others sort last
+    del head
     best = segment_order(seg, magnitude(sums))  # by segment, largest sum first
-    first = torch.searchsorted(seg.index_select(0, best), lt["segs"])  # (S + 1,)
+    seg = seg.index_select(0, best)
+    first = torch.searchsorted(seg, lt["segs"])  # (S + 1,)
+    del seg
     have = first[1:] - first[:-1]  # (S,) distinct positions of each segment
     ok = t["rank2"] < have.index_select(0, t["col2"])  # (R,)
     pick = best.index_select(0, (first.index_select(0, t["col2"]) + t["rank2"]).clamp(max=max(P * C - 1, 0)))
+    del best
     out_vals = sums.index_select(0, pick)
+    del sums
     if divisor != 1:
         out_vals = out_vals / divisor
     out_vals = to_wire(out_vals.masked_fill(~ok, 0), value_dtype)
-    out_pos = ordered.clamp(max=n - 1).index_select(0, pick)
+    out_pos = ordered.index_select(0, pick).clamp_(max=n - 1)
     out_idx = torch.where(ok, out_pos - t["start2"], -1).to(index_dtype)
     # Load statistics: the demand, and quantiles of the positions received, per segment.
     demand = hdr[:, 1:].sum(0).to(index_dtype)  # (S,)
@@ -251,9 +273,9 @@ def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dt
     """Step 3, on every rank: scatter every owner's kept entries into ``out`` (zeroed here).
 
     Returns:
-        ``(headers, kept, stats)``: ``(P, header_words)`` int32; ``(P * R,)`` int64, the
-        positions some owner kept, ascending (``n`` for empty slots); ``(P, S, QUANTILES)``
-        statistics.
+        ``(headers, kept, stats)``: ``(P, header_words)`` int32; ``(n,)`` bool, True at the
+        positions some owner kept (a mask: a sort of the ``P * R`` positions would take 32 bytes
+        each, a quarter of the group's at the warm-up's ratios); ``(P, S, QUANTILES)`` statistics.
         Raises ``ValueError`` when ``gathered`` is not P rows of this plan's size.
     """
     layout, P = plan.layout, plan.world
@@ -262,20 +284,22 @@ def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dt
     headers, vals, idx, stats = unpack_rows(gathered, P, plan.row2_spec(header_words, value_dtype,
                                                                         index_dtype))
     valid = idx >= 0  # (P, R)
-    pos = torch.minimum(idx.long().clamp(min=0), t["max2"]) + t["start2"]  # (P, R)
+    pos = idx.long()  # (P, R) group positions (in place: the buffers are this call's own)
+    del idx
+    torch.minimum(pos.clamp_(min=0), t["max2"], out=pos).add_(t["start2"])
     out.zero_()
     # Regions are disjoint: each position arrives once, so any order gives the same bits.
-    scatter_add_(out, pos.reshape(-1), vals.masked_fill(~valid, 0).reshape(-1))
-    kept = torch.sort(torch.where(valid, pos, n).reshape(-1)).values
+    scatter_add_(out, pos.reshape(-1), vals.masked_fill_(~valid, 0).reshape(-1))
+    del vals
+    kept = torch.zeros(n + 1, dtype=torch.bool, device=out.device)  # a mask, not a sort of P * R
+    kept.index_fill_(0, pos.masked_fill_(~valid, n).reshape(-1), True)
+    kept = kept[:n]
     return headers, kept, stats.view(P, layout.segments, QUANTILES)
 
 
 def was_kept(sel: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` bool: which of ``sel``'s positions are in ``kept`` (ascending, from ``finish``)."""
-    if kept.numel() == 0:
-        return torch.zeros_like(sel, dtype=torch.bool)
-    at = torch.searchsorted(kept, sel).clamp(max=kept.numel() - 1)
-    return kept.index_select(0, at) == sel
+    """``(K,)`` bool: which of ``sel``'s positions ``kept`` (the ``(n,)`` mask from ``finish``) holds."""
+    return kept.index_select(0, sel)
 
 
 class SparseAllreduceExchange(Exchange):

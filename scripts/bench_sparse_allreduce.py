@@ -81,7 +81,7 @@ def one_round(cs, layout, world, bounds, capacity):
               for j in range(world)]
     out = torch.zeros(n)
     _, kept, stats = sar.finish(torch.cat(owners), plan, 2, torch.float32, torch.int32, out)
-    chosen = kept[kept < n]
+    chosen = kept.nonzero().squeeze(1)
     top = torch.topk(u.abs(), k).indices
     recall = torch.isin(top, chosen).float().mean().item()
     energy = (u[chosen].square().sum() / u[top].square().sum()).item()

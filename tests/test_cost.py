@@ -14,6 +14,8 @@ import hvd_topk
 from hvd_topk import CostModel, TopKCompressor, exchange_times
 from hvd_topk.cost import COMPUTE_NS, choose_exchange, cost_model, parse_compute_ns
 from hvd_topk.exchange import EXCHANGES, cheapest_exchange, gradient_costs
+from hvd_topk.exchange_core import MEMORY_BUDGET, fits_memory, temporaries
+from hvd_topk.layout import num_selected
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,8 +82,8 @@ def _sizes():
 def test_two_ranks_choose_as_the_byte_model(value_dtype, monkeypatch):
     """At two ranks, on the default link, the time model takes the byte model's decision for
     float32 gradients at every ratio of the default warm-up (for 1% and 0.1%) and at fixed
-    ratios up to 1, for ``"auto"`` and either named exchange: the convergence tables, all at
-    two ranks, do not move."""
+    ratios up to 1, for ``"auto"`` and either named exchange, among the exchanges whose
+    temporaries fit (``fits_memory``): the convergence tables, all at two ranks, do not move."""
     for var in ("HVD_TOPK_LINK_GBPS", "HVD_TOPK_LINK_LATENCY_US", "HVD_TOPK_COMPUTE_NS"):
         monkeypatch.delenv(var, raising=False)
     checked = 0
@@ -93,7 +95,9 @@ def test_two_ranks_choose_as_the_byte_model(value_dtype, monkeypatch):
         for r in sorted(ratios):
             for n in _sizes():
                 t = torch.empty(n)
-                want = cheapest_exchange(gradient_costs(settings, t, 2, r), allowed)
+                k, vb = num_selected(n, r), (value_dtype or torch.float32).itemsize
+                fit = tuple(e for e in allowed if fits_memory(e, n, k, 2, 4, vb, 4, settings.region_capacity))
+                want = cheapest_exchange(gradient_costs(settings, t, 2, r), fit)
                 assert choose_exchange(settings, t, 2, r) == want, (ratio, exchange, r, n)
                 checked += 1
     assert checked > 3000
@@ -154,3 +158,29 @@ def test_auto_picks_the_faster_exchange_on_the_emulated_hosts(monkeypatch):
                 misses.append((hosts, model, rate, method, ag_ms, sar_ms))
                 assert abs(ag_ms - sar_ms) <= 0.05 * min(ag_ms, sar_ms), misses[-1]
     assert pairs == 16 and right >= 14, misses
+
+
+def test_exchanges_whose_temporaries_exceed_the_budget_are_no_candidates():
+    """With ``density_aware``, memory is a third figure beside bytes and time: the sparse
+    allreduce's owner step above a density of 1/16 (the warm-up's first ratios) and the
+    allgather's gathered buffer beyond ``1 / ratio`` ranks would hold more than
+    ``MEMORY_BUDGET`` times the gradient; the gradient then goes dense, as it does with
+    ``density_aware=False`` only when named so."""
+    n, t = 2304 * 2304, torch.empty(2304 * 2304)
+    sar = TopKCompressor(0.01, exchange="sparse_allreduce").settings
+    assert choose_exchange(sar, t, 2, 0.25) == "dense"
+    assert choose_exchange(sar, t, 8, 0.25) == "dense"
+    assert choose_exchange(sar, t, 2, 1 / 8) == "dense"
+    assert choose_exchange(sar, t, 2, 1 / 16) == "sparse_allreduce"
+    assert choose_exchange(sar, t, 8, 0.01) == "sparse_allreduce"
+    ag = TopKCompressor(0.01, exchange="allgather").settings
+    assert choose_exchange(ag, t, 64, 0.01) == "allgather"
+    assert choose_exchange(ag, t, 128, 0.01) == "dense"
+    named = TopKCompressor(0.01, exchange="sparse_allreduce", density_aware=False).settings
+    assert choose_exchange(named, t, 2, 0.25) == "sparse_allreduce"  # as named, no fallback
+    for e, world, r in [("sparse_allreduce", 2, 1 / 16), ("sparse_allreduce", 64, 0.05),
+                        ("allgather", 100, 0.01)]:
+        k = num_selected(n, r)
+        fits = temporaries(e, (k,), world, 4, 4, 2.0) <= MEMORY_BUDGET * n * 4
+        assert fits_memory(e, n, k, world, 4, 4, 4, 2.0) == fits
+    assert temporaries("dense", (n,), 8, 4, 4) == 0

@@ -16,7 +16,7 @@ MISMATCHES = {
     "mismatch_extra_param": "'extra' on rank 1 but not on rank 0",
     "mismatch_ratio": "ranks disagree on this tensor's size, ratio or wire dtypes",
     "mismatch_value_dtype": "sent a payload for something other than this rank's",
-    "mismatch_order_grouped": "list the trained parameters in another order than rank 0",
+    "mismatch_order_grouped": "cut this step's tensors into other groups than rank 0",
 }
 
 

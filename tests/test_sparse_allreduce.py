@@ -64,7 +64,10 @@ def test_exchange_choice():
     assert hvd_topk.TopKCompressor(0.01, exchange="allgather",
                                    density_aware=False).exchange_for(t, 1024) == "allgather"
     assert hvd_topk.TopKCompressor(0.5).exchange_for(t, 64) == "dense"  # never more than dense
-    assert hvd_topk.TopKCompressor(0.01, exchange="sparse_allreduce").exchange_for(t, 2) == "sparse_allreduce"
+    named = hvd_topk.TopKCompressor(0.01, exchange="sparse_allreduce", warmup_steps=0)
+    assert named.exchange_for(t, 2) == "sparse_allreduce"
+    # The warm-up's first ratio (25%): its owner step would hold 8x the gradient (fits_memory).
+    assert hvd_topk.TopKCompressor(0.01, exchange="sparse_allreduce").exchange_for(t, 2) == "dense"
     with pytest.raises(ValueError, match="exchange must be"):
         hvd_topk.TopKCompressor(exchange="ring")
     with pytest.raises(ValueError, match="region_capacity"):
@@ -89,7 +92,7 @@ def _simulate(cs, layout, world, bounds, capacity=2.0):
               for j in range(world)]
     out = torch.zeros(layout.numel)
     headers, kept, stats = sar.finish(torch.cat(owners), plan, 2, torch.float32, torch.int32, out)
-    return out, kept, stats, caps
+    return out, kept.nonzero().squeeze(1), stats, caps  # the kept positions, ascending
 
 
 def summed_sparse(cs, k):
