@@ -136,6 +136,9 @@ def topk_settings(args) -> dict:
         kwargs["warmup_steps"] = args.warmup_steps
     if args.min_numel is not None:
         kwargs["min_numel"] = args.min_numel
+    kwargs["adam_correction"] = {"auto": None, "on": True, "off": False}[args.adam_correction]
+    if args.adam_variance_steps is not None:
+        kwargs["adam_variance_steps"] = args.adam_variance_steps or None
     return kwargs
 
 
@@ -144,10 +147,7 @@ def make_compression(args):
         return hvd_topk.make_compressor("fp16")
     if args.topk > 0:
         tristate = {"auto": None, "on": True, "off": False}
-        kwargs = dict(topk_settings(args), momentum_correction=tristate[args.momentum_correction],
-                      adam_correction=tristate[args.adam_correction])
-        if args.adam_variance_steps is not None:
-            kwargs["adam_variance_steps"] = args.adam_variance_steps or None
+        kwargs = dict(topk_settings(args), momentum_correction=tristate[args.momentum_correction])
         return hvd_topk.make_compressor("topk", **kwargs)
     return hvd_topk.make_compressor("none")
 
@@ -232,7 +232,8 @@ class HorovodEngine:
 
 class DDPEngine:
     """``torchrun`` + ``DistributedDataParallel``: the ``hvd_topk.ddp`` Top-K hook (with
-    momentum correction the hook holds the momentum and SGD runs without), DDP's fp16 or
+    momentum correction the hook holds the momentum and SGD runs without; with AdamW, Adam
+    correction pairs the hook with the optimizer), DDP's fp16 or
     PowerSGD hook, or DDP's own allreduce (``--topk 0``)."""
 
     start_epoch = 0
@@ -247,13 +248,16 @@ class DDPEngine:
         topk = args.topk > 0 and not (args.fp16 or args.powersgd)
         correct = topk and args.optimizer == "sgd" and args.momentum > 0 and args.momentum_correction != "off"
         state = None
-        if topk:
+        optimizer = make_optimizer(model, args, 0.0 if correct else args.momentum)
+        if topk:  # with AdamW, Adam correction through the optimizer pairing (unless --adam-correction off)
             state = hvd_topk.ddp.TopKState(model, momentum=args.momentum if correct else 0.0,
+                                           optimizer=optimizer if args.optimizer == "adamw" else None,
                                            **topk_settings(args))
         net = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         if state is not None:
             net.register_comm_hook(state, hvd_topk.ddp.topk_hook)
-            what = f"hvd_topk.ddp.topk_hook (ratio {args.topk}, momentum correction {state.momentum})"
+            what = (f"hvd_topk.ddp.topk_hook (ratio {args.topk}, momentum correction {state.momentum}, "
+                    f"Adam correction {'on' if state.adam else 'off'})")
         elif args.fp16:
             net.register_comm_hook(None, default_hooks.fp16_compress_hook)
             what = "DDP fp16_compress_hook"
@@ -264,7 +268,7 @@ class DDPEngine:
             what = f"DDP powerSGD_hook (rank {args.powersgd})"
         else:
             what = "DDP allreduce"
-        return net, make_optimizer(model, args, 0.0 if correct else args.momentum), f"DDP, {what}"
+        return net, optimizer, f"DDP, {what}"
 
     def step(self, loss, optimizer, scaler, amp: bool):
         # A tensor some rank left non-finite arrives NaN everywhere: the scaler skips the step.
@@ -305,8 +309,9 @@ def check_engine_flags(p, args):
                 "per rank)")
     if args.exchange == "sparse_allreduce":
         p.error("--exchange sparse_allreduce needs --engine horovod (the DDP hook allgathers)")
-    if args.adam_correction == "on" or args.adam_variance_steps is not None:
-        p.error("Adam correction needs --engine horovod")
+    if args.amp and args.optimizer == "adamw" and args.topk > 0 and args.adam_correction != "off":
+        p.error("--engine ddp: Adam correction and --amp's GradScaler do not mix (it would unscale the "
+                "averaged Adam step); add --adam-correction off, or use --engine horovod")
     if args.momentum_correction == "on" and (args.optimizer != "sgd" or args.momentum == 0):
         p.error("--momentum-correction on needs SGD with --momentum > 0")
 

@@ -14,6 +14,8 @@ Launch (2 ranks on this machine)::
         --adam-correction off --steps 400
     horovodrun -np 2 -H localhost:2 --gloo python examples/train_lm.py --topk 0.01 \\
         --clip-grad-norm 1.0    # each rank's gradient clipped before Top-K (clip_grad_norm=)
+    torchrun --nproc-per-node 2 examples/train_lm.py --engine ddp --topk 0.01   # the DDP hook
+    torchrun --nproc-per-node 2 examples/train_lm.py --engine ddp --topk 0      # DDP's allreduce
 
 Every step each rank draws ``--batch-size`` random windows of the training text (its own
 generator, seeded with ``(--seed, rank)``); the model is initialised from ``--seed`` and
@@ -46,16 +48,23 @@ import os
 import sys
 import time
 
-import horovod.torch as hvd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+try:
+    import horovod.torch as hvd
+except ImportError:  # --engine ddp needs no Horovod
+    hvd = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import load_text, sample_windows  # noqa: E402
 from models import CharTransformer  # noqa: E402
-from train import add_compression_flags, make_compression, pick_device  # noqa: E402
+from train import add_compression_flags, make_compression, pick_device, topk_settings  # noqa: E402
 
 import hvd_topk  # noqa: E402
+import hvd_topk.ddp  # noqa: E402
 
 ADAM_LR = 3e-3
 SGD_LR = 1.0  # see the module docstring
@@ -69,6 +78,9 @@ def parse_args(argv=None):
     add_compression_flags(p)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"],
                    help="wrapped optimizer")
+    p.add_argument("--engine", default="horovod", choices=["horovod", "ddp"],
+                   help="horovod: hvd_topk.DistributedOptimizer; ddp: DistributedDataParallel with the "
+                        "hvd_topk.ddp hook (Adam correction paired with the optimizer), under torchrun")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: {ADAM_LR} for adam/adamw, {SGD_LR} for sgd)")
     p.add_argument("--weight-decay", type=float, default=None,
@@ -105,6 +117,9 @@ def parse_args(argv=None):
         args.lr = SGD_LR if args.optimizer == "sgd" else ADAM_LR
     if args.weight_decay is None:
         args.weight_decay = ADAMW_WEIGHT_DECAY if args.optimizer == "adamw" else 0.0
+    if args.engine == "ddp" and args.topk > 0 and (args.clip_grad_norm > 0 or args.optimizer == "sgd"):
+        p.error("--engine ddp with --topk: AdamW/Adam without --clip-grad-norm (the hook's output of a "
+                "corrected tensor is an update, not a gradient to clip)")
     return args
 
 
@@ -137,43 +152,80 @@ def evaluate(model, batches) -> float:
     return sum(losses) / len(losses)
 
 
+class Horovod:
+    """``hvd_topk.DistributedOptimizer`` over Horovod."""
+
+    def __init__(self, args, model, device):
+        self.net = model
+        compression = make_compression(args)
+        self.clip_in_optimizer = args.clip_grad_norm > 0 and args.topk > 0 and not args.clip_after_synchronize
+        self.optimizer = hvd_topk.DistributedOptimizer(
+            make_optimizer(args, model), named_parameters=model.named_parameters(), compression=compression,
+            log_every=0, clip_grad_norm=args.clip_grad_norm if self.clip_in_optimizer else None)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self.what = f"{hvd.size()} ranks, compression: " + (
+            "none (dense allreduce)" if args.topk == 0 else repr(compression))
+
+    def sent(self) -> str:
+        sent = self.optimizer.comm_totals
+        return (f"sent/step {sent.bytes_sent / sent.steps / 1e3:.1f} KB ({100 * sent.density:.2f}% of dense) "
+                f"total_sent {sent.bytes_sent / 1e6:.2f} MB")
+
+
+class DDP:
+    """``DistributedDataParallel`` (Gloo on CPU, NCCL on CUDA), with the ``hvd_topk.ddp`` hook
+    for ``--topk``; with Adam/AdamW, Adam correction pairs the hook with the optimizer."""
+
+    clip_in_optimizer = False
+
+    def __init__(self, args, model, device):
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.optimizer = make_optimizer(args, model)
+        self.net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        self.what = f"{dist.get_world_size()} ranks, DDP allreduce"
+        if args.topk > 0:
+            state = hvd_topk.ddp.TopKState(model, optimizer=self.optimizer, **topk_settings(args))
+            self.net.register_comm_hook(state, hvd_topk.ddp.topk_hook)
+            self.what = (f"{dist.get_world_size()} ranks, DDP hvd_topk.ddp.topk_hook ratio {args.topk}, "
+                         f"Adam correction {'on' if state.adam else 'off'}")
+
+    def sent(self) -> str:
+        return ""
+
+
 def main(args):
-    hvd.init()
     torch.set_num_threads(args.threads)
-    rank0 = hvd.rank() == 0
+    if args.engine == "horovod" and hvd is None:
+        raise SystemExit("--engine horovod needs Horovod; --engine ddp does not")
+    if args.engine == "horovod":
+        hvd.init()
+    rank = int(os.environ.get("RANK", 0)) if args.engine == "ddp" else hvd.rank()
+    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if args.engine == "ddp" else None)
+    text = load_text()
+    torch.manual_seed(args.seed)
+    model = CharTransformer(len(text.vocab), args.d_model, args.layers, args.heads,
+                            args.context).to(device)
+    engine = (DDP if args.engine == "ddp" else Horovod)(args, model, device)
+    rank0 = rank == 0
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    device = pick_device(args.device)
-
-    text = load_text()
+    optimizer, net = engine.optimizer, engine.net
     # Each rank its own stream of windows; the factor keeps (seed, rank) pairs apart.
-    batch_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + hvd.rank())
+    batch_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
     val_batches = []
     if rank0:
         g = torch.Generator().manual_seed(VAL_SEED)
         val_batches = [tuple(t.to(device) for t in sample_windows(text.val, VAL_BATCH_SIZE,
                                                                   args.context, g))
                        for _ in range(VAL_BATCHES)]
-
-    torch.manual_seed(args.seed)
-    model = CharTransformer(len(text.vocab), args.d_model, args.layers, args.heads,
-                            args.context).to(device)
-    compression = make_compression(args)
-    clip_in_optimizer = args.clip_grad_norm > 0 and args.topk > 0 and not args.clip_after_synchronize
-    optimizer = hvd_topk.DistributedOptimizer(make_optimizer(args, model),
-                                              named_parameters=model.named_parameters(),
-                                              compression=compression, log_every=0,
-                                              clip_grad_norm=args.clip_grad_norm if clip_in_optimizer
-                                              else None)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    clip_in_optimizer = engine.clip_in_optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_lr_steps, args.steps))
     if rank0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"CharTransformer ({n_params / 1e6:.3f}M params, vocab {len(text.vocab)}) on "
-              f"{len(text.train)} train / {len(text.val)} val chars, {hvd.size()} ranks, "
-              f"{args.optimizer} lr {args.lr:g} wd {args.weight_decay:g}, compression: "
-              f"{'none (dense allreduce)' if args.topk == 0 else repr(compression)}", flush=True)
+              f"{len(text.train)} train / {len(text.val)} val chars, "
+              f"{args.optimizer} lr {args.lr:g} wd {args.weight_decay:g}, {engine.what}", flush=True)
 
     t_start, loss_sum, loss_n, val_loss = time.time(), 0.0, 0, float("nan")
     for step in range(1, args.steps + 1):
@@ -181,9 +233,12 @@ def main(args):
                                                      batch_gen))
         lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it after)
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # (B * T, vocab) vs (B * T,)
+        loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())  # (B * T, vocab) vs (B * T,)
         loss.backward()
-        if args.clip_grad_norm > 0 and not clip_in_optimizer:
+        if args.clip_grad_norm > 0 and not clip_in_optimizer and args.engine == "ddp":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)  # dense DDP
+            optimizer.step()
+        elif args.clip_grad_norm > 0 and not clip_in_optimizer:
             optimizer.synchronize()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             with optimizer.skip_synchronize():
@@ -194,12 +249,8 @@ def main(args):
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         if rank0 and (step % args.eval_every == 0 or step == args.steps):
             val_loss = evaluate(model, val_batches)
-            sent = optimizer.comm_totals
             print(f"step {step} train_loss {loss_sum / loss_n:.4f} val_loss {val_loss:.4f} "
-                  f"lr {lr:.2e} "
-                  f"sent/step {sent.bytes_sent / sent.steps / 1e3:.1f} KB "
-                  f"({100 * sent.density:.2f}% of dense) total_sent {sent.bytes_sent / 1e6:.2f} MB "
-                  f"{time.time() - t_start:.1f}s", flush=True)
+                  f"lr {lr:.2e} {engine.sent()} {time.time() - t_start:.1f}s", flush=True)
             loss_sum, loss_n = 0.0, 0
     if rank0:
         print(f"final val_loss {val_loss:.4f}", flush=True)

@@ -27,7 +27,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .compression import AdamSettings
+from .update import AdamSettings
 
 __all__ = ["MomentumCorrection", "AdamCorrection", "CorrectionSet", "correction_groups"]
 

@@ -15,6 +15,7 @@ from horovod.torch.compression import Compressor
 from .exchange_core import header_words, traffic
 from .packing import payload_nbytes
 from .selection import GroupLayout, PositionSet
+from .update import AdamSettings
 
 if TYPE_CHECKING:  # the sparse allreduce's plan type, for annotations only
     from .sparse_allreduce import RegionPlan
@@ -35,19 +36,6 @@ def crc(key: str) -> int:
     """A signed int32 digest (zlib.crc32, not ``hash()``: the same in every process)."""
     value = zlib.crc32(key.encode())
     return value - (1 << 32) if value >= 1 << 31 else value
-
-
-@dataclass(frozen=True)
-class AdamSettings:
-    """The Adam hyperparameters of one group's step, passed by the optimizer to
-    ``compress_group(adam=...)`` (Adam correction): those of the ``torch.optim.Adam``/``AdamW``
-    param group the group's tensors belong to, read at this step."""
-
-    beta1: float
-    beta2: float
-    eps: float
-    amsgrad: bool = False
-    lr: object = 1.0  # a float or a 0-dim tensor: the residual owes lr * direction
 
 
 @dataclass

@@ -11,7 +11,8 @@ import torch
 
 from .layout import GroupLayout
 
-__all__ = ["finite_probe", "stacked_probe", "AdamMoments", "adam_direction_", "update_", "clip_local"]
+__all__ = ["finite_probe", "stacked_probe", "AdamSettings", "AdamMoments", "adam_direction_", "update_",
+           "clip_local"]
 
 
 def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
@@ -27,6 +28,20 @@ def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     # them back to the host (a sync); the layout built them so.
     sums = torch.segment_reduce(g * 0, "sum", lengths=layout.tensors(g.device)["lengths"], unsafe=True)
     return torch.isnan(sums)
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    """The Adam hyperparameters of one group's step, passed by the optimizer to
+    ``compress_group(adam=...)`` or by the DDP hook's optimizer pairing (Adam correction):
+    those of the ``torch.optim.Adam``/``AdamW`` param group the group's tensors belong to,
+    read at this step."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    amsgrad: bool = False
+    lr: object = 1.0  # a float, a 0-dim or (n,) tensor: the residual owes lr * direction
 
 
 @dataclass

@@ -9,7 +9,10 @@ Two hosts (network namespaces, one rank each, one CPU thread per rank), links sh
 - ``topk1`` / ``topk0.1``: ``hvd_topk.DistributedOptimizer`` with ``TopKCompressor(0.01 / 0.001)``
   (``exchange="auto"``); a suffix ``ag`` / ``sar`` forces the allgather / the sparse allreduce
   (``topk1sar``);
-- ``powersgd4``: PyTorch DDP (gloo backend) with the PowerSGD comm hook, rank 4.
+- ``powersgd4``: PyTorch DDP (gloo backend) with the PowerSGD comm hook, rank 4;
+- ``ddpdense`` / ``ddpfp16``: PyTorch DDP with its default allreduce / its fp16 hook;
+- ``ddptopk1`` / ``ddptopk0.1``: PyTorch DDP with the ``hvd_topk.ddp`` Top-K hook (1% / 0.1%,
+  momentum correction in the hook, a momentum-free SGD).
 
 Models: ResNet-18, ``mlp`` (5.3M parameters, batch 16: the communication-bound extreme) and
 ``mlp10m`` (10.1M parameters, batch 384: shaped like the issue's reference workload). Each
@@ -47,7 +50,10 @@ METHODS = ["none", "dense", "fp16", "topk1", "topk0.1", "powersgd4"]
 LABELS = {"none": "no communication (floor)", "dense": "dense allreduce", "fp16": "Horovod fp16",
           "topk1": "Top-K 1%", "topk0.1": "Top-K 0.1%", "powersgd4": "DDP PowerSGD rank 4",
           "topk1ag": "Top-K 1%, allgather", "topk0.1ag": "Top-K 0.1%, allgather",
-          "topk1sar": "Top-K 1%, sparse allreduce", "topk0.1sar": "Top-K 0.1%, sparse allreduce"}
+          "topk1sar": "Top-K 1%, sparse allreduce", "topk0.1sar": "Top-K 0.1%, sparse allreduce",
+          "ddpdense": "DDP allreduce", "ddpfp16": "DDP fp16 hook", "ddptopk1": "DDP Top-K 1% hook",
+          "ddptopk0.1": "DDP Top-K 0.1% hook"}
+DDP_METHODS = ("powersgd4", "ddpdense", "ddpfp16", "ddptopk1", "ddptopk0.1")
 EXCHANGE_SUFFIX = {"ag": "allgather", "sar": "sparse_allreduce"}
 IFACE = "hvd0"
 MASTER = "10.77.0.1"
@@ -130,6 +136,37 @@ def horovod_optimizer(method: str, model, opt):
     return hvd.DistributedOptimizer(opt, named_parameters=named, compression=comp)
 
 
+def ddp_model(method: str, model, opt, rank: int, world: int):
+    """``(model wrapped in DDP with the method's comm hook, optimizer)`` over Gloo."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+    import hvd_topk.ddp
+
+    port = int(os.environ.get("BENCH_PORT", "29512"))
+    dist.init_process_group("gloo", init_method=f"tcp://{MASTER}:{port}", rank=rank, world_size=world)
+    state = None
+    if method.startswith("ddptopk"):  # the hook holds the momentum (DGC's correction)
+        state = hvd_topk.ddp.TopKState(model, float(method[len("ddptopk"):]) / 100, momentum=0.9,
+                                       warmup_steps=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0)
+    # An explicit bucket cap also makes the first bucket 25 MB instead of DDP's 1 MB: with
+    # two small early buckets PyTorch's PowerSGD hook on Gloo raced its own collectives
+    # ("Received data size doesn't match expected size", pytorch/pytorch#58467).
+    model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
+    if method == "powersgd4":
+        model.register_comm_hook(psgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
+                                                    start_powerSGD_iter=2, use_error_feedback=True,
+                                                    warm_start=True), psgd.powerSGD_hook)
+    elif method == "ddpfp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif state is not None:
+        model.register_comm_hook(state, hvd_topk.ddp.topk_hook)
+    return model, opt
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
@@ -141,20 +178,9 @@ def worker(args: argparse.Namespace) -> None:
     model = build_model(args.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     barrier = lambda: None  # noqa: E731
-    if args.method == "powersgd4":
-        import torch.distributed as dist
-        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
-
-        port = int(os.environ.get("BENCH_PORT", "29512"))
-        dist.init_process_group("gloo", init_method=f"tcp://{MASTER}:{port}", rank=rank, world_size=world)
-        # An explicit bucket cap also makes the first bucket 25 MB instead of DDP's 1 MB: with
-        # two small early buckets PyTorch's PowerSGD hook on Gloo raced its own collectives
-        # ("Received data size doesn't match expected size", pytorch/pytorch#58467).
-        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
-        state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
-                                   start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
-        model.register_comm_hook(state, psgd.powerSGD_hook)
-        barrier = dist.barrier
+    if args.method in DDP_METHODS:
+        model, opt = ddp_model(args.method, model, opt, rank, world)
+        barrier = torch.distributed.barrier
     elif args.method != "none":
         import horovod.torch as hvd
 
@@ -183,19 +209,17 @@ def worker(args: argparse.Namespace) -> None:
     # No rank leaves while another still reads its last collective (a rank that exits first
     # resets the connection under the other: PowerSGD's Gloo hook then fails).
     barrier()
-    if args.method == "powersgd4":
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    if args.method in DDP_METHODS:
+        torch.distributed.destroy_process_group()
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         # The byte model's bytes per step on this rank's link (hvd_topk's comm_stats; a ring
         # allreduce of every gradient for Horovod's dense and fp16).
         if hasattr(opt, "comm_stats"):
             model_bytes = opt.comm_stats.link_bytes
-        elif args.method in ("dense", "fp16"):
+        elif args.method in ("dense", "fp16", "ddpdense", "ddpfp16"):
             from hvd_topk.exchange import ring_allreduce_bytes
-            model_bytes = ring_allreduce_bytes(params * (4 if args.method == "dense" else 2), world)
+            model_bytes = ring_allreduce_bytes(params * (2 if args.method.endswith("fp16") else 4), world)
         else:
             model_bytes = None
         print("RESULT " + json.dumps({"step_ms": 1e3 * statistics.median(times),
@@ -283,7 +307,7 @@ def plot(results: list, path: Path, hosts: int = 2) -> None:
         ax.bar([LABELS[r["method"]] for r in rows], [r["step_ms"] for r in rows],
                yerr=[[r["step_ms"] - min(r["step_ms_runs"]) for r in rows],
                      [max(r["step_ms_runs"]) - r["step_ms"] for r in rows]], capsize=3,
-               color=["0.6" if r["method"] == "none" else "C0" if r["method"].startswith("topk")
+               color=["0.6" if r["method"] == "none" else "C0" if "topk" in r["method"]
                       else "C1" for r in rows])
         ax.set_title(f"{model}, {hosts} hosts, {rate}")
         ax.set_ylabel("median step time (ms)")

@@ -15,6 +15,8 @@ tolerances are here:
   continues bit for bit as the uninterrupted run;
 - a NaN on one rank makes that tensor NaN on every rank, and nothing of the step is lost;
 - ranks given other settings all raise at construction;
+- with ``optimizer=`` an AdamW, each rank's own Adam step is what Top-K sends, and AdamW
+  applies the averaged step after its decay (an independent reference in plain torch);
 - the hook and its callbacks run no op that would sync a CUDA device with the host.
 """
 
@@ -34,7 +36,7 @@ from hvd_topk.ddp.plan import build_plan
 from hvd_topk.layout import num_selected
 from hvd_topk.settings import TopKSettings
 
-SCENARIOS = ("exact", "ratio_one", "identical", "resume", "nonfinite", "disagree", "no_sync")
+SCENARIOS = ("exact", "ratio_one", "identical", "resume", "nonfinite", "disagree", "adam", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -67,8 +69,10 @@ def ranks(request, tmp_path_factory) -> Ranks:
 
 
 def sent_by(c: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The reference selection: ``torch.topk`` of ``|c|``, densified."""
-    idx = torch.topk(c.abs(), num_selected(c.numel(), ratio)).indices
+    """The reference selection: the largest ``|c|`` (ties: the lower index, as ``torch.topk``
+    picks them; a stable sort says so explicitly, for Adam's first steps, where ``|c|`` is
+    ``lr`` nearly everywhere), densified."""
+    idx = torch.sort(c.abs(), descending=True, stable=True).indices[:num_selected(c.numel(), ratio)]
     return torch.zeros_like(c).index_copy_(0, idx, c[idx])
 
 
@@ -146,6 +150,49 @@ def test_ranks_with_other_settings_all_raise(ranks):
         assert "ratio=0.02" in result["error"] and "ratio=0.01" in result["error"]
 
 
+def test_adam_correction_through_the_optimizer_pairing(ranks):
+    """Reference, plain torch: each rank's own Adam moments of its gradient, ``c = e + lr *
+    clip(m_hat / (sqrt(s_hat) + eps), 10)``, its top-k sent, the average applied as ``p =
+    p (1 - lr wd) - avg``; the dense biases take AdamW on their average. AdamW keeps no state
+    for the corrected weights (their moments are the hook's, per rank)."""
+    results = ranks.load("adam")
+    P, b1, b2, eps, wd = ranks.world, 0.9, 0.999, 1e-8, 0.1
+    params = {n: p.clone() for n, p in results[0]["initial"].items()}
+    dense = {n: p.clone().requires_grad_() for n, p in params.items() if p.numel() < MIN_NUMEL}
+    ref_opt = torch.optim.AdamW(list(dense.values()), lr=1e-2, weight_decay=wd)
+    moments = {(r, n): [torch.zeros(p.numel()), torch.zeros(p.numel()), torch.zeros(p.numel())]
+               for r in range(P) for n, p in params.items() if p.numel() >= MIN_NUMEL}
+    for t in range(4):
+        recs = [res["steps"][t] for res in results]
+        ratio, lr = recs[0]["ratio"], recs[0]["lr"]
+        for group in ref_opt.param_groups:
+            group["lr"] = lr
+        for n, p in dense.items():
+            p.grad = sum(rec["grad_in"][n] for rec in recs) / P
+        ref_opt.step()
+        for n, p in params.items():
+            if n in dense:
+                params[n] = dense[n].detach().clone()
+                continue
+            avg = torch.zeros(p.numel())
+            for r, rec in enumerate(recs):
+                m, s, e = moments[(r, n)]
+                g = rec["grad_in"][n].reshape(-1)
+                m.lerp_(g, 1 - b1)
+                s.mul_(b2).addcmul_(g, g, value=1 - b2)
+                d = (m / (1 - b1 ** (t + 1))) / (s.sqrt() / (1 - b2 ** (t + 1)) ** 0.5 + eps)
+                c = e + lr * d.clamp(-10, 10)
+                sent = sent_by(c, ratio)
+                e.copy_(c - sent)
+                avg += sent / P
+            params[n] = p * (1 - lr * wd) - avg.view_as(p)
+        for rec in recs:
+            for n, p in params.items():
+                torch.testing.assert_close(rec["after"][n], p, rtol=1e-5, atol=1e-7, msg=f"{n} step {t}")
+    for res in results:
+        assert res["opt_state"] == {n: n in dense for n in params}
+
+
 def test_hook_makes_no_host_sync(ranks):
     for result in ranks.load("no_sync"):
         assert result["syncs"] == []
@@ -203,7 +250,8 @@ def test_bucket_split_follows_the_horovod_paths_rule():
 @pytest.mark.parametrize("kwargs,error,words", [
     ({"ratio": 0.0}, ValueError, "ratio must be in (0, 1]"),
     ({"ratio": 0.01, "exchange": "sparse_allreduce"}, ValueError, "exchange must be 'auto' or 'allgather'"),
-    ({"ratio": 0.01, "adam_correction": True}, TypeError, "does not take: ['adam_correction']"),
+    ({"ratio": 0.01, "group_bytes": 1 << 20}, TypeError, "does not take: ['group_bytes']"),
+    ({"ratio": 0.01, "adam_correction": True}, ValueError, "adam_correction=True needs optimizer="),
     ({"ratio": 0.01, "momentum": 1.0}, ValueError, "momentum must be in [0, 1)"),
     ({"ratio": 0.01, "nesterov": True}, ValueError, "nesterov=True needs momentum > 0"),
 ])

@@ -63,8 +63,10 @@ def _send_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tenso
     clip = state.settings.local_clip_norm
     if clip is not None:  # DGC 3.3, to local_clip_norm / sqrt(P)
         g = clip_local(g, layout, 1.0, clip / math.sqrt(state.world_size))
+    adam = state.adam
+    moments = adam.moments(plan.sparse_names, layout, g) if adam and adam.covers(plan.sparse_names) else None
     chosen = select(residual, g, layout, velocity=velocity, momentum=state.momentum,
-                    nesterov=state.nesterov, fused=clip is None, owned=True)  # 2.-3.
+                    nesterov=state.nesterov, adam=moments, fused=clip is None, owned=True)  # 2.-3.
     header = chosen.bad.to(device=g.device, dtype=torch.int32)  # (S,) 1: not finite
     payload = pack_header(header, to_wire(chosen.values, plan.value_dtype),
                           chosen.positions.to(plan.index_dtype))  # (nbytes,) uint8

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..settings import TopKSettings
 from ..state import CompressorState, GroupCache
+from .adam import AdamPairing
 from .commits import DeferredCommits
 from .plan import BucketPlan, build_plan
 
@@ -19,9 +20,9 @@ __all__ = ["TopKState", "HOOK_SETTINGS"]
 logger = logging.getLogger(__name__)
 
 #: The ``TopKSettings`` keywords the hook takes. The others belong to the Horovod engine: its
-#: exchanges' tuning, Adam correction, and group sizes (DDP's ``bucket_cap_mb`` makes the groups).
+#: exchanges' tuning and group sizes (DDP's ``bucket_cap_mb`` makes the groups).
 HOOK_SETTINGS = ("value_dtype", "min_numel", "exchange", "density_aware", "warmup_steps", "warmup_ratio",
-                 "momentum_masking", "local_clip_norm")
+                 "momentum_masking", "local_clip_norm", "adam_correction", "adam_variance_steps", "adam_clip")
 _FORMAT = 1  # state_dict()'s layout
 
 
@@ -63,6 +64,11 @@ class TopKState:
             ``all_gather_object``) and all raise ``ValueError`` if they differ.
         momentum: DGC's momentum correction (0: off), in [0, 1).
         nesterov: Nesterov's form of it (needs ``momentum > 0``).
+        optimizer: the training loop's ``torch.optim.Adam`` / ``AdamW``, for Adam correction
+            (``ddp.adam.AdamPairing``; on by default with one, as ``adam_correction=None``
+            means on the Horovod engine): each rank sends its own Adam step, and the optimizer
+            applies the averaged step to the sparse tensors instead of running Adam on it.
+            Not with a ``GradScaler`` (it would unscale the step); bf16 autocast needs none.
         **settings: the ``TopKSettings`` keywords in ``HOOK_SETTINGS`` (``warmup_steps``,
             ``min_numel``, ``value_dtype``, ...), with the same meaning and defaults.
             ``exchange`` must be ``"auto"`` or ``"allgather"`` (the hook's only exchange).
@@ -83,6 +89,8 @@ class TopKState:
     __slots__ = (
         # what it is: the settings and the group it reduces over
         "settings", "momentum", "nesterov", "process_group", "world_size",
+        # Adam correction's pairing with the training loop's optimizer, or None
+        "adam",
         # the model: parameter -> name, in this process only
         "_names",
         # per-rank state: residuals, velocities, steps (one state_dict)
@@ -95,7 +103,8 @@ class TopKState:
 
     def __init__(self, model: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]]], ratio: float = 0.01,
                  *, process_group: Optional[dist.ProcessGroup] = None, momentum: float = 0.0,
-                 nesterov: bool = False, **settings: Any) -> None:
+                 nesterov: bool = False, optimizer: Optional[torch.optim.Optimizer] = None,
+                 **settings: Any) -> None:
         unknown = sorted(set(settings) - set(HOOK_SETTINGS))
         if unknown:
             raise TypeError(f"TopKState() got settings the DDP hook does not take: {unknown}; it takes "
@@ -108,12 +117,20 @@ class TopKState:
             raise ValueError(f"momentum must be in [0, 1) (0: no momentum correction), got {momentum!r}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
+        if self.settings.adam_correction and optimizer is None:
+            raise ValueError("adam_correction=True needs optimizer=, the torch.optim.Adam or AdamW "
+                             "the loop steps")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         _agree(f"{self.settings}, momentum={self.momentum}, nesterov={self.nesterov}", process_group)
         self._names = _parameter_names(model)
         self.rank_state = CompressorState()
+        self.adam = None
+        if optimizer is not None and self.settings.adam_correction is not False:
+            self.adam = AdamPairing(optimizer, self._names, self.settings, self.rank_state) or None
+        if self.adam is not None and self.momentum:
+            raise ValueError("momentum correction is for SGD, Adam correction for Adam/AdamW: not both")
         self.commits = DeferredCommits(self.settings.momentum_masking)
         self._in_step = False
         self._plans = GroupCache()  # bucket's names -> BucketPlan at the step's ratio

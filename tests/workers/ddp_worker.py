@@ -183,6 +183,35 @@ def disagree(rank: int, world: int) -> dict:
     return {"error": None}
 
 
+def adam(rank: int, world: int) -> dict:
+    """Four steps of AdamW (decoupled weight decay; a scheduler halves ``lr`` every step) with
+    Adam correction through the optimizer pairing, warm-up ratios 0.25 -> 0.05: each rank's own
+    gradients (from a replica without DDP), the ratio and ``lr`` of each step, the parameters
+    after it, and which params the optimizer kept state for."""
+    model = mlp()
+    replica = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, warmup_steps=2, warmup_ratio=0.25,
+                                   optimizer=opt)
+    ddp = wrap(model, state)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    steps = []
+    for step in range(4):
+        x, y = batch(step, rank)
+        replica.load_state_dict(model.state_dict())
+        local = torch.autograd.grad(loss_of(replica, x, y), list(replica.parameters()))
+        record = {"ratio": state.current_ratio(), "lr": opt.param_groups[0]["lr"],
+                  "grad_in": {n: g.clone() for (n, _), g in zip(model.named_parameters(), local)}}
+        opt.zero_grad()
+        loss_of(ddp, x, y).backward()
+        opt.step()
+        sched.step()
+        record["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        steps.append(record)
+    return {"steps": steps, "opt_state": {n: bool(opt.state[p]) for n, p in model.named_parameters()},
+            "initial": {n: p.detach().clone() for n, p in mlp().named_parameters()}}
+
+
 def no_sync(rank: int, world: int) -> dict:
     """The ops of the hook and of its callbacks that would force a host sync on CUDA, on the
     torch path (the CPU kernel off), at the warm-up's ratio and after it. The callbacks run
@@ -215,7 +244,7 @@ def no_sync(rank: int, world: int) -> dict:
     return {"syncs": [(op, where) for op, where in found if where != "outside hvd_topk"]}
 
 
-SCENARIOS = {f.__name__: f for f in (exact, ratio_one, identical, resume, nonfinite, disagree, no_sync)}
+SCENARIOS = {f.__name__: f for f in (exact, ratio_one, identical, resume, nonfinite, disagree, adam, no_sync)}
 
 
 def main(out: Path, names) -> None:
