@@ -125,6 +125,10 @@ def parse_args(argv=None, extra=()):
     return args
 
 
+#: ``--momentum-correction`` / ``--adam-correction`` -> the ``TopKSettings`` value.
+TRISTATE = {"auto": None, "on": True, "off": False}
+
+
 def topk_settings(args) -> dict:
     """The Top-K settings both engines take (``TopKSettings`` keywords) from the flags."""
     kwargs = dict(ratio=args.topk, warmup_ratio=args.warmup_ratio,
@@ -136,7 +140,7 @@ def topk_settings(args) -> dict:
         kwargs["warmup_steps"] = args.warmup_steps
     if args.min_numel is not None:
         kwargs["min_numel"] = args.min_numel
-    kwargs["adam_correction"] = {"auto": None, "on": True, "off": False}[args.adam_correction]
+    kwargs["adam_correction"] = TRISTATE[args.adam_correction]
     if args.adam_variance_steps is not None:
         kwargs["adam_variance_steps"] = args.adam_variance_steps or None
     return kwargs
@@ -146,8 +150,7 @@ def make_compression(args):
     if args.fp16:
         return hvd_topk.make_compressor("fp16")
     if args.topk > 0:
-        tristate = {"auto": None, "on": True, "off": False}
-        kwargs = dict(topk_settings(args), momentum_correction=tristate[args.momentum_correction])
+        kwargs = dict(topk_settings(args), momentum_correction=TRISTATE[args.momentum_correction])
         return hvd_topk.make_compressor("topk", **kwargs)
     return hvd_topk.make_compressor("none")
 

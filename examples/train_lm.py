@@ -195,9 +195,9 @@ class DDP:
 
 def main(args):
     torch.set_num_threads(args.threads)
-    if args.engine == "horovod" and hvd is None:
-        raise SystemExit("--engine horovod needs Horovod; --engine ddp does not")
     if args.engine == "horovod":
+        if hvd is None:
+            raise SystemExit("--engine horovod needs Horovod; --engine ddp does not")
         hvd.init()
     rank = int(os.environ.get("RANK", 0)) if args.engine == "ddp" else hvd.rank()
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if args.engine == "ddp" else None)

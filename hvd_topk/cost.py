@@ -38,9 +38,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .exchange_core import (EXCHANGES, cheapest_exchange, fits_memory, gradient_costs, region_sizes,
-                            ring_allreduce_bytes, traffic)
-from .layout import index_dtype, num_selected
+from .exchange_core import (EXCHANGES, cheapest_exchange, fits_memory, gradient_costs, gradient_sizes,
+                            region_sizes, ring_allreduce_bytes, traffic)
 from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings
 
 __all__ = ["CostModel", "COMPUTE_NS", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US", "cost_model",
@@ -149,10 +148,8 @@ def exchange_times(numel: int, k: int, world: int, grad_bytes: int, value_bytes:
 def gradient_times(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float,
                    compute: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
     """``exchange_times`` for one gradient at ``ratio`` under ``settings``."""
-    n = tensor.numel()
-    vdt = settings.value_dtype or tensor.dtype
-    return exchange_times(n, num_selected(n, ratio), world, tensor.element_size(), vdt.itemsize,
-                          index_dtype(n).itemsize, settings.region_capacity,
+    n, k, grad_bytes, value_bytes, index_bytes = gradient_sizes(settings, tensor, ratio)
+    return exchange_times(n, k, world, grad_bytes, value_bytes, index_bytes, settings.region_capacity,
                           cost_model(settings, tensor.device.type, compute))
 
 
@@ -183,11 +180,9 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
         return "dense"
     allowed = tuple(sparse_exchanges) if settings.exchange == "auto" else (settings.exchange,)
     if settings.density_aware:
-        vdt = settings.value_dtype or tensor.dtype
-        k = num_selected(n, ratio)
+        _, k, grad_bytes, value_bytes, index_bytes = gradient_sizes(settings, tensor, ratio)
         allowed = ("dense",) + tuple(e for e in allowed if fits_memory(
-            e, n, k, world, tensor.element_size(), vdt.itemsize, index_dtype(n).itemsize,
-            settings.region_capacity))
+            e, n, k, world, grad_bytes, value_bytes, index_bytes, settings.region_capacity))
     if len(allowed) == 1:
         return allowed[0]
     if settings.exchange != "auto":

@@ -24,7 +24,7 @@ from .settings import TopKSettings
 
 __all__ = ["EXCHANGES", "QUANTILES", "MEMORY_BUDGET", "header_words", "region_sizes",
            "ring_allreduce_bytes", "traffic", "temporaries", "fits_memory", "exchange_bytes",
-           "cheapest_exchange", "gradient_costs", "scatter_add_", "local_indices"]
+           "cheapest_exchange", "gradient_sizes", "gradient_costs", "scatter_add_", "local_indices"]
 
 #: The exchanges a gradient can take, cheapest first when the model ties.
 EXCHANGES = ("dense", "allgather", "sparse_allreduce")
@@ -136,12 +136,19 @@ def cheapest_exchange(costs: dict, allowed) -> str:
     return min((e for e in EXCHANGES if e in allowed), key=lambda e: (costs[e], EXCHANGES.index(e)))
 
 
-def gradient_costs(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float) -> dict:
-    """``exchange_bytes`` for one gradient at ``ratio`` under ``settings``."""
+def gradient_sizes(settings: TopKSettings, tensor: torch.Tensor,
+                   ratio: float) -> Tuple[int, int, int, int, int]:
+    """``(numel, k, grad_bytes, value_bytes, index_bytes)`` of one gradient at ``ratio`` under
+    ``settings``: what every exchange model (bytes, time, memory) takes of it."""
     n = tensor.numel()
     vdt = settings.value_dtype or tensor.dtype
-    return exchange_bytes(n, num_selected(n, ratio), world, tensor.element_size(), vdt.itemsize,
-                          index_dtype(n).itemsize, settings.region_capacity)
+    return n, num_selected(n, ratio), tensor.element_size(), vdt.itemsize, index_dtype(n).itemsize
+
+
+def gradient_costs(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float) -> dict:
+    """``exchange_bytes`` for one gradient at ``ratio`` under ``settings``."""
+    n, k, grad_bytes, value_bytes, index_bytes = gradient_sizes(settings, tensor, ratio)
+    return exchange_bytes(n, k, world, grad_bytes, value_bytes, index_bytes, settings.region_capacity)
 
 
 def scatter_add_(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

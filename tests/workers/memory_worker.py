@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import hvd_topk
+from hvd_topk.cost import choose_exchange
 
 STEPS = 120  # longer than the default warm-up (100 steps)
 BOUND = 1.25
@@ -57,6 +58,16 @@ def held_per_step(kind, compression, steps):
     return held, sum(p.numel() * p.element_size() for p in params)
 
 
+def first_all_sparse(comp) -> int:
+    """The first step at which every parameter the compressor sends sparse after the warm-up
+    is sent sparse (``cost.choose_exchange`` at each step's ratio)."""
+    params = list(make_model().parameters())
+    final = [p for p in params if choose_exchange(comp.settings, p, hvd.size(), comp.ratio) != "dense"]
+    return next(t for t in range(STEPS)
+                if all(choose_exchange(comp.settings, p, hvd.size(), comp.settings.ratio_at(t)) != "dense"
+                       for p in final))
+
+
 def check(kind, **topk):
     dense, param_bytes = held_per_step(kind, None, 3)
     comp = hvd_topk.TopKCompressor(**topk)
@@ -69,13 +80,12 @@ def check(kind, **topk):
         f"beyond dense {dense[-1]} + {BOUND} x {param_bytes} parameter bytes = {limit:.0f}")
     # What may change after step 1 is per-group tables (a layout gains its sample's per-segment
     # numbers once k is small enough to sample): a few words per tensor, never k-sized.
-    # The sparse allreduce sends a tensor dense while its density is above 1/16 (its owner
-    # step's temporaries, exchange_core.fits_memory): the tensor's residual starts at its first
-    # sparse step, the level held from then on.
+    # A tensor the exchange choice sends dense at the warm-up's first ratios (the sparse
+    # allreduce's owner step would exceed its memory budget, exchange_core.fits_memory) gains
+    # its residual at its first sparse step: the level held from the step where every tensor
+    # the step sends sparse at the end is sparse.
     slack = 256 * len(list(make_model().parameters()))
-    start = 1
-    if topk.get("exchange") == "sparse_allreduce":
-        start = next(t for t in range(STEPS) if comp.settings.ratio_at(t) <= 1 / 16)
+    start = max(1, first_all_sparse(comp))
     grew = [t for t in range(start, STEPS) if held[t] > held[start] + slack]
     assert not grew, (f"{kind} {topk}: held bytes grew after step {start}, at steps {grew[:5]}: "
                       f"{held[start]} -> {[held[t] for t in grew[:5]]}")
