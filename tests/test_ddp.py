@@ -23,7 +23,6 @@ tolerances are here:
 import subprocess
 import sys
 import textwrap
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +57,6 @@ def ranks(request, tmp_path_factory) -> Ranks:
     cmd = [BIN / "torchrun", "--standalone", "--nproc-per-node", world, WORKERS / "ddp_worker.py", out,
            *SCENARIOS]
     code, output = launch(cmd, timeout=240, env=worker_env(), check=False)
-    if code != 0 and "terminate called without an active exception" in output:
-        # A rank aborted by std::terminate (seen twice in ~30 runs, cause not yet found; the
-        # worker's faulthandler prints every thread's stack): reported, then run once more.
-        # Any other failure, or a second abort, fails the tests.
-        warnings.warn(f"DDP worker aborted (np{world}), run again; its output:\n{output}", stacklevel=2)
-        code, output = launch(cmd, timeout=240, env=worker_env(), check=False)
     assert code == 0, f"DDP worker exited {code}; output:\n{output}"
     return Ranks(world, out)
 

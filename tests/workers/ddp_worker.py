@@ -255,6 +255,16 @@ def main(out: Path, names) -> None:
         torch.save(result, out / f"{name}_rank{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()
+    # Leave without the interpreter's finalization. A Gloo work issued under a dispatch mode
+    # (``no_sync``'s recorder) keeps that mode in its thread-local state; when a Gloo worker
+    # thread drops the last reference to such a work while Python finalizes, its decref
+    # cannot take the GIL and the thread's forced unwind calls std::terminate (core dumps:
+    # ``ProcessGroupGloo::AsyncWork::~AsyncWork`` -> ``SafePyObject`` decref -> ``take_gil``
+    # -> ``pthread_exit``, about one run in ten with three ranks). Everything is saved and
+    # every rank has passed the last barrier by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
