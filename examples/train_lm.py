@@ -1,8 +1,11 @@
 """Data-parallel training of a small character-level Transformer LM with Horovod and hvd_topk.
 
-Offline: the text is CPython's pydoc topic pages (examples/data.py ``load_text``), the model a
-causal pre-LayerNorm Transformer (examples/models.py ``CharTransformer``). For comparing dense
-AdamW/SGD with Top-K compression (``scripts/bench_convergence.py --task lm``).
+Offline: the text is CPython's pydoc topic pages (``--corpus pydoc``) or its standard
+library's code (``--corpus stdlib``; examples/data.py ``load_text``), the model a causal
+pre-LayerNorm Transformer (``--model transformer``, examples/models.py ``CharTransformer``) or a
+GPT-2 or Llama of the same size built by Hugging Face ``transformers`` from a config
+(``--model gpt2|llama``). For comparing dense AdamW/SGD with Top-K compression
+(``scripts/bench_convergence.py --task lm``, ``scripts/bench_lm.py``).
 
 Launch (2 ranks on this machine)::
 
@@ -59,8 +62,8 @@ except ImportError:  # --engine ddp needs no Horovod
     hvd = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import load_text, sample_windows  # noqa: E402
-from models import CharTransformer  # noqa: E402
+from data import CORPORA, load_text, sample_windows  # noqa: E402
+from models import LM_FAMILIES, build_lm  # noqa: E402
 from train import add_compression_flags, make_compression, pick_device, topk_settings  # noqa: E402
 
 import hvd_topk  # noqa: E402
@@ -90,6 +93,11 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--warmup-lr-steps", type=int, default=40,
                    help="linear learning-rate warm-up, then cosine decay to 10%% of --lr")
+    p.add_argument("--model", default="transformer", choices=LM_FAMILIES,
+                   help="transformer: examples/models.py CharTransformer; gpt2 / llama: built by "
+                        "Hugging Face transformers from a config of the same size (a bench dependency)")
+    p.add_argument("--corpus", default="pydoc", choices=sorted(CORPORA),
+                   help="pydoc: English prose (pydoc topics); stdlib: Python code (the standard library)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per rank and step")
     p.add_argument("--context", type=int, default=64, help="characters per sequence")
@@ -201,10 +209,10 @@ def main(args):
         hvd.init()
     rank = int(os.environ.get("RANK", 0)) if args.engine == "ddp" else hvd.rank()
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if args.engine == "ddp" else None)
-    text = load_text()
+    text = load_text(args.corpus)
     torch.manual_seed(args.seed)
-    model = CharTransformer(len(text.vocab), args.d_model, args.layers, args.heads,
-                            args.context).to(device)
+    model = build_lm(args.model, len(text.vocab), args.d_model, args.layers, args.heads,
+                     args.context).to(device)
     engine = (DDP if args.engine == "ddp" else Horovod)(args, model, device)
     rank0 = rank == 0
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
@@ -223,7 +231,7 @@ def main(args):
         optimizer, lambda s: lr_factor(s, args.warmup_lr_steps, args.steps))
     if rank0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"CharTransformer ({n_params / 1e6:.3f}M params, vocab {len(text.vocab)}) on "
+        print(f"{args.model} ({n_params / 1e6:.3f}M params, vocab {len(text.vocab)}) on {args.corpus}: "
               f"{len(text.train)} train / {len(text.val)} val chars, "
               f"{args.optimizer} lr {args.lr:g} wd {args.weight_decay:g}, {engine.what}", flush=True)
 

@@ -28,7 +28,8 @@
 #   HVD_TOPK_DEVICE   cpu or cuda: which Horovod to build (default: cuda when torch has CUDA and
 #                     a GPU or nvcc is present; set it in a `docker build`, which sees no GPU)
 #   HVD_TOPK_CACHE    wheel and sdist cache (default: ~/.cache/hvd-topk)
-#   HVD_TOPK_EXTRAS   extras of `pip install -e .` (default: test; "" for the runtime only)
+#   HVD_TOPK_EXTRAS   extras of `pip install -e .` (default: test; "" for the runtime only;
+#                     "test,bench" adds transformers for scripts/bench_lm.py)
 #   HOROVOD_SDIST     path to a horovod-X.tar.gz to build from (offline machines)
 #   HOROVOD_WHEEL     a prebuilt Horovod wheel to try first (built by this script elsewhere);
 #                     used when it imports with this torch (and has NCCL for cuda), else built
@@ -286,6 +287,7 @@ if [[ -n "$EXTRAS" ]]; then
     modules+=" pytest pytest_timeout ruff hypothesis matplotlib"
     spec="${REPO}[$EXTRAS]"
 fi
+[[ ",$EXTRAS," == *,bench,* ]] && modules+=" transformers"
 # Installed or not, found without importing them (tensorboard, sklearn and matplotlib take
 # seconds to import); from / so that a checkout in the current directory does not count.
 # shellcheck disable=SC2086  # $modules: one argument per module

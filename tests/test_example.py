@@ -54,3 +54,28 @@ def test_train_lm_learns(flags):
     m = re.search(r"final val_loss ([\d.]+)", out)
     assert m, out
     assert float(m.group(1)) < 3.3, out  # 2.56 (AdamW) and 2.42 (SGD) measured here
+
+
+@pytest.mark.parametrize("family", ["transformer", "gpt2", "llama"])
+def test_lm_families_and_corpora(family):
+    """``train_lm.py --model``/``--corpus``: each family maps (B, T) ids of either corpus to
+    (B, T, vocab) logits; GPT-2 and Llama only where ``transformers`` (the bench extra) is."""
+    import importlib.util
+    import sys
+
+    import torch
+    if family != "transformer" and importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is a bench dependency (HVD_TOPK_EXTRAS=test,bench)")
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from data import load_text
+        from models import build_lm
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    code, prose = load_text("stdlib"), load_text("pydoc")
+    assert len(code.train) > 8 * len(code.val) and "def " in "".join(code.vocab[i] for i in code.train[:5000])
+    assert len(prose.vocab) == 103
+    torch.manual_seed(0)
+    model = build_lm(family, len(code.vocab), d_model=32, n_layers=1, n_heads=2, context=16)
+    x = code.train[:32].view(2, 16)
+    assert model(x).shape == (2, 16, len(code.vocab))
