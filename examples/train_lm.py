@@ -175,9 +175,7 @@ class Horovod:
             "none (dense allreduce)" if args.topk == 0 else repr(compression))
 
     def sent(self) -> str:
-        sent = self.optimizer.comm_totals
-        return (f"sent/step {sent.bytes_sent / sent.steps / 1e3:.1f} KB ({100 * sent.density:.2f}% of dense) "
-                f"total_sent {sent.bytes_sent / 1e6:.2f} MB")
+        return sent_line(self.optimizer.comm_totals)
 
 
 class DDP:
@@ -196,9 +194,18 @@ class DDP:
             self.net.register_comm_hook(state, hvd_topk.ddp.topk_hook)
             self.what = (f"{dist.get_world_size()} ranks, DDP hvd_topk.ddp.topk_hook ratio {args.topk}, "
                          f"Adam correction {'on' if state.adam else 'off'}")
+            self.state = state
+        else:
+            self.state = None
 
     def sent(self) -> str:
-        return ""
+        return "" if self.state is None else sent_line(self.state.comm_totals)
+
+
+def sent_line(totals) -> str:
+    """This rank's bytes since the start (a ``CommStats`` of either engine)."""
+    return (f"sent/step {totals.bytes_sent / max(1, totals.steps) / 1e3:.1f} KB "
+            f"({100 * totals.density:.2f}% of dense) total_sent {totals.bytes_sent / 1e6:.2f} MB")
 
 
 def main(args):

@@ -1,6 +1,7 @@
 """Communication statistics: ``CommStats`` (the counters of a step, or totals over steps:
-``optimizer.comm_stats``, ``optimizer.comm_totals``) and ``CommCounter``, which counts them
-during a step."""
+``optimizer.comm_stats``, ``optimizer.comm_totals``; the DDP hook's ``state.comm_stats``,
+``state.comm_totals``) and ``CommCounter``, which counts them during a step. Engine-independent:
+no Horovod here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from .exchange import ring_allreduce_bytes
+from .exchange_core import ring_allreduce_bytes
 
 __all__ = ["CommStats", "CommCounter"]
 

@@ -94,6 +94,32 @@ def test_sparse_average_of_each_ranks_topk(ranks):
                 assert torch.equal(rec["grad_out"][name].reshape(-1), expected), (name, step)
 
 
+def test_byte_counters(ranks):
+    """``state.comm_totals`` / ``comm_stats``: what each rank sent and received over the three
+    ``exact`` steps: the weights' payloads (``k`` float32 values and int32 indices each, plus
+    a flag word per tensor), the biases at their size; the link carries ``P - 1`` payloads and
+    a ring allreduce's share of the biases."""
+    world = ranks.world
+    rec = ranks.load("exact")[0]["steps"]
+    weights = [g.numel() for g in rec[0]["grad_in"].values() if g.numel() >= MIN_NUMEL]
+    biases = sum(g.numel() for g in rec[0]["grad_in"].values() if g.numel() < MIN_NUMEL)
+    ks = sum(num_selected(n, r["ratio"]) for r in rec for n in weights)
+    payloads = 8 * ks + 4 * len(weights) * 3
+    dense = 4 * biases * 3
+    for result in ranks.load("exact"):
+        totals, last = result["comm_totals"], result["comm_stats"]
+        assert totals["steps"] == 3 and last["steps"] == 1
+        assert totals["sparse_tensors"] == totals["allgather_tensors"] == 3 * len(weights)
+        assert totals["dense_tensors"] == 3 * (len(rec[0]["grad_in"]) - len(weights))
+        assert totals["dense_bytes"] == 3 * 4 * (sum(weights) + biases)
+        assert totals["bytes_sent"] == payloads + dense
+        assert totals["bytes_received"] == world * payloads + dense
+        ring = sum(-(-2 * (world - 1) * 4 * g.numel() // world) for g in rec[0]["grad_in"].values()
+                   if g.numel() < MIN_NUMEL)
+        assert totals["link_bytes"] == (world - 1) * payloads + 3 * ring
+        assert 0 < totals["density"] < 1 and totals["compress_ms"] > 0
+
+
 def test_ratio_one_equals_default_allreduce(ranks):
     for result in ranks.load("ratio_one"):
         for hooked, plain in result["pairs"]:

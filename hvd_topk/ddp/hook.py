@@ -6,6 +6,7 @@ No ``from __future__ import annotations`` here: DDP checks the hook's annotation
 (``dist.GradBucket``, ``torch.futures.Future[torch.Tensor]``)."""
 
 import math
+import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +33,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     """
     plan = state.begin_bucket(bucket)
     grads = bucket.gradients()
+    for g in grads:
+        state.counter.gradient(g)
     futures, finish = [], []
     if plan.layout is not None:
         gathered = _send_sparse(state, plan, grads, futures)
@@ -58,6 +61,7 @@ def _send_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tenso
     """Steps 2-4 for the bucket's sparse gradients: select, pack, start the allgather.
     Returns the ``(P * nbytes,)`` uint8 buffer the allgather fills."""
     layout = plan.layout
+    t0 = time.perf_counter()
     g = torch.cat([grads[i].reshape(-1) for i in plan.sparse])  # (n,)
     residual, velocity = state.buffers(plan.sparse_names, layout.sizes, g, residual=True)
     clip = state.settings.local_clip_norm
@@ -72,8 +76,11 @@ def _send_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tenso
                           chosen.positions.to(plan.index_dtype))  # (nbytes,) uint8
     state.commits.add(residual, velocity, chosen.positions, plan.value_dtype)
     gathered = payload.new_empty(state.world_size * payload.numel())  # (P * nbytes,)
+    state.counter.add_ms("compress_ms", t0)
     work = _ALL_GATHER(gathered, payload, group=state.process_group, async_op=True)
     futures.append(work.get_future())
+    state.counter.sparse((payload.numel(), gathered.numel(), (state.world_size - 1) * payload.numel()),
+                         "allgather", len(plan.sparse))
     return gathered
 
 
@@ -106,6 +113,8 @@ def _send_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor
     _, velocity = state.buffers(plan.dense_names, plan.dense_sizes, flat, residual=False)
     work = dist.all_reduce(flat, group=state.process_group, async_op=True)
     futures.append(work.get_future())
+    for i in plan.dense:
+        state.counter.dense(grads[i], state.world_size)
     return flat, velocity
 
 

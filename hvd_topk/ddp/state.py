@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..settings import TopKSettings
 from ..state import CompressorState, GroupCache
+from ..stats import CommCounter, CommStats
 from .adam import AdamPairing
 from .commits import DeferredCommits
 from .plan import BucketPlan, build_plan
@@ -51,9 +52,13 @@ class TopKState:
        entries leave the residual (``residual = c - sent``) -- unless some gradient of the
        step was non-finite, when everything stays owed (a ``GradScaler`` skips that step).
 
-    No step reads a value back to the host. With ``momentum``, pair the hook with a
-    momentum-free ``torch.optim.SGD`` (``momentum=0``): the hook's output already is the
-    momentum step (densely allreduced tensors get plain heavy-ball momentum of the average).
+    No step reads a value back to the host. ``state.comm_stats`` (the last step's) and
+    ``state.comm_totals`` count this rank's bytes as the Horovod engine's ``comm_stats`` does
+    (``stats.CommStats``: sent, received, what dense DDP would send, the link's bytes; the
+    tensors by exchange; ``compress_ms``, the hooks' time in selection), host numbers only.
+    With ``momentum``, pair the hook with a momentum-free ``torch.optim.SGD``
+    (``momentum=0``): the hook's output already is the momentum step (densely allreduced
+    tensors get plain heavy-ball momentum of the average).
 
     Arguments:
         model: the module (before or after wrapping in DDP; its parameter names key the
@@ -99,6 +104,8 @@ class TopKState:
         "commits", "_in_step",
         # caches bounded by the buckets in use
         "_plans",
+        # byte counters: this step's (counter), the last step's and the totals (CommStats)
+        "counter", "comm_stats", "comm_totals",
     )
 
     def __init__(self, model: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]]], ratio: float = 0.01,
@@ -134,6 +141,7 @@ class TopKState:
         self.commits = DeferredCommits(self.settings.momentum_masking)
         self._in_step = False
         self._plans = GroupCache()  # bucket's names -> BucketPlan at the step's ratio
+        self.counter, self.comm_stats, self.comm_totals = CommCounter(log_every=0), CommStats(), CommStats()
         logger.info("hvd_topk.ddp: Top-K %s over %d ranks, momentum %s, %d parameters", self.settings,
                     self.world_size, self.momentum, len(self._names))
 
@@ -166,6 +174,7 @@ class TopKState:
         if bucket.is_last():
             self.rank_state.steps += 1
             self._in_step = False
+            self.comm_stats = self.counter.finish(0.0, self.comm_totals)
 
     def buffers(self, names: Sequence[str], sizes: Sequence[int], like: torch.Tensor,
                 residual: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -83,7 +83,8 @@ def exact(rank: int, world: int) -> dict:
     for step in range(3):
         steps.append(observed_step(model, replica, ddp, state, *batch(step, rank)))
         opt.step()
-    return {"steps": steps, "steps_counted": state.steps}
+    return {"steps": steps, "steps_counted": state.steps, "comm_totals": state.comm_totals.as_dict(),
+            "comm_stats": state.comm_stats.as_dict()}
 
 
 def ratio_one(rank: int, world: int) -> dict:
