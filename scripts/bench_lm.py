@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs="+", default=[800])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--topk-flags", default="",
+                   help="more train_lm.py flags for the Top-K runs (an ablation: '--warmup-steps 300')")
     p.add_argument("--eval-every", type=int, default=100, help="validation interval in steps")
     p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
@@ -83,6 +85,8 @@ def run_grid(args) -> list:
     for family, corpus, lr, steps, method in product(args.families, args.corpora, args.lrs, args.steps,
                                                      args.methods):
         flags = ["--model", family, "--corpus", corpus, "--lr", str(lr), *HF_ADAMW, *METHODS[method]]
+        if method != "dense":
+            flags += args.topk_flags.split()
         last, best = [], []
         for seed in args.seeds:
             evals, final = run_lm(flags, args, seed, steps)
@@ -91,7 +95,7 @@ def run_grid(args) -> list:
             print(f"{family} {corpus} lr {lr:g} {steps} steps {method} seed {seed}: "
                   f"last {final:.4f} best {best[-1]:.4f}", flush=True)
         records.append({"family": family, "corpus": corpus, "lr": lr, "steps": steps, "method": method,
-                        "seeds": args.seeds, "last": last, "best": best})
+                        "flags": flags, "seeds": args.seeds, "last": last, "best": best})
     return records
 
 

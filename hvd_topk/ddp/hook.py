@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..exchange_core import scatter_add_
 from ..packing import pack_header, unpack
-from ..selection import segment_views, select
+from ..selection import select
 from ..update import clip_local
 from ..wire import to_wire
 from .plan import BucketPlan
@@ -86,21 +86,28 @@ def _send_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tenso
 
 def _receive_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
                     gathered: torch.Tensor) -> None:
-    """Step 5: every rank's values divided by ``P`` and summed in rank order into the sparse
-    gradients (views of the bucket's buffer); a tensor some rank flagged becomes NaN."""
+    """Step 5: every rank's values divided by ``P`` and summed in rank order straight into the
+    sparse gradients (views of the bucket's buffer); a tensor some rank flagged becomes NaN.
+    One write per gradient entry (0, or NaN where flagged) and the ``P * K`` adds: no
+    group-sized buffer, no copy back."""
     layout = plan.layout
     world = state.world_size
     headers, values, indices = unpack(gathered, layout.k, plan.value_dtype, plan.index_dtype, world,
                                       layout.segments)  # (P, S), (P, K), (P, K)
+    bad = headers.ne(0).any(0)  # (S,) some rank's gradient was not finite
     dtype = grads[plan.sparse[0]].dtype
-    out = torch.zeros(layout.numel, dtype=dtype, device=gathered.device)  # (n,)
-    pos = indices.long().clamp_(0, layout.numel - 1).reshape(-1)  # (P * K,) never out of bounds
+    fill = torch.zeros((), dtype=dtype, device=gathered.device).masked_fill(bad, float("nan"))  # (S,)
     # Divide the P * K values, not the result, and sum them in rank order: the same bits on
     # every rank (the Horovod path's scatter-add).
-    scatter_add_(out, pos, values.reshape(-1).to(dtype).div_(world))
-    bad = headers.ne(0).any(0)  # (S,) some rank's gradient was not finite
-    for s, (i, part) in enumerate(zip(plan.sparse, segment_views(out, layout))):
-        grads[i].view(-1).copy_(part.masked_fill_(bad[s], float("nan")))
+    values = values.to(dtype).div_(world)
+    first = 0
+    for s, (i, offset, n, k) in enumerate(zip(plan.sparse, layout.offsets, layout.sizes, layout.ks)):
+        out = grads[i].view(-1)
+        out.fill_(fill[s])  # 0, or NaN for a flagged tensor (NaN plus any value stays NaN)
+        # This tensor's slots: group positions -> its own, clamped into it (never out of bounds).
+        pos = indices[:, first:first + k].long().sub_(offset).clamp_(0, n - 1)  # (P, k)
+        scatter_add_(out, pos.reshape(-1), values[:, first:first + k].reshape(-1))
+        first += k
     state.commits.flag(bad.any())
 
 
