@@ -19,13 +19,13 @@ from . import sparse_allreduce as sar
 from .cost import choose_exchange, gradient_times
 from .exchange import EXCHANGES, AllgatherExchange, gradient_costs
 from .headers import Signatures, build_header, mark_nonfinite, resolve
-from .interface import (AdamSettings, ComplexContext, Exchange, RankMismatchError, SparseCompressor,
-                        SparseContext)
+from .interface import AdamSettings, ComplexContext, Exchange, RankMismatchError, SparseContext
 from .layout import GroupLayout, index_dtype, num_selected
 from .packing import FLAG_INEXACT
 from .positions import PositionSet
 from .selection import exact_topk_fallback, select, selected_values
 from .settings import TopKSettings
+from .sparse_compressor import SparseCompressor
 from .state import CompressorState, GroupCache, Pending, StepSelections
 from .update import clip_local
 from .wire import scaled_wire

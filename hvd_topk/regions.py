@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .exchange import QUANTILES
+from .exchange_core import QUANTILES
 from .selection import GroupLayout
 
 __all__ = ["uniform_bounds", "refresh_bounds"]

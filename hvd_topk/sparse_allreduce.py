@@ -318,7 +318,7 @@ class SparseAllreduceExchange(Exchange):
 
     def __init__(self, capacity: float, refresh: int) -> None:
         self.capacity, self.refresh = capacity, refresh
-        self.bounds: Dict[Tuple[Tuple[str, ...], int], torch.Tensor] = {}
+        self.bounds: Dict[Tuple[str, int], torch.Tensor] = {}  # (name, world) -> (P + 1,) starts
         self._plans = GroupCache()  # (sizes, world) -> RegionPlan
 
     def plan(self, layout: GroupLayout, world: int) -> RegionPlan:
@@ -339,13 +339,20 @@ class SparseAllreduceExchange(Exchange):
         return sparse_allreduce_time(numel, ks, world, value_bytes, index_bytes, capacity, model)
 
     def _bounds(self, ctx: SparseContext, device: torch.device) -> torch.Tensor:
-        key = (ctx.names, ctx.regions.world)
-        bounds = self.bounds.get(key)
-        if bounds is None:
-            bounds = self.bounds[key] = uniform_bounds(ctx.layout, ctx.regions.world, device)
-        elif bounds.device != device:
-            bounds = self.bounds[key] = bounds.to(device)
-        return bounds
+        """The group's ``(S, P + 1)`` region starts, from each tensor's own (equal regions for a
+        tensor not seen before): regions belong to tensors, not to the groups they travel in,
+        so they outlive a regrouping (DDP rebuilds its buckets after the first iteration)."""
+        world = ctx.regions.world
+        rows = [self.bounds.get((name, world)) for name in ctx.names]
+        if any(r is None or r.device != device for r in rows):
+            uniform = uniform_bounds(ctx.layout, world, device)
+            rows = [uniform[s] if r is None else r.to(device) for s, r in enumerate(rows)]
+            self._store(ctx, rows)
+        return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+    def _store(self, ctx: SparseContext, rows) -> None:
+        for name, row in zip(ctx.names, rows):
+            self.bounds[(name, ctx.regions.world)] = row
 
     def payload(self, ctx: SparseContext, sel: torch.Tensor, sent: torch.Tensor,
                 signature: torch.Tensor) -> Tuple[torch.Tensor, Optional[PositionSet]]:
@@ -368,13 +375,12 @@ class SparseAllreduceExchange(Exchange):
                                     "disagree on this tensor's size, ratio or wire dtypes. "
                                     + SAME_MODEL) from None
         if (step + 1) % self.refresh == 0:
-            key = (ctx.names, ctx.regions.world)
-            self.bounds[key] = refresh_bounds(self._bounds(ctx, out.device), stats, ctx.layout)
+            self._store(ctx, refresh_bounds(self._bounds(ctx, out.device), stats, ctx.layout).unbind(0))
         return headers, kept
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"regions": [{"names": list(names), "world": world, "bounds": b.cpu()}
-                            for (names, world), b in self.bounds.items()]}
+        return {"regions": [{"names": [name], "world": world, "bounds": b.cpu().unsqueeze(0)}
+                            for (name, world), b in self.bounds.items()]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.bounds = {}
@@ -382,8 +388,9 @@ class SparseAllreduceExchange(Exchange):
         if isinstance(regions, dict):  # keyed by "name\nname...@world" strings
             regions = [{"names": key.rpartition("@")[0].split("\n"), "world": key.rpartition("@")[2],
                         "bounds": b} for key, b in regions.items()]
-        for r in regions:
-            self.bounds[(tuple(r["names"]), int(r["world"]))] = r["bounds"].clone()
+        for r in regions:  # a group's rows (as saved before regions were per tensor) or one tensor's
+            for name, row in zip(r["names"], r["bounds"].reshape(len(r["names"]), -1)):
+                self.bounds[(name, int(r["world"]))] = row.clone()
 
     def reset(self) -> None:
         self.bounds = {}

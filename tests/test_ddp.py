@@ -20,6 +20,7 @@ tolerances are here:
 - the hook and its callbacks run no op that would sync a CUDA device with the host.
 """
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -35,7 +36,8 @@ from hvd_topk.ddp.plan import build_plan
 from hvd_topk.layout import num_selected
 from hvd_topk.settings import TopKSettings
 
-SCENARIOS = ("exact", "ratio_one", "identical", "resume", "nonfinite", "disagree", "adam", "no_sync")
+SCENARIOS = ("exact", "sar", "ratio_one", "identical", "resume", "identical_sar", "resume_sar", "nonfinite",
+             "disagree", "adam", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -94,6 +96,64 @@ def test_sparse_average_of_each_ranks_topk(ranks):
                 assert torch.equal(rec["grad_out"][name].reshape(-1), expected), (name, step)
 
 
+def sar_reference(cs: list, ratio: float, capacity: float = 2.0):
+    """The sparse allreduce of every rank's compensated gradient ``cs[r]`` (n,) over equal
+    regions, computed densely: each rank's top-k, at most ``c`` of its largest per region to
+    that region's owner, who sums them in rank order and keeps its ``R`` largest sums.
+    Returns ``(the result divided by P (n,), each rank's positions some owner kept)``."""
+    world, n = len(cs), cs[0].numel()
+    k = num_selected(n, ratio)
+    cap, keep = min(k, math.ceil(capacity * k / world)), math.ceil(k / world)
+    bounds = [(j * n) // world for j in range(world + 1)]
+    total = torch.zeros(n)
+    kept = [set() for _ in range(world)]
+    sent = []
+    for c in cs:
+        top = sent_by(c, ratio).nonzero().flatten().tolist()
+        sent.append([sorted((i for i in top if bounds[j] <= i < bounds[j + 1]),
+                            key=lambda i, c=c: -abs(c[i].item()))[:cap] for j in range(world)])
+    for j in range(world):
+        acc, touched = torch.zeros(n), []
+        for r in range(world):  # rank order
+            for i in sent[r][j]:
+                acc[i] += cs[r][i]
+                touched += [] if i in touched else [i]
+        best = sorted(touched, key=lambda i: -abs(acc[i].item()))[:keep]
+        total[best] = acc[best]
+        for r in range(world):
+            kept[r] |= set(best) & set(sent[r][j])
+    return total / world, kept
+
+
+def test_sparse_allreduce_against_reference(ranks):
+    """``exchange="sparse_allreduce"``: what DDP leaves is every owner's kept sums, bit for bit,
+    and each rank's residual keeps what no owner kept; the regions are the same everywhere."""
+    results = ranks.load("sar")
+    for step in range(3):
+        recs = [r["steps"][step] for r in results]
+        for name, g0 in recs[0]["grad_in"].items():
+            if g0.numel() < MIN_NUMEL:
+                continue
+            cs = []
+            for rec in recs:
+                before = rec["residual_before"][name]
+                cs.append(rec["grad_in"][name].reshape(-1) + (0 if before is None else before))
+            expected, kept = sar_reference(cs, 0.05)
+            for r, rec in enumerate(recs):
+                assert torch.equal(rec["grad_out"][name].reshape(-1), expected), (name, step, r)
+                owed = cs[r].clone()
+                owed[sorted(kept[r])] = 0
+                assert torch.equal(rec["residual_after"][name], owed), (name, step, r)
+    for result in results:
+        totals = result["comm_totals"]
+        assert totals["sparse_allreduce_tensors"] == totals["sparse_tensors"] == 9  # 3 weights, 3 steps
+        mine, first = result["regions"]["regions"], results[0]["regions"]["regions"]
+        assert mine and len(mine) == len(first)
+        for a, b in zip(mine, first):
+            assert (a["names"], a["world"]) == (b["names"], b["world"])
+            assert torch.equal(a["bounds"], b["bounds"])
+
+
 def test_byte_counters(ranks):
     """``state.comm_totals`` / ``comm_stats``: what each rank sent and received over the three
     ``exact`` steps: the weights' payloads (``k`` float32 values and int32 indices each, plus
@@ -135,8 +195,12 @@ def test_ranks_bit_identical(ranks):
     assert not torch.equal(results[0]["residuals"]["0.weight"], results[1]["residuals"]["0.weight"])
 
 
-def test_resume_equals_uninterrupted(ranks):
-    for straight, resumed in zip(ranks.load("identical"), ranks.load("resume")):
+@pytest.mark.parametrize("suffix", ["", "_sar"], ids=["allgather", "sparse_allreduce"])
+def test_resume_equals_uninterrupted(ranks, suffix):
+    straights = ranks.load("identical" + suffix)
+    for name, p in straights[0]["params"].items():  # the ranks agree
+        assert all(torch.equal(r["params"][name], p) for r in straights[1:]), name
+    for straight, resumed in zip(straights, ranks.load("resume" + suffix)):
         assert resumed["steps"] == straight["steps"] == 6
         for name, p in straight["params"].items():
             assert torch.equal(resumed["params"][name], p), name
@@ -249,26 +313,27 @@ def test_imports_and_runs_without_horovod(tmp_path):
 
 
 def test_bucket_split_follows_the_horovod_paths_rule():
-    """The gradients the hook sends sparse are those ``cost.choose_exchange`` gives the allgather
-    with the allgather as the only sparse exchange: by bytes for a named exchange (a tie stays
-    dense; one rank is evaluated as two), by the time model under "auto" (where the Horovod path
-    takes its sparse allreduce, the hook allgathers while that beats a dense allreduce)."""
+    """Each gradient's exchange is ``cost.choose_exchange``'s, among the hook's (the allgather
+    and the sparse allreduce) and a dense allreduce: by bytes for a named exchange (a tie stays
+    dense; one rank is evaluated as two), by the time model under "auto"."""
     named = TopKSettings(0.01, exchange="allgather")
     w = torch.zeros(10_000)  # P = 2: dense 2 (P-1)/P * 40000 = 40000 bytes, allgather 8 + 8 k
     assert build_plan(["w"], [w], named, 0.49975, 2).sparse == (0,)  # k = 4998: 39992 bytes
     assert build_plan(["w"], [w], named, 0.49985, 2).sparse == ()  # k = 4999: 40000, a tie
     assert build_plan(["w"], [w], named, 0.49975, 1).sparse == (0,)
     auto, big, bias = TopKSettings(0.01), torch.zeros(1_000_000), torch.zeros(10)
-    assert choose_exchange(auto, big, 64, 0.01) == "sparse_allreduce"
-    plan = build_plan(["w", "b"], [big, bias], auto, 0.01, 64)  # allgather 45 ms, dense 63 ms
-    assert (plan.sparse, plan.dense) == ((0,), (1,))
-    assert build_plan(["w"], [big], auto, 0.01, 256).sparse == ()  # allgather 171 ms, dense 64 ms
+    for world, want in ((2, "allgather"), (64, "sparse_allreduce"), (256, "sparse_allreduce")):
+        plan = build_plan(["w", "b"], [big, bias], auto, 0.01, world)
+        assert choose_exchange(auto, big, world, 0.01) == want
+        assert [g.exchange for g in plan.groups] == [want] and (plan.sparse, plan.dense) == ((0,), (1,))
+    plan = build_plan(["w"], [big], TopKSettings(0.01, exchange="allgather"), 0.01, 256)
+    assert plan.sparse == ()  # named, but it would move more bytes than a dense allreduce
     assert build_plan(["i"], [torch.zeros(100_000, dtype=torch.int64)], auto, 0.01, 2).sparse == ()
 
 
 @pytest.mark.parametrize("kwargs,error,words", [
     ({"ratio": 0.0}, ValueError, "ratio must be in (0, 1]"),
-    ({"ratio": 0.01, "exchange": "sparse_allreduce"}, ValueError, "exchange must be 'auto' or 'allgather'"),
+    ({"ratio": 0.01, "exchange": "ring"}, ValueError, "exchange must be 'auto', 'allgather' or"),
     ({"ratio": 0.01, "group_bytes": 1 << 20}, TypeError, "does not take: ['group_bytes']"),
     ({"ratio": 0.01, "adam_correction": True}, ValueError, "adam_correction=True needs optimizer="),
     ({"ratio": 0.01, "momentum": 1.0}, ValueError, "momentum must be in [0, 1)"),

@@ -30,6 +30,12 @@ class _Selection:
     velocity: Optional[torch.Tensor]  # (n,) momentum correction's velocity, or None
     sent: PositionSet  # the K positions selected
     value_dtype: torch.dtype  # the wire's
+    applied: Optional[PositionSet] = None  # the sparse allreduce: the positions some owner kept
+
+    def only(self, applied: PositionSet) -> None:
+        """Of the positions sent, only ``applied`` leave the residual at the commit (the sparse
+        allreduce: those some owner kept; the rest stay owed)."""
+        self.applied = applied
 
 
 class DeferredCommits:
@@ -50,10 +56,13 @@ class DeferredCommits:
         self._flags: List[torch.Tensor] = []
 
     def add(self, residual: torch.Tensor, velocity: Optional[torch.Tensor], positions: torch.Tensor,
-            value_dtype: torch.dtype) -> None:
-        """A group's selection: ``positions`` ``(K,)`` int64 in ``residual``."""
-        self._selections.append(_Selection(residual, velocity, PositionSet(positions, residual.numel()),
-                                           value_dtype))
+            value_dtype: torch.dtype) -> _Selection:
+        """A group's selection: ``positions`` ``(K,)`` int64 in ``residual``. Returned, for the
+        sparse allreduce to set ``applied`` once it knows what the owners kept (only those
+        leave the residual)."""
+        selection = _Selection(residual, velocity, PositionSet(positions, residual.numel()), value_dtype)
+        self._selections.append(selection)
+        return selection
 
     def flag(self, nonfinite: torch.Tensor) -> None:
         """A 0-dim bool on the device: True when some rank's gradient was not finite."""
@@ -72,7 +81,7 @@ class DeferredCommits:
             pos, _ = sel.sent.positions()  # (K,)
             bufs = [b for b in (sel.residual, sel.velocity) if b is not None]
             kept = [b.index_select(0, pos) for b in bufs] if bad is not None else []  # c, u
-            residual_write_(sel.residual, sel.velocity, sel.sent, None, 1.0, sel.value_dtype,
+            residual_write_(sel.residual, sel.velocity, sel.sent, sel.applied, 1.0, sel.value_dtype,
                             masking=self.masking)  # step 5
             for buf, old in zip(bufs, kept):  # a step not finite somewhere: everything stays owed
                 buf.index_copy_(0, pos, torch.where(bad, old, buf.index_select(0, pos)))

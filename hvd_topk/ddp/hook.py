@@ -1,23 +1,29 @@
 """``topk_hook``: the DDP communication hook, a bucket at a time (``TopKState`` documents the
 algorithm). The sparse gradients take the selection pipeline and an allgather of fixed-size
-payloads; the rest take an allreduce; both are launched before either is waited for.
+payloads, or the sparse allreduce (an ``all_to_all_single`` to each region's owner, then an
+allgather of what the owners keep); the rest take an allreduce; the allgathers and the
+allreduce are launched before any is waited for.
 
 No ``from __future__ import annotations`` here: DDP checks the hook's annotations as objects
 (``dist.GradBucket``, ``torch.futures.Future[torch.Tensor]``)."""
 
 import math
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..exchange_core import scatter_add_
-from ..packing import pack_header, unpack
-from ..selection import select
+from ..exchange_core import scatter_add_, traffic
+from ..headers import build_header
+from ..interface import SparseContext
+from ..packing import FLAG_MISMATCH, FLAG_NONFINITE, pack_header, unpack
+from ..positions import PositionSet
+from ..selection import segment_views, select
+from ..sparse_allreduce import was_kept
 from ..update import clip_local
 from ..wire import to_wire
-from .plan import BucketPlan
+from .plan import BucketPlan, SparseGroup
 from .state import TopKState
 
 __all__ = ["topk_hook"]
@@ -36,9 +42,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     for g in grads:
         state.counter.gradient(g)
     futures, finish = [], []
-    if plan.layout is not None:
-        gathered = _send_sparse(state, plan, grads, futures)
-        finish.append(lambda: _receive_sparse(state, plan, grads, gathered))
+    for group in plan.groups:
+        send = _send_allgather if group.exchange == "allgather" else _send_sparse_allreduce
+        finish.append(send(state, group, grads, futures))
     if plan.dense:
         summed, velocity = _send_dense(state, plan, grads, futures)
         finish.append(lambda: _receive_dense(state, plan, grads, summed, velocity))
@@ -56,58 +62,114 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     return fut.then(done)
 
 
-def _send_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
-                 futures: List[torch.futures.Future]) -> torch.Tensor:
-    """Steps 2-4 for the bucket's sparse gradients: select, pack, start the allgather.
-    Returns the ``(P * nbytes,)`` uint8 buffer the allgather fills."""
-    layout = plan.layout
-    t0 = time.perf_counter()
-    g = torch.cat([grads[i].reshape(-1) for i in plan.sparse])  # (n,)
-    residual, velocity = state.buffers(plan.sparse_names, layout.sizes, g, residual=True)
+def _select(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor]):
+    """Steps 2-3 for a group: ``(chosen, residual, velocity)`` (``selection.Selection``, the
+    group's buffers)."""
+    layout = group.layout
+    g = torch.cat([grads[i].reshape(-1) for i in group.members])  # (n,)
+    residual, velocity = state.buffers(group.names, layout.sizes, g, residual=True)
     clip = state.settings.local_clip_norm
     if clip is not None:  # DGC 3.3, to local_clip_norm / sqrt(P)
         g = clip_local(g, layout, 1.0, clip / math.sqrt(state.world_size))
     adam = state.adam
-    moments = adam.moments(plan.sparse_names, layout, g) if adam and adam.covers(plan.sparse_names) else None
+    moments = adam.moments(group.names, layout, g) if adam and adam.covers(group.names) else None
     chosen = select(residual, g, layout, velocity=velocity, momentum=state.momentum,
-                    nesterov=state.nesterov, adam=moments, fused=clip is None, owned=True)  # 2.-3.
-    header = chosen.bad.to(device=g.device, dtype=torch.int32)  # (S,) 1: not finite
-    payload = pack_header(header, to_wire(chosen.values, plan.value_dtype),
-                          chosen.positions.to(plan.index_dtype))  # (nbytes,) uint8
-    state.commits.add(residual, velocity, chosen.positions, plan.value_dtype)
+                    nesterov=state.nesterov, adam=moments, fused=clip is None, owned=True)
+    return chosen, residual, velocity
+
+
+def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
+                    futures: List[torch.futures.Future]) -> Callable[[], None]:
+    """Steps 2-4 by the allgather: select, pack ``[flags | K values | K positions]``, start
+    the allgather. Returns step 5, to run once it is done."""
+    t0 = time.perf_counter()
+    chosen, residual, velocity = _select(state, group, grads)
+    header = chosen.bad.to(device=chosen.positions.device, dtype=torch.int32)  # (S,) 1: not finite
+    payload = pack_header(header, to_wire(chosen.values, group.value_dtype),
+                          chosen.positions.to(group.index_dtype))  # (nbytes,) uint8
+    state.commits.add(residual, velocity, chosen.positions, group.value_dtype)
     gathered = payload.new_empty(state.world_size * payload.numel())  # (P * nbytes,)
     state.counter.add_ms("compress_ms", t0)
     work = _ALL_GATHER(gathered, payload, group=state.process_group, async_op=True)
     futures.append(work.get_future())
     state.counter.sparse((payload.numel(), gathered.numel(), (state.world_size - 1) * payload.numel()),
-                         "allgather", len(plan.sparse))
-    return gathered
+                         "allgather", len(group.members))
+
+    return lambda: _receive_allgather(state, group, grads, gathered)
 
 
-def _receive_sparse(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
-                    gathered: torch.Tensor) -> None:
-    """Step 5: every rank's values divided by ``P`` and summed in rank order straight into the
-    sparse gradients (views of the bucket's buffer); a tensor some rank flagged becomes NaN.
-    One write per gradient entry (0, or NaN where flagged) and the ``P * K`` adds: no
-    group-sized buffer, no copy back."""
-    layout = plan.layout
-    world = state.world_size
-    headers, values, indices = unpack(gathered, layout.k, plan.value_dtype, plan.index_dtype, world,
+def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
+                           futures: List[torch.futures.Future]) -> Callable[[], None]:
+    """Steps 2-4 by the sparse allreduce (``sparse_allreduce.py``, the Horovod path's own
+    exchange): select, bucket by region, ``all_to_all_single`` to the owners -- waited for
+    here, since the owner's step needs its rows --, the owner's sums, then start the
+    allgather of the owners' rows. Returns step 5, to run once it is done: every owner's
+    kept entries into the gradients; what no owner kept stays owed."""
+    t0 = time.perf_counter()
+    chosen, residual, velocity = _select(state, group, grads)
+    world, sar = state.world_size, state.sparse_allreduce
+    shapes = tuple(grads[i].shape for i in group.members)
+    ctx = SparseContext(group.names, shapes, grads[group.members[0]].dtype, group.layout, group.value_dtype,
+                        group.index_dtype, divisor=world, world=world, exchange="sparse_allreduce",
+                        regions=sar.plan(group.layout, world))
+    sent = to_wire(chosen.values, group.value_dtype)
+    signature = torch.full((1,), ctx.signature, dtype=torch.int32, device=sent.device)
+    ctx.sending(build_header(ctx, signature, chosen.bad, chosen.inexact).to(sent.device))
+    rows, travels = sar.payload(ctx, chosen.positions, sent, signature)
+    selection = state.commits.add(residual, velocity, chosen.positions, group.value_dtype)
+    state.counter.add_ms("compress_ms", t0)
+    received = torch.empty_like(rows)
+    dist.all_to_all_single(received, rows, group=state.process_group)  # the owner's step needs it
+    row = sar.reduce(received, ctx)  # (row2,) this rank's region: its kept sums
+    gathered = row.new_empty(world * row.numel())
+    work = _ALL_GATHER(gathered, row, group=state.process_group, async_op=True)
+    futures.append(work.get_future())
+    state.counter.sparse(traffic("sparse_allreduce", group.layout.ks, world, group.value_dtype.itemsize,
+                                 group.index_dtype.itemsize, ctx.regions.capacity),
+                         "sparse_allreduce", len(group.members))
+    step = state.steps
+    return lambda: _receive_sparse_allreduce(state, group, grads, ctx, gathered, travels, selection, step)
+
+
+def _receive_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
+                       gathered: torch.Tensor) -> None:
+    """Step 5 of the allgather: every rank's values divided by ``P`` and summed in rank order
+    straight into the group's gradients (views of the bucket's buffer); a tensor some rank
+    flagged becomes NaN. One write per gradient entry (0, or NaN where flagged) and the
+    ``P * K`` adds: no group-sized buffer, no copy back. The same bits on every rank (the
+    Horovod path's scatter-add)."""
+    layout, world = group.layout, state.world_size
+    headers, values, indices = unpack(gathered, layout.k, group.value_dtype, group.index_dtype, world,
                                       layout.segments)  # (P, S), (P, K), (P, K)
     bad = headers.ne(0).any(0)  # (S,) some rank's gradient was not finite
-    dtype = grads[plan.sparse[0]].dtype
-    fill = torch.zeros((), dtype=dtype, device=gathered.device).masked_fill(bad, float("nan"))  # (S,)
-    # Divide the P * K values, not the result, and sum them in rank order: the same bits on
-    # every rank (the Horovod path's scatter-add).
-    values = values.to(dtype).div_(world)
+    values = values.to(grads[group.members[0]].dtype).div_(world)  # the P * K values, not the result
+    fill = torch.zeros((), dtype=values.dtype, device=values.device).masked_fill(bad, float("nan"))  # (S,)
     first = 0
-    for s, (i, offset, n, k) in enumerate(zip(plan.sparse, layout.offsets, layout.sizes, layout.ks)):
+    for s, (i, offset, n, k) in enumerate(zip(group.members, layout.offsets, layout.sizes, layout.ks)):
         out = grads[i].view(-1)
         out.fill_(fill[s])  # 0, or NaN for a flagged tensor (NaN plus any value stays NaN)
         # This tensor's slots: group positions -> its own, clamped into it (never out of bounds).
         pos = indices[:, first:first + k].long().sub_(offset).clamp_(0, n - 1)  # (P, k)
         scatter_add_(out, pos.reshape(-1), values[:, first:first + k].reshape(-1))
         first += k
+    state.commits.flag(bad.any())
+
+
+def _receive_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
+                              ctx: SparseContext, gathered: torch.Tensor, travels: PositionSet,
+                              selection, step: int) -> None:
+    """Step 5 of the sparse allreduce: every owner's kept sums into the gradients (a tensor
+    some rank flagged, or sent for another layout, becomes NaN); the selection learns which
+    of its entries some owner kept (only those leave the residual at the commit)."""
+    out = torch.empty(group.layout.numel, dtype=ctx.dtype, device=gathered.device)
+    headers, kept = state.sparse_allreduce.receive(gathered, ctx, out, step)  # (P, words), (n,)
+    pos, fits = travels.positions()
+    selection.only(PositionSet(pos, group.layout.numel, valid=was_kept(pos, kept) & fits))
+    flags = headers[:, 2:] if ctx.header_words > 2 else headers[:, 1:2]  # (P, S)
+    mismatch = (headers[:, 1] & FLAG_MISMATCH).ne(0).any()
+    bad = (flags & FLAG_NONFINITE).ne(0).any(0) | mismatch  # (S,)
+    for s, (i, part) in enumerate(zip(group.members, segment_views(out, group.layout))):
+        grads[i].view(-1).copy_(part.masked_fill_(bad[s], float("nan")))
     state.commits.flag(bad.any())
 
 

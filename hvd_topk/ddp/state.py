@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..settings import TopKSettings
+from ..sparse_allreduce import SparseAllreduceExchange
 from ..state import CompressorState, GroupCache
 from ..stats import CommCounter, CommStats
 from .adam import AdamPairing
@@ -20,10 +21,11 @@ __all__ = ["TopKState", "HOOK_SETTINGS"]
 
 logger = logging.getLogger(__name__)
 
-#: The ``TopKSettings`` keywords the hook takes. The others belong to the Horovod engine: its
-#: exchanges' tuning and group sizes (DDP's ``bucket_cap_mb`` makes the groups).
+#: The ``TopKSettings`` keywords the hook takes. The other one, ``group_bytes``, belongs to the
+#: Horovod engine (DDP's ``bucket_cap_mb`` makes the groups).
 HOOK_SETTINGS = ("value_dtype", "min_numel", "exchange", "density_aware", "warmup_steps", "warmup_ratio",
-                 "momentum_masking", "local_clip_norm", "adam_correction", "adam_variance_steps", "adam_clip")
+                 "momentum_masking", "local_clip_norm", "adam_correction", "adam_variance_steps", "adam_clip",
+                 "link_gbps", "link_latency_us", "region_capacity", "region_refresh")
 _FORMAT = 1  # state_dict()'s layout
 
 
@@ -35,21 +37,26 @@ class TopKState:
 
     Per bucket, every step (one bucket = one group of ``hvd_topk.selection``):
 
-    1. split the bucket: floating gradients of at least ``min_numel`` entries are sent sparse
-       (with ``density_aware``, only where ``cost.choose_exchange``, the Horovod path's rule,
-       prefers the allgather to an allreduce), the rest are allreduced densely;
+    1. split the bucket: floating gradients of at least ``min_numel`` entries are sent sparse,
+       by the allgather or the sparse allreduce (``cost.choose_exchange``, the Horovod path's
+       rule; with ``density_aware``, only where that beats a dense allreduce), the rest are
+       allreduced densely; one group per exchange;
     2. compensate ``c = residual + g`` (with ``momentum``, DGC's momentum correction: the
        rank's velocity ``u = m u + g``, ``c = residual + u``), NaN/Inf entries added as 0 and
        the tensor flagged;
     3. select per tensor its ``k = max(1, ceil(ratio * n))`` largest ``|c|`` (the set
        ``torch.topk`` picks), ``ratio`` being the warm-up's at this step;
     4. allgather every rank's payload ``[flags | k values | k indices]`` per tensor: every
-       rank knows every ``k``, so payloads have a fixed size and nothing waits for a count;
+       rank knows every ``k``, so payloads have a fixed size and nothing waits for a count.
+       Or the sparse allreduce (``hvd_topk.sparse_allreduce``, after Ok-Topk): each rank's
+       entries go by ``all_to_all_single`` to the owner of their region, which sums them and
+       keeps its region's largest sums; an allgather of the owners' rows follows;
     5. every rank scatter-adds (``exchange_core.scatter_add_``) the ``P * K`` values divided by
-       ``P``, in rank order: the same bits everywhere; a tensor some rank flagged becomes NaN
-       (as dense DDP would give);
+       ``P``, in rank order (the sparse allreduce: each owner's kept sums): the same bits
+       everywhere; a tensor some rank flagged becomes NaN (as dense DDP would give);
     6. once the step is over (at the next step's first bucket, or ``state_dict()``): the sent
-       entries leave the residual (``residual = c - sent``) -- unless some gradient of the
+       entries (the sparse allreduce: those some owner kept) leave the residual
+       (``residual = c - sent``) -- unless some gradient of the
        step was non-finite, when everything stays owed (a ``GradScaler`` skips that step).
 
     No step reads a value back to the host. ``state.comm_stats`` (the last step's) and
@@ -75,8 +82,8 @@ class TopKState:
             applies the averaged step to the sparse tensors instead of running Adam on it.
             Not with a ``GradScaler`` (it would unscale the step); bf16 autocast needs none.
         **settings: the ``TopKSettings`` keywords in ``HOOK_SETTINGS`` (``warmup_steps``,
-            ``min_numel``, ``value_dtype``, ...), with the same meaning and defaults.
-            ``exchange`` must be ``"auto"`` or ``"allgather"`` (the hook's only exchange).
+            ``min_numel``, ``value_dtype``, ``exchange``, ...), with the same meaning and
+            defaults.
 
     Tuning: ``ratio=0.01`` with the default warm-up (100 steps from 25%) trains like dense on
     the project's benchmarks (``docs/convergence.md``); ``value_dtype=torch.float16`` halves
@@ -104,6 +111,8 @@ class TopKState:
         "commits", "_in_step",
         # caches bounded by the buckets in use
         "_plans",
+        # the sparse allreduce's plans and regions (its regions are in state_dict())
+        "sparse_allreduce",
         # byte counters: this step's (counter), the last step's and the totals (CommStats)
         "counter", "comm_stats", "comm_totals",
     )
@@ -117,9 +126,6 @@ class TopKState:
             raise TypeError(f"TopKState() got settings the DDP hook does not take: {unknown}; it takes "
                             f"ratio, momentum, nesterov, process_group and {list(HOOK_SETTINGS)}")
         self.settings = TopKSettings(ratio, **settings)
-        if self.settings.exchange not in ("auto", "allgather"):
-            raise ValueError(f"exchange must be 'auto' or 'allgather' (the DDP hook allgathers), "
-                             f"got {self.settings.exchange!r}")
         if not (0.0 <= float(momentum) < 1.0):
             raise ValueError(f"momentum must be in [0, 1) (0: no momentum correction), got {momentum!r}")
         if nesterov and momentum == 0:
@@ -141,6 +147,8 @@ class TopKState:
         self.commits = DeferredCommits(self.settings.momentum_masking)
         self._in_step = False
         self._plans = GroupCache()  # bucket's names -> BucketPlan at the step's ratio
+        self.sparse_allreduce = SparseAllreduceExchange(self.settings.region_capacity,
+                                                        self.settings.region_refresh)
         self.counter, self.comm_stats, self.comm_totals = CommCounter(log_every=0), CommStats(), CommStats()
         logger.info("hvd_topk.ddp: Top-K %s over %d ranks, momentum %s, %d parameters", self.settings,
                     self.world_size, self.momentum, len(self._names))
@@ -161,6 +169,7 @@ class TopKState:
         if not self._in_step:
             self.commits.commit()
             self._plans.prune()
+            self.sparse_allreduce.prune()
             self._in_step = True
         params, grads = bucket.parameters(), bucket.gradients()
         names = tuple(self._name(p) for p in params)
@@ -201,11 +210,13 @@ class TopKState:
 
     def state_dict(self) -> Dict[str, Any]:
         """This rank's state between steps: residuals and velocities by parameter name, the
-        step count (the warm-up's position). Tensors and builtins only (loads with
-        ``torch.load(weights_only=True)``). Residuals differ between ranks: save one per rank."""
+        step count (the warm-up's position), the sparse allreduce's regions. Tensors and
+        builtins only (loads with ``torch.load(weights_only=True)``). Residuals differ between
+        ranks: save one per rank."""
         self.commits.commit()
         state = self.rank_state.state_dict()
-        state.update(format=_FORMAT, ratio=self.settings.ratio, world_size=self.world_size)
+        state.update(format=_FORMAT, ratio=self.settings.ratio, world_size=self.world_size,
+                     sparse_allreduce=self.sparse_allreduce.state_dict())  # the same on every rank
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -225,6 +236,7 @@ class TopKState:
                              + (f" and {len(strange) - 5} more" if len(strange) > 5 else ""))
         self.commits.clear()
         self.rank_state.load_state_dict(state)
+        self.sparse_allreduce.load_state_dict(state.get("sparse_allreduce", {}))
         self._in_step = False
 
 

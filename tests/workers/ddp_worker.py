@@ -71,12 +71,12 @@ def observed_step(model, replica, ddp, state, x, y) -> dict:
     return record
 
 
-def exact(rank: int, world: int) -> dict:
-    """Three steps through the warm-up (ratios 0.25, ~0.11, 0.05): each rank's own gradient
-    and residual before the step (from a replica without DDP), and what DDP leaves."""
+def observed_run(rank: int, **settings) -> dict:
+    """Three observed steps (``observed_step``) of SGD with the hook under ``settings``; the
+    byte counters and the state's sparse allreduce regions after them."""
     model = mlp()
     replica = copy.deepcopy(model)
-    state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, warmup_steps=2, warmup_ratio=0.25)
+    state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, **settings)
     ddp = wrap(model, state)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []
@@ -84,7 +84,20 @@ def exact(rank: int, world: int) -> dict:
         steps.append(observed_step(model, replica, ddp, state, *batch(step, rank)))
         opt.step()
     return {"steps": steps, "steps_counted": state.steps, "comm_totals": state.comm_totals.as_dict(),
-            "comm_stats": state.comm_stats.as_dict()}
+            "comm_stats": state.comm_stats.as_dict(), "regions": state.state_dict()["sparse_allreduce"]}
+
+
+def exact(rank: int, world: int) -> dict:
+    """Three steps through the warm-up (ratios 0.25, ~0.11, 0.05): each rank's own gradient
+    and residual before the step (from a replica without DDP), and what DDP leaves."""
+    return observed_run(rank, warmup_steps=2, warmup_ratio=0.25)
+
+
+def sar(rank: int, world: int) -> dict:
+    """Three steps of the sparse allreduce (named, ratio 0.05, no warm-up, regions never
+    refreshed: equal regions)."""
+    return observed_run(rank, warmup_steps=0, exchange="sparse_allreduce", density_aware=False,
+                        region_refresh=1000)
 
 
 def ratio_one(rank: int, world: int) -> dict:
@@ -159,6 +172,19 @@ def resume(rank: int, world: int) -> dict:
     return train(train_settings(world), 6, rank, checkpoint_at=3)
 
 
+SAR_SETTINGS = {"exchange": "sparse_allreduce", "density_aware": False, "region_refresh": 2}
+
+
+def identical_sar(rank: int, world: int) -> dict:
+    """``identical`` by the sparse allreduce, its regions refreshed every two steps."""
+    return train({**train_settings(world), **SAR_SETTINGS}, 6, rank)
+
+
+def resume_sar(rank: int, world: int) -> dict:
+    """``resume`` by the sparse allreduce: the refreshed regions travel in the checkpoint."""
+    return train({**train_settings(world), **SAR_SETTINGS}, 6, rank, checkpoint_at=3)
+
+
 def nonfinite(rank: int, world: int) -> dict:
     """At step 1 the gradient of ``2.weight`` holds NaNs (column 3) on rank ``world - 1``:
     each rank's own gradient (a replica without DDP, NaNs left out), the residuals before
@@ -215,11 +241,9 @@ def adam(rank: int, world: int) -> dict:
 
 def no_sync(rank: int, world: int) -> dict:
     """The ops of the hook and of its callbacks that would force a host sync on CUDA, on the
-    torch path (the CPU kernel off), at the warm-up's ratio and after it. The callbacks run
-    on Gloo's threads, and a dispatch mode records one thread only: each gets its own."""
-    model = mlp()
-    state = hvd_topk.ddp.TopKState(model, ratio=0.01, min_numel=MIN_NUMEL, warmup_steps=1, momentum=0.9)
-    ddp = wrap(model, state)
+    torch path (the CPU kernel off), at the warm-up's ratio and after it, by the allgather
+    and by the sparse allreduce. The callbacks run on Gloo's threads, and a dispatch mode
+    records one thread only: each gets its own."""
     found = []
 
     def recorded(fn):
@@ -229,23 +253,31 @@ def no_sync(rank: int, world: int) -> dict:
             found.extend(rec.syncs)
         return run
 
-    receivers = {name: getattr(hvd_topk.ddp.hook, name) for name in ("_receive_sparse", "_receive_dense")}
+    receivers = {name: getattr(hvd_topk.ddp.hook, name)
+                 for name in ("_receive_allgather", "_receive_sparse_allreduce", "_receive_dense")}
     for name, fn in receivers.items():
         setattr(hvd_topk.ddp.hook, name, recorded(fn))
     try:
-        with use_cpu_kernel(False):
-            for step in range(3):
-                x, y = batch(step, rank)
-                with recording() as rec:
-                    loss_of(ddp, x, y).backward()
-                found.extend(rec.syncs)
+        for exchange in ("auto", "sparse_allreduce"):
+            model = mlp()
+            state = hvd_topk.ddp.TopKState(model, ratio=0.01, min_numel=MIN_NUMEL, warmup_steps=1,
+                                           momentum=0.9, exchange=exchange)
+            ddp = wrap(model, state)
+            with use_cpu_kernel(False):
+                for step in range(3):
+                    x, y = batch(step, rank)
+                    with recording() as rec:
+                        loss_of(ddp, x, y).backward()
+                    found.extend(rec.syncs)
+            assert state.comm_totals.sparse_tensors > 0
     finally:
         for name, fn in receivers.items():
             setattr(hvd_topk.ddp.hook, name, fn)
     return {"syncs": [(op, where) for op, where in found if where != "outside hvd_topk"]}
 
 
-SCENARIOS = {f.__name__: f for f in (exact, ratio_one, identical, resume, nonfinite, disagree, adam, no_sync)}
+SCENARIOS = {f.__name__: f for f in (exact, sar, ratio_one, identical, resume, identical_sar, resume_sar,
+                                     nonfinite, disagree, adam, no_sync)}
 
 
 def main(out: Path, names) -> None:
