@@ -18,7 +18,7 @@ from .packing import FLAG_INEXACT, FLAG_MISMATCH, FLAG_NONFINITE
 from .selection import segment_views
 from .state import GroupCache
 
-__all__ = ["Signatures", "build_header", "resolve", "mark_nonfinite"]
+__all__ = ["Signatures", "build_header", "resolve", "mark_nonfinite", "flagged_segments"]
 
 
 class Signatures:
@@ -94,6 +94,16 @@ def resolve(ctxs: Sequence[SparseContext], extra: Optional[torch.Tensor] = None
         elif any(row[1] & FLAG_NONFINITE for row in rows):
             nonfinite.append((ctx, rows))
     return redo, nonfinite, flat[at:]
+
+
+def flagged_segments(ctx: SparseContext, headers: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` bool on the headers' device: the tensors of ``ctx`` some rank flagged non-finite,
+    or all of them where some sparse allreduce owner flagged a mismatch. ``headers``: every
+    rank's ``(P, header_words)``. ``resolve``'s reading on the device, for an engine that may
+    not read back (the DDP hook)."""
+    flags = headers[:, 2:] if ctx.header_words > 2 else headers[:, 1:2]  # (P, S)
+    mismatch = (headers[:, 1] & FLAG_MISMATCH).ne(0).any()
+    return (flags & FLAG_NONFINITE).ne(0).any(0) | mismatch
 
 
 def mark_nonfinite(ctx: SparseContext, rows: List[List[int]]) -> List[Tuple[str, List[int]]]:

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from ..exchange_core import scatter_add_, traffic
-from ..headers import build_header
+from ..headers import build_header, flagged_segments
 from ..interface import SparseContext
-from ..packing import FLAG_MISMATCH, FLAG_NONFINITE, pack_header, unpack
+from ..packing import pack_header, unpack
 from ..positions import PositionSet
 from ..selection import segment_views, select
 from ..sparse_allreduce import was_kept
@@ -113,7 +113,7 @@ def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence
                         group.index_dtype, divisor=world, world=world, exchange="sparse_allreduce",
                         regions=sar.plan(group.layout, world))
     sent = to_wire(chosen.values, group.value_dtype)
-    signature = torch.full((1,), ctx.signature, dtype=torch.int32, device=sent.device)
+    signature = state.signatures.get(ctx, sent.device)
     ctx.sending(build_header(ctx, signature, chosen.bad, chosen.inexact).to(sent.device))
     rows, travels = sar.payload(ctx, chosen.positions, sent, signature)
     selection = state.commits.add(residual, velocity, chosen.positions, group.value_dtype)
@@ -165,9 +165,7 @@ def _receive_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Seque
     headers, kept = state.sparse_allreduce.receive(gathered, ctx, out, step)  # (P, words), (n,)
     pos, fits = travels.positions()
     selection.only(PositionSet(pos, group.layout.numel, valid=was_kept(pos, kept) & fits))
-    flags = headers[:, 2:] if ctx.header_words > 2 else headers[:, 1:2]  # (P, S)
-    mismatch = (headers[:, 1] & FLAG_MISMATCH).ne(0).any()
-    bad = (flags & FLAG_NONFINITE).ne(0).any(0) | mismatch  # (S,)
+    bad = flagged_segments(ctx, headers)  # (S,)
     for s, (i, part) in enumerate(zip(group.members, segment_views(out, group.layout))):
         grads[i].view(-1).copy_(part.masked_fill_(bad[s], float("nan")))
     state.commits.flag(bad.any())

@@ -9,6 +9,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ..headers import Signatures
 from ..settings import TopKSettings
 from ..sparse_allreduce import SparseAllreduceExchange
 from ..state import CompressorState, GroupCache
@@ -111,8 +112,9 @@ class TopKState:
         "commits", "_in_step",
         # caches bounded by the buckets in use
         "_plans",
-        # the sparse allreduce's plans and regions (its regions are in state_dict())
-        "sparse_allreduce",
+        # the sparse allreduce's plans and regions (its regions are in state_dict()), the
+        # groups' signatures on the device
+        "sparse_allreduce", "signatures",
         # byte counters: this step's (counter), the last step's and the totals (CommStats)
         "counter", "comm_stats", "comm_totals",
     )
@@ -149,6 +151,7 @@ class TopKState:
         self._plans = GroupCache()  # bucket's names -> BucketPlan at the step's ratio
         self.sparse_allreduce = SparseAllreduceExchange(self.settings.region_capacity,
                                                         self.settings.region_refresh)
+        self.signatures = Signatures()
         self.counter, self.comm_stats, self.comm_totals = CommCounter(log_every=0), CommStats(), CommStats()
         logger.info("hvd_topk.ddp: Top-K %s over %d ranks, momentum %s, %d parameters", self.settings,
                     self.world_size, self.momentum, len(self._names))
@@ -170,6 +173,7 @@ class TopKState:
             self.commits.commit()
             self._plans.prune()
             self.sparse_allreduce.prune()
+            self.signatures.prune()
             self._in_step = True
         params, grads = bucket.parameters(), bucket.gradients()
         names = tuple(self._name(p) for p in params)
