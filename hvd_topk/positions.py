@@ -12,10 +12,10 @@ __all__ = ["PositionSet"]
 class PositionSet:
     """``k`` distinct positions of a group of ``n`` entries, some maybe marked invalid, kept
     compactly from the selection until step 5 (``TopKCompressor``'s commit): as int32
-    positions, or -- when that is smaller, at ratios above 1/32 such as the warm-up's -- as a
-    bitmask of ``n`` bits. Whatever the ratio it weighs at most ``min(4 k, n / 8)`` bytes,
-    against ``8 k`` for the selection's own int64 positions. Encoding and decoding run on
-    the device and read nothing back to the host.
+    positions (and, with ``valid``, ``k`` bools), or -- when that is smaller, at ratios above
+    1/32 such as the warm-up's -- as a bitmask of ``n`` bits. Whatever the ratio it weighs at
+    most ``min(5 k, n / 8)`` bytes, against ``8 k`` for the selection's own int64 positions.
+    Encoding and decoding run on the device and read nothing back to the host.
 
     Arguments:
         positions: ``(k,)`` int64, distinct, in ``[0, n)``, any order.
@@ -26,9 +26,12 @@ class PositionSet:
     def __init__(self, positions: torch.Tensor, n: int, valid: Optional[torch.Tensor] = None) -> None:
         self.n, self.k = n, positions.numel()
         self.device = positions.device
-        self.bits = self.positions32 = None
+        self.bits = self.positions32 = self.valid = None
         self.partial = valid is not None
-        if valid is None and 4 * self.k <= (n + 7) // 8 and n < 2**31:
+        if (5 if self.partial else 4) * self.k <= (n + 7) // 8 and n < 2**31:
+            if self.partial:  # int32 positions and k bools: invalid slots hold n - 1
+                self.valid = valid.clone()
+                positions = positions.masked_fill(~valid, n - 1)
             self.positions32 = positions.to(torch.int32)
             return
         mask = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=self.device)
@@ -42,15 +45,21 @@ class PositionSet:
         """``(positions, valid)``: ``(k,)`` int64 positions (ascending from a bitmask) and
         ``(k,)`` bool, or None when every position is valid. Invalid slots hold ``n - 1``."""
         if self.positions32 is not None:
-            return self.positions32.long(), None
-        mask = (self.bits.unsqueeze(1) & _bit_weights(self.device)).ne(0).reshape(-1)[:self.n]
+            return self.positions32.long(), (self.valid if self.partial else None)
+        shifts = _bit_shifts(self.device)
+        bit = self.bits.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)  # (n / 8, 8) 0/1
+        mask = bit.view(torch.bool).reshape(-1)[:self.n]
         pos = torch.nonzero_static(mask, size=self.k, fill_value=self.n).squeeze(1)  # (k,)
         if not self.partial:
             return pos, None  # exactly k bits are set
         return pos.clamp(max=self.n - 1), pos < self.n
 
 
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    """``(8,)`` uint8 0, 1, ..., 7, made on the device."""
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
 def _bit_weights(device: torch.device) -> torch.Tensor:
     """``(8,)`` uint8 1, 2, 4, ..., 128, made on the device (no copy from the host)."""
-    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=device),
-                                    torch.arange(8, dtype=torch.uint8, device=device))
+    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=device), _bit_shifts(device))

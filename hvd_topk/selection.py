@@ -9,7 +9,7 @@ holds, and no step reads a value back to the host (no host-device synchronisatio
 1. ``update_``: error feedback ``v += alpha * g`` (DGC momentum correction: ``u = m u +
    alpha g; v += u``; Nesterov ``v += alpha g + m u``; Adam correction: ``v +=`` the rank's
    local Adam step ``lr * m_hat / (sqrt(s_hat) + eps)``). NaN/Inf entries of ``g`` are added
-   as 0, and the segment is flagged (``finite_probe``: a per-segment sum of ``g * 0``).
+   as 0, and the segment is flagged (``finite_probe``: per-segment max-abs norms).
 2. ``thresholds``: per segment, from a strided sample of ``|v|`` (deterministic: no RNG), a
    threshold a few standard deviations *below* the sample's estimate of the ``k_s``-th
    largest magnitude (Lin et al. 2018 sample the same way, but keep the estimate); the
@@ -46,6 +46,7 @@ from ._cpu_kernel import cpu_kernel
 from .layout import (SAMPLED_MIN_NUMEL, GroupLayout, expand_counts, index_dtype, num_selected,
                      sample_plan, segment_views)
 from .positions import PositionSet
+from .bit_topk import exact_topk_by_bits
 from .wire import carried, is_one
 from .update import AdamMoments, adam_direction_, finite_probe, stacked_probe, update_
 
@@ -131,8 +132,9 @@ def exact_topk(v: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
     """Step 4: the ``k_s`` largest of each segment among the candidates.
 
     Returns:
-        ``(sel, inexact)``: ``(K,)`` int64 positions in the group, segment by segment, largest
-        first (ties: the lower position); and a 0-dim bool, True when some segment had fewer
+        ``(sel, inexact)``: ``(K,)`` int64 positions in the group, in ascending order (so
+        segment by segment; ties at a segment's ``k_s``-th magnitude: the lower positions),
+        the CPU kernel's order: the same payload bytes; and a 0-dim bool, True when some segment had fewer
         than ``k_s`` candidates or the candidate buffer was full (``full``) -- then ``sel`` is a
         valid but maybe not the exact selection, and ``exact_topk_fallback`` must replace it.
     """
@@ -141,6 +143,10 @@ def exact_topk(v: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
     valid = cand < n  # (cap,)
     pos = cand.clamp_(max=n - 1)  # in place: the candidates are this step's own
     cmag = magnitude(v.index_select(0, pos))  # (cap,), consumed by segment_order
+    if cand.dtype == torch.int32 and cmag.dtype == torch.float32:
+        # A large share of the group (the warm-up's ratios): a sort of the candidates would
+        # hold some 18 bytes per candidate; counting by bits holds under 4.
+        return exact_topk_by_bits(cmag, pos, valid, full, layout)
     if layout.segments == 1:
         # Padding sorts last: the largest key, after the real zeros (stable: they come first).
         cmag.masked_fill_(~valid, _PAD_MAG[cmag.dtype])
@@ -159,11 +165,15 @@ def exact_topk(v: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
         have = first[1:] - first[:-1]  # (S,) candidates per segment
         take = order.index_select(0, (first.index_select(0, slots["slot_seg"]) + slots["slot_rank"])
                                   .clamp(max=layout.capacity - 1))
-    sel = pos.index_select(0, take)  # (K,)
-    if sel.dtype != torch.int64:
-        sel = sel.long()
     inexact = (have < t["ks"]).any() | full
-    return sel, inexact
+    return _ascending(take, pos, layout), inexact
+
+
+def _ascending(take: torch.Tensor, pos: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """``(K,)`` int64: the positions ``pos[take]`` in ascending order (the candidates are
+    ascending: sorting the ``K`` candidate ranks sorts the positions)."""
+    sel = pos.index_select(0, take.sort().values)
+    return sel if sel.dtype == torch.int64 else sel.long()
 
 
 # A magnitude whose segment_order key is the largest (float32: +0.0 gives 2^31 - 1, the largest int32
@@ -172,13 +182,13 @@ _PAD_MAG = {torch.float32: 0.0, torch.float64: -1.0}
 
 
 def exact_topk_fallback(v: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """The exact selection without a sample: ``torch.topk`` per segment (one call per
-    segment; used only for groups ``exact_topk`` flagged, after the step's host sync)."""
+    """The exact selection without a sample: ``torch.topk`` per segment, in ascending position
+    order (one call per segment; used only for groups ``exact_topk`` flagged, after the step's host sync)."""
     parts = []
     for off, n, k in zip(layout.offsets, layout.sizes, layout.ks):
         if k:
             mag = magnitude(v[off:off + n])
-            parts.append(torch.topk(mag, k, sorted=True).indices + off)
+            parts.append(torch.topk(mag, k, sorted=False).indices.sort().values + off)  # ascending
     if not parts:
         return torch.zeros(0, dtype=torch.long, device=v.device)
     return torch.cat(parts)
@@ -204,7 +214,7 @@ def select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 
     Returns:
         ``(k,)`` int64 tensor of distinct indices, the set ``torch.topk(x.abs(), k)`` picks
-        (ties: the lower index), largest first. Reads the inexact flag back (a host sync).
+        (ties: the lower index), in ascending order. Reads the inexact flag back (a host sync).
     """
     n = x.numel()
     if k >= n:

@@ -9,25 +9,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from .layout import GroupLayout
+from .layout import GroupLayout, segment_views
 
 __all__ = ["finite_probe", "stacked_probe", "AdamSettings", "AdamMoments", "adam_direction_", "update_",
            "clip_local"]
 
 
 def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    """``(S,)`` bool, True where a segment of ``g`` holds a NaN/Inf. One pass: for one
-    segment of at most 32-bit floats, whether their float64 sum is finite (finite entries
-    cannot overflow it: 2^40 of them sum below 10^51); otherwise the sum of ``g * 0`` per
-    segment, which is 0 exactly unless some entry was NaN/Inf (``Inf * 0`` is NaN)."""
-    if layout.segments == 1 and g.dtype != torch.float64:  # no (n,) temporary
-        return torch.isnan(g.sum(dtype=torch.float64).mul_(0)).reshape(1)
-    if layout.segments == 1:
-        return torch.isnan((g * 0).sum()).reshape(1)
-    # unsafe=True skips torch's check that the lengths sum to the data's size, which reads
-    # them back to the host (a sync); the layout built them so.
-    sums = torch.segment_reduce(g * 0, "sum", lengths=layout.tensors(g.device)["lengths"], unsafe=True)
-    return torch.isnan(sums)
+    """``(S,)`` bool, True where a segment of ``g`` holds a NaN/Inf: ``stacked_probe`` of the
+    segments (their max-abs norms, which cannot overflow, in one multi-tensor kernel). One
+    pass and no ``(n,)`` temporary (a sum in float64, or of ``g * 0``, would copy ``g``)."""
+    return stacked_probe(segment_views(g, layout))
 
 
 @dataclass(frozen=True)
@@ -144,7 +136,10 @@ def stacked_probe(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     # An empty tensor has no max-abs norm; it is finite: probe one zero in its place.
     real = [t if t.numel() else t.new_zeros(1) for t in real]
     norms = torch._foreach_norm(real, float("inf"))
-    return ~torch.isfinite(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+    # Stacked in a dtype that holds each norm (float32 would turn a finite float64 into Inf).
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    # Not below Inf: Inf or NaN (two ops; isfinite is four).
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).lt(float("inf")).logical_not_()
 
 
 

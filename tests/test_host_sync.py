@@ -167,11 +167,12 @@ def _launches_per_step(sizes, momentum=0.0):
 def test_launches_per_group_do_not_grow_with_its_tensors(no_kernel):
     """A group's compress + scatter + check + commit is a fixed number of ops whatever the
     number of tensors in it, and each ``k``-sized table is built once per step: 5 and 20
-    tensors take the same count, at most 115 (153 when the slot tables were rebuilt by every
-    user), against ~7 per tensor for a naive ``torch.topk`` loop."""
+    tensors take the same count, at most 116 (153 when the slot tables were rebuilt by every
+    user; the non-finite probe's max-abs norms take one op more than a sum of ``g * 0``, and
+    no copy of the group), against ~7 per tensor for a naive ``torch.topk`` loop."""
     five = _launches_per_step([100_000, 50_000, 20_000, 8192, 300_000])
     twenty = _launches_per_step([100_000, 50_000, 20_000, 8192, 300_000] + [9000] * 15)
     assert five == twenty, (five, twenty)
-    assert five <= 115, five
-    assert _launches_per_step([100_000, 50_000, 20_000, 8192, 300_000], momentum=0.9) <= 118
+    assert five <= 116, five
+    assert _launches_per_step([100_000, 50_000, 20_000, 8192, 300_000], momentum=0.9) <= 119
     assert _launches_per_step([1_000_000]) <= 80

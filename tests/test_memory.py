@@ -34,6 +34,15 @@ def test_payloads_and_residuals_are_unchanged():
         assert got[key] == steps, f"{key}: differs from step {first} on"
 
 
+def test_the_torch_steps_send_the_cpu_kernels_bytes():
+    """Both implementations of the selection send the same payload, byte for byte (the same
+    set, in ascending position order), and leave the same residuals."""
+    recorded = json.loads((Path(__file__).parent / "data" / "payload_trace.json").read_text())
+    for key, steps in recorded.items():
+        if key.endswith("/torch"):
+            assert steps == recorded[key[:-len("torch")] + "kernel"], key
+
+
 def test_held_bytes_counts_each_storage_once():
     base = torch.zeros(1000)
     views = {"a": base[:10], "b": [base[500:], (base,)], "c": torch.ones(3, dtype=torch.float64)}
