@@ -168,9 +168,9 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
     ``density_aware``, wherever it moves no more bytes than a dense allreduce (the byte model:
     naming an exchange asks for it, the dense fallback only keeps it from costing more on the
     wire). With ``density_aware``, a sparse exchange whose temporaries exceed
-    ``exchange_core.MEMORY_BUDGET`` times the gradient's bytes is no candidate
+    its ``exchange_core.MEMORY_BUDGET`` times the gradient's bytes is no candidate
     (``exchange_core.fits_memory``; float32 with int32 indices: the sparse allreduce above a
-    density of 1/16, the allgather beyond ``1 / ratio`` ranks). ``sparse_exchanges``: those
+    density of 1/64, the allgather beyond ``1 / ratio`` ranks). ``sparse_exchanges``: those
     the engine has, what ``"auto"`` chooses among (the DDP hook: ``("allgather",)``). Host
     numbers only: every rank takes the same decision."""
     if not tensor.dtype.is_floating_point or tensor.is_sparse:

@@ -162,8 +162,8 @@ def test_auto_picks_the_faster_exchange_on_the_emulated_hosts(monkeypatch):
 
 def test_exchanges_whose_temporaries_exceed_the_budget_are_no_candidates():
     """With ``density_aware``, memory is a third figure beside bytes and time: the sparse
-    allreduce's owner step above a density of 1/16 (the warm-up's first ratios) and the
-    allgather's gathered buffer beyond ``1 / ratio`` ranks would hold more than
+    allreduce's owner step above a density of 1/64 (the warm-up's first ratios) and the
+    allgather's gathered buffer beyond ``1 / ratio`` ranks would hold more than their
     ``MEMORY_BUDGET`` times the gradient; the gradient then goes dense, as it does with
     ``density_aware=False`` only when named so."""
     n, t = 2304 * 2304, torch.empty(2304 * 2304)
@@ -171,16 +171,18 @@ def test_exchanges_whose_temporaries_exceed_the_budget_are_no_candidates():
     assert choose_exchange(sar, t, 2, 0.25) == "dense"
     assert choose_exchange(sar, t, 8, 0.25) == "dense"
     assert choose_exchange(sar, t, 2, 1 / 8) == "dense"
-    assert choose_exchange(sar, t, 2, 1 / 16) == "sparse_allreduce"
+    assert choose_exchange(sar, t, 2, 1 / 16) == "dense"
+    assert choose_exchange(sar, t, 2, 1 / 64) == "sparse_allreduce"
     assert choose_exchange(sar, t, 8, 0.01) == "sparse_allreduce"
+    assert choose_exchange(sar, t, 1024, 0.01) == "sparse_allreduce"
     ag = TopKCompressor(0.01, exchange="allgather").settings
     assert choose_exchange(ag, t, 64, 0.01) == "allgather"
     assert choose_exchange(ag, t, 128, 0.01) == "dense"
     named = TopKCompressor(0.01, exchange="sparse_allreduce", density_aware=False).settings
     assert choose_exchange(named, t, 2, 0.25) == "sparse_allreduce"  # as named, no fallback
-    for e, world, r in [("sparse_allreduce", 2, 1 / 16), ("sparse_allreduce", 64, 0.05),
+    for e, world, r in [("sparse_allreduce", 2, 1 / 64), ("sparse_allreduce", 64, 0.05),
                         ("allgather", 100, 0.01)]:
         k = num_selected(n, r)
-        fits = temporaries(e, (k,), world, 4, 4, 2.0) <= MEMORY_BUDGET * n * 4
+        fits = temporaries(e, (k,), world, 4, 4, 2.0) <= MEMORY_BUDGET[e] * n * 4
         assert fits_memory(e, n, k, world, 4, 4, 4, 2.0) == fits
     assert temporaries("dense", (n,), 8, 4, 4) == 0

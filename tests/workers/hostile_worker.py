@@ -16,6 +16,9 @@ import hvd_topk
 
 # HVD_TOPK_TEST_EXCHANGE=sparse_allreduce runs every check on the sparse allreduce.
 EXCHANGE = os.environ.get("HVD_TOPK_TEST_EXCHANGE", "auto")
+# A named exchange is asked for as such: without density_aware's dense fallback, which takes
+# the sparse allreduce dense above a density of 1/64 (exchange_core.MEMORY_BUDGET).
+NAMED = {} if EXCHANGE == "auto" else {"density_aware": False}
 
 
 class Net(nn.Module):
@@ -43,7 +46,7 @@ def batch(step):
 def make(model, nonfinite="raise", grad_scaler=None, momentum=0.9, weight_decay=0.0, **comp_kw):
     comp_kw.setdefault("min_numel", 256)
     comp_kw.setdefault("warmup_steps", 0)
-    comp = hvd_topk.TopKCompressor(0.05, exchange=EXCHANGE, **comp_kw)
+    comp = hvd_topk.TopKCompressor(0.05, exchange=EXCHANGE, **NAMED, **comp_kw)
     opt = hvd_topk.DistributedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay),
         named_parameters=model.named_parameters(), compression=comp, nonfinite=nonfinite,
@@ -253,7 +256,7 @@ def check_sparse_embedding():
     emb = nn.Embedding(1000, 16, sparse=True)
     head = nn.Linear(16, 4)
     model = nn.ModuleDict({"emb": emb, "head": head})
-    comp = hvd_topk.TopKCompressor(0.05, min_numel=0, warmup_steps=0, exchange=EXCHANGE)
+    comp = hvd_topk.TopKCompressor(0.05, min_numel=0, warmup_steps=0, exchange=EXCHANGE, **NAMED)
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(), compression=comp)
     for step in range(3):
@@ -285,7 +288,7 @@ def _ordered_optimizer(model, reverse, group_bytes):
     named = list(model.named_parameters())
     if reverse and hvd.rank() == 1:
         named = named[::-1]
-    comp = hvd_topk.TopKCompressor(0.05, min_numel=256, warmup_steps=0, exchange=EXCHANGE,
+    comp = hvd_topk.TopKCompressor(0.05, min_numel=256, warmup_steps=0, exchange=EXCHANGE, **NAMED,
                                    group_bytes=group_bytes)
     return hvd_topk.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1, momentum=0.9),
                                          named_parameters=named, compression=comp)
@@ -349,7 +352,7 @@ def mismatched_compressor(what, **per_rank):
     (sizes differ) or by the header signature (same size, other meaning)."""
     model = Net()
     kw = {key: value[hvd.rank()] for key, value in per_rank.items()}
-    comp = hvd_topk.TopKCompressor(min_numel=64, warmup_steps=0, exchange=EXCHANGE, **kw)
+    comp = hvd_topk.TopKCompressor(min_numel=64, warmup_steps=0, exchange=EXCHANGE, **NAMED, **kw)
     opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(), compression=comp)
     expect_mismatch(model, opt, what)
