@@ -24,15 +24,14 @@ def exact_topk_by_bits(cmag: torch.Tensor, pos: torch.Tensor, valid: torch.Tenso
     t = layout.tensors(cmag.device)
     keys = cmag.view(torch.int32).masked_fill_(~valid, -1)  # (cap,) padding counts nowhere
     del cmag
-    S = layout.segments
+    S, ks = layout.segments, t["ks"]
     if S == 1:
-        seg, ks = None, t["ks"]
+        seg = None
         def count(mask):  # (1,) per segment (no int copy of the mask, as a sum would make)
             return torch.count_nonzero(mask).reshape(1)
     else:
         seg = torch.searchsorted(t["ends"].to(torch.int32), pos.to(torch.int32), right=True,
                                  out_int32=True).clamp_(max=S - 1)  # (cap,)
-        ks = t["ks"]
         def count(mask):  # (S,) int32: 4 bytes per candidate, not an int64 copy of the mask
             counts = torch.zeros(S, dtype=torch.int32, device=mask.device)
             return counts.index_add_(0, seg, mask.to(torch.int32))

@@ -91,7 +91,7 @@ OWNER_SLOT_BYTES = 64
 #: bytes: float32 densities up to 1/64 (the default warm-up's first ~87 steps to 1% go dense,
 #: ~51 to 0.1%). ``scripts/bench_memory.py`` measures a step's temporaries with it at 0.26x of
 #: the model (SGD, 1%); a budget of twice the gradient's bytes measured 0.96x.
-MEMORY_BUDGET = {"allgather": 2.0, "sparse_allreduce": 0.5}
+MEMORY_BUDGET = {"dense": 0.0, "allgather": 2.0, "sparse_allreduce": 0.5}
 
 
 def temporaries(exchange: str, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,
@@ -113,7 +113,7 @@ def fits_memory(exchange: str, numel: int, k: int, world: int, grad_bytes: int, 
                 index_bytes: int, capacity: float = 2.0) -> bool:
     """Whether ``exchange``'s ``temporaries`` for one gradient stay within its ``MEMORY_BUDGET``
     times its bytes (with one rank, evaluated for two, as ``exchange_bytes`` is)."""
-    budget = MEMORY_BUDGET.get(exchange, 0.0) * numel * grad_bytes  # dense: needs none
+    budget = MEMORY_BUDGET[exchange] * numel * grad_bytes
     return temporaries(exchange, (k,), max(world, 2), value_bytes, index_bytes, capacity) <= budget
 
 

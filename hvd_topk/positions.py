@@ -29,10 +29,10 @@ class PositionSet:
         self.bits = self.positions32 = self.valid = None
         self.partial = valid is not None
         if (5 if self.partial else 4) * self.k <= (n + 7) // 8 and n < 2**31:
+            self.positions32 = positions.to(torch.int32)
             if self.partial:  # int32 positions and k bools: invalid slots hold n - 1
                 self.valid = valid.clone()
-                positions = positions.masked_fill(~valid, n - 1)
-            self.positions32 = positions.to(torch.int32)
+                self.positions32.masked_fill_(~valid, n - 1)
             return
         mask = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=self.device)
         if valid is None:
@@ -45,7 +45,7 @@ class PositionSet:
         """``(positions, valid)``: ``(k,)`` int64 positions (ascending from a bitmask) and
         ``(k,)`` bool, or None when every position is valid. Invalid slots hold ``n - 1``."""
         if self.positions32 is not None:
-            return self.positions32.long(), (self.valid if self.partial else None)
+            return self.positions32.long(), self.valid
         shifts = _bit_shifts(self.device)
         bit = self.bits.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)  # (n / 8, 8) 0/1
         mask = bit.view(torch.bool).reshape(-1)[:self.n]

@@ -166,10 +166,10 @@ def exact_topk(v: torch.Tensor, cand: torch.Tensor, full: torch.Tensor,
         take = order.index_select(0, (first.index_select(0, slots["slot_seg"]) + slots["slot_rank"])
                                   .clamp(max=layout.capacity - 1))
     inexact = (have < t["ks"]).any() | full
-    return _ascending(take, pos, layout), inexact
+    return _ascending(take, pos), inexact
 
 
-def _ascending(take: torch.Tensor, pos: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+def _ascending(take: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``(K,)`` int64: the positions ``pos[take]`` in ascending order (the candidates are
     ascending: sorting the ``K`` candidate ranks sorts the positions)."""
     sel = pos.index_select(0, take.sort().values)
