@@ -80,18 +80,18 @@ def traffic(exchange: str, ks: Sequence[int], world: int, value_bytes: int, inde
 
 
 #: Bytes of temporaries per alltoall slot the sparse allreduce's owner step handles (it sorts
-#: the ``P * c`` entries it receives by position, then the sums by magnitude: two sorts of
-#: int64 keys and their permutations), as ``scripts/bench_memory.py`` measures it on CPU.
-OWNER_SLOT_BYTES = 64
+#: the ``P * c`` entries it receives by int32 position and finds each segment's largest sums
+#: by bisection on their bits, ``bit_topk.top_by_bits``): 41 measured on CPU by
+#: ``scripts/bench_memory.py --owner-step``.
+OWNER_SLOT_BYTES = 40
 #: With ``density_aware``, a sparse exchange is a candidate for a gradient only while its
 #: temporaries (``temporaries``) are at most this many times the gradient's own bytes; past
 #: that the gradient is allreduced dense, which needs none. The allgather's gathered ``P * K``
 #: entries are what its link carries (it fits up to ``1 / ratio`` ranks); the sparse
-#: allreduce's owner step holds what its link does not, and is held to half the gradient's
+#: allreduce's owner step holds what its link does not, and is held to 5/16 of the gradient's
 #: bytes: float32 densities up to 1/64 (the default warm-up's first ~87 steps to 1% go dense,
-#: ~51 to 0.1%). ``scripts/bench_memory.py`` measures a step's temporaries with it at 0.26x of
-#: the model (SGD, 1%); a budget of twice the gradient's bytes measured 0.96x.
-MEMORY_BUDGET = {"dense": 0.0, "allgather": 2.0, "sparse_allreduce": 0.5}
+#: ~51 to 0.1%).
+MEMORY_BUDGET = {"dense": 0.0, "allgather": 2.0, "sparse_allreduce": 0.3125}
 
 
 def temporaries(exchange: str, ks: Sequence[int], world: int, value_bytes: int, index_bytes: int,

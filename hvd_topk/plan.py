@@ -24,6 +24,10 @@ __all__ = ["Group", "InGroup", "Planner", "check_user_groups"]
 logger = logging.getLogger("hvd_topk.optimizer")
 
 
+#: The in-flight budget of a step's sparse payloads (``StepExchange``) is an eighth of the
+#: trained parameters' bytes, and at least this many bytes.
+IN_FLIGHT_FLOOR = 1 << 20
+
 class Group:
     """Gradients compressed and exchanged together in one step (see ``TopKCompressor``'s
     ``group_bytes``): the group is compressed in the backward hook of its last gradient.
@@ -182,7 +186,7 @@ class Planner:
             current.add(p, self._names.get(p), correction)
         self.plan = {p: g for g in groups for p in g.params}
         self._key = key
-        self.budget = max(1 << 20, sum(p.numel() * p.element_size() for p in trained) // 8)
+        self.budget = max(IN_FLIGHT_FLOOR, sum(p.numel() * p.element_size() for p in trained) // 8)
         self.groups_digest = zlib.crc32("|".join("\n".join(g.names) for g in groups
                                                  if len(g.params) > 1).encode()) & 0x7FFFFFFF
         self._log(kinds, world)

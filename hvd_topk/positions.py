@@ -6,7 +6,9 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["PositionSet"]
+from .exchange_core import scatter_add_
+
+__all__ = ["PositionSet", "bitmask", "bits_at"]
 
 
 class PositionSet:
@@ -34,12 +36,7 @@ class PositionSet:
                 self.valid = valid.clone()
                 self.positions32.masked_fill_(~valid, n - 1)
             return
-        mask = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=self.device)
-        if valid is None:
-            mask.index_fill_(0, positions, True)
-        else:
-            mask.index_put_((positions,), valid)
-        self.bits = (mask.view(torch.uint8).view(-1, 8) * _bit_weights(self.device)).sum(1, dtype=torch.uint8)
+        self.bits = bitmask(positions, n, valid)
 
     def positions(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(positions, valid)``: ``(k,)`` int64 positions (ascending from a bitmask) and
@@ -53,6 +50,28 @@ class PositionSet:
         if not self.partial:
             return pos, None  # exactly k bits are set
         return pos.clamp(max=self.n - 1), pos < self.n
+
+
+def bitmask(positions: torch.Tensor, n: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(ceil(n / 8),)`` uint8 with bit ``p % 8`` of byte ``p // 8`` set for each of
+    ``positions`` (``(k,)`` int32/int64, distinct among the valid ones, in ``[0, n)``; with
+    ``valid``, ``(k,)`` bool, only those). The bits are added as distinct weights (an OR,
+    exactly, in any order), so it takes ``n / 8`` bytes and ``O(k)`` temporaries: never
+    the ``n`` bytes of a bool mask."""
+    pos = positions.long()
+    weights = _bit_weights(pos.device).index_select(0, pos.bitwise_and(7))  # (k,) uint8
+    if valid is not None:
+        weights.masked_fill_(~valid, 0)
+    bits = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=pos.device)
+    return scatter_add_(bits, pos.bitwise_right_shift_(3) if pos is not positions else pos >> 3, weights)
+
+
+def bits_at(bits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(k,)`` bool: whether ``bits`` (a ``bitmask``) holds each of ``positions``."""
+    pos = positions.long()
+    shift = pos.bitwise_and(7).to(torch.uint8)
+    byte = bits.index_select(0, pos.bitwise_right_shift_(3) if pos is not positions else pos >> 3)
+    return byte.bitwise_right_shift_(shift).bitwise_and_(1).bool()
 
 
 def _bit_shifts(device: torch.device) -> torch.Tensor:

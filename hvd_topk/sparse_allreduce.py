@@ -44,7 +44,9 @@ from .exchange_core import QUANTILES, region_sizes, scatter_add_
 from .packing import FLAG_MISMATCH, pack_rows, unpack_rows
 from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext
 from .layout import StepTables
+from .positions import bitmask, bits_at
 from .regions import refresh_bounds, uniform_bounds
+from .bit_topk import top_by_bits_in_blocks
 from .selection import GroupLayout, PositionSet, expand_counts, magnitude, segment_order
 from .state import GroupCache
 from .wire import to_wire
@@ -106,8 +108,9 @@ class RegionPlan:
         if cached is not None:
             return cached
         caps = torch.tensor(self.caps, dtype=torch.long).to(device)
+        keeps = torch.tensor(self.keeps, dtype=torch.long).to(device)
         t = {"caps": caps, "cap_off": torch.cumsum(caps, 0) - caps,  # (S,)
-             "keeps": torch.tensor(self.keeps, dtype=torch.long).to(device)}  # (S,)
+             "keeps": keeps, "keep_off": torch.cumsum(keeps, 0) - keeps}  # (S,)
         self._device[device] = t
         return t
 
@@ -219,17 +222,20 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
                           torch.full((1, R), -1, dtype=index_dtype, device=device), stats.view(1, -1)])
     header[1] = header[1] | (hdr[:, 0] != signature).any().to(torch.int32) * FLAG_MISMATCH
     valid = idx >= 0  # (P, C)
-    at = idx.long()  # (P, C) group positions (in place from here: each (P*C,) buffer is the step's own)
+    # Group positions in int32 where they fit (half the bytes of every (P*C,) buffer below);
+    # in place from here: each (P*C,) buffer is the step's own.
+    pdt = torch.int32 if n < 2**31 - 1 else torch.int64
+    at = idx.to(pdt)  # (P, C)
     del idx
-    torch.minimum(at.clamp_(min=0), t["max1"], out=at).add_(t["start1"])
+    torch.minimum(at.clamp_(min=0), t["max1"].to(pdt), out=at).add_(t["start1"].to(pdt))
     # Sum by position without a dense buffer: sort the P*C entries by position (stable: rank
     # order within a position), number the runs of equal positions, add each run in order.
     at.masked_fill_(~valid, n)  # n: an empty slot, sorts last
     ordered, order = torch.sort(at.reshape(-1), stable=True)  # (P*C,) ascending positions
     del at
     head = torch.ones_like(ordered, dtype=torch.bool)
-    head[1:] = ordered[1:] != ordered[:-1]  # the first entry of each position
-    run = torch.cumsum(head, 0).sub_(1)  # (P*C,) which position
+    torch.ne(ordered[1:], ordered[:-1], out=head[1:])  # the first entry of each position
+    run = torch.cumsum(head, 0, dtype=pdt).sub_(1)  # (P*C,) which position
     acc = torch.promote_types(dtype, torch.float32)  # half-precision sums of P values could overflow
     vals = vals.to(acc).masked_fill_(~valid, 0).reshape(-1).index_select(0, order)
     del valid, order
@@ -238,17 +244,14 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     del vals
     sums = sums.index_select(0, run)  # (P*C,) each entry's position's sum
     del run
-    seg = torch.searchsorted(lt["ends"], ordered, right=True)  # (P*C,) segment; S for empty slots
-    seg.masked_fill_(~head, S)  # one entry per position: the others sort last
-    del head
-    best = segment_order(seg, magnitude(sums))  # by segment, largest sum first
-    seg = seg.index_select(0, best)
-    first = torch.searchsorted(seg, lt["segs"])  # (S + 1,)
-    del seg
-    have = first[1:] - first[:-1]  # (S,) distinct positions of each segment
-    ok = t["rank2"] < have.index_select(0, t["col2"])  # (R,)
-    pick = best.index_select(0, (first.index_select(0, t["col2"]) + t["rank2"]).clamp(max=max(P * C - 1, 0)))
-    del best
+    head.logical_and_(ordered < n)  # one entry per position received, no empty slot
+    # The R_s largest sums of each segment, by bisection on their bits (no sort of the P*C
+    # entries), in ascending position order within each segment's block of the row.
+    seg = None if S == 1 else torch.searchsorted(lt["ends"].to(pdt), ordered, right=True,
+                                                 out_int32=True).clamp_(max=S - 1)  # (P*C,)
+    pt = plan.tensors(device)
+    pick, ok = top_by_bits_in_blocks(magnitude(sums), head, pt["keeps"], pt["keep_off"], seg, R)  # (R,)
+    del head, seg
     out_vals = sums.index_select(0, pick)
     del sums
     if divisor != 1:
@@ -258,7 +261,7 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     out_idx = torch.where(ok, out_pos - t["start2"], -1).to(index_dtype)
     # Load statistics: the demand, and quantiles of the positions received, per segment.
     demand = hdr[:, 1:].sum(0).to(index_dtype)  # (S,)
-    fs = torch.searchsorted(ordered, lt["offsets"])  # (S + 1,)
+    fs = torch.searchsorted(ordered, lt["offsets"].to(pdt))  # (S + 1,)
     got = fs[1:] - fs[:-1]  # (S,)
     j = torch.arange(1, QUANTILES, device=device)
     qi = (fs[:-1, None] + (got[:, None] * j) // QUANTILES).clamp(max=max(P * C - 1, 0))  # (S, Q-1)
@@ -273,9 +276,8 @@ def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dt
     """Step 3, on every rank: scatter every owner's kept entries into ``out`` (zeroed here).
 
     Returns:
-        ``(headers, kept, stats)``: ``(P, header_words)`` int32; ``(n,)`` bool, True at the
-        positions some owner kept (a mask: a sort of the ``P * R`` positions would take 32 bytes
-        each, a quarter of the group's at the warm-up's ratios); ``(P, S, QUANTILES)`` statistics.
+        ``(headers, kept, stats)``: ``(P, header_words)`` int32; the positions some owner
+        kept, as a ``positions.bitmask`` of ``n`` bits; ``(P, S, QUANTILES)`` statistics.
         Raises ``ValueError`` when ``gathered`` is not P rows of this plan's size.
     """
     layout, P = plan.layout, plan.world
@@ -291,15 +293,13 @@ def finish(gathered: torch.Tensor, plan: RegionPlan, header_words: int, value_dt
     # Regions are disjoint: each position arrives once, so any order gives the same bits.
     scatter_add_(out, pos.reshape(-1), vals.masked_fill_(~valid, 0).reshape(-1))
     del vals
-    kept = torch.zeros(n + 1, dtype=torch.bool, device=out.device)  # a mask, not a sort of P * R
-    kept.index_fill_(0, pos.masked_fill_(~valid, n).reshape(-1), True)
-    kept = kept[:n]
+    kept = bitmask(pos.reshape(-1), n, valid.reshape(-1))  # n / 8 bytes, not a sort of P * R
     return headers, kept, stats.view(P, layout.segments, QUANTILES)
 
 
 def was_kept(sel: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` bool: which of ``sel``'s positions ``kept`` (the ``(n,)`` mask from ``finish``) holds."""
-    return kept.index_select(0, sel)
+    """``(K,)`` bool: which of ``sel``'s positions ``kept`` (the bitmask from ``finish``) holds."""
+    return bits_at(kept, sel)
 
 
 class SparseAllreduceExchange(Exchange):

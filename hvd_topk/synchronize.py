@@ -43,6 +43,8 @@ class StepExchange:
         self._resparsify = []  # params whose sparse grad was densified (sparse_as_dense)
         self._in_flight = []  # (group, gathered bytes) allgathered this step, not yet scattered
         self._in_flight_bytes = 0
+        self._owners = []  # (group, rows' bytes): sparse allreduces before their phase 2
+        self._owners_bytes = 0
 
     def densified(self, p):
         """``p``'s sparse gradient was made dense: made sparse again at the end of the step."""
@@ -98,6 +100,29 @@ class StepExchange:
         self._counter.add_ms("compress_ms", t0)
         if group.exchange == "allgather":
             self._bound_in_flight(group, (world + 1) * payload.numel(), budget)  # gathered + sent
+        else:
+            self._owners.append((group, 2 * payload.numel()))  # sent + received
+            self._owners_bytes += 2 * payload.numel()
+            self._advance(budget)
+
+    def _advance(self, budget):
+        """The in-flight bound of the sparse allreduce: while the rows of the groups before
+        their phase 2 (sent and received, ``2 P`` rows each) exceed the budget, wait for the
+        oldest group's alltoall and run its phase 2 now, so that its rows leave during backward.
+        Every rank takes the same decisions (from the same byte counts). Deciding on what one
+        rank has received (``poll``) would let the ranks start a step's collectives in
+        different orders; with a blocking collective of the user's between backward and
+        ``synchronize()``, Horovod then hangs."""
+        while len(self._owners) > 1 and self._owners_bytes > budget:
+            group, nbytes = self._owners.pop(0)
+            self._owners_bytes -= nbytes
+            self._phase_two(group)
+
+    def _phase_two(self, group):
+        """Wait for ``group``'s alltoall, sum this rank's region (the owner step) and start the
+        allgather of the owners' rows."""
+        row = self._comp.reduce_regions(self.wait(group.alltoall), group.ctx)
+        group.phase_two(sparse_allgather_async(row, name=group.name(".sar"), process_set=self._process_set))
 
     def _bound_in_flight(self, group, gathered_bytes, budget):
         """Keep the payloads of a step, sent and gathered, within a budget (an eighth of the
@@ -142,13 +167,13 @@ class StepExchange:
 
     def gather(self, groups):
         """Finish every group's exchange: the sparse allreduce's phase 2 (sum at the owners,
-        allgather), then wait and scatter each group (no host sync)."""
+        allgather) where backward has not started it, then wait and scatter each group (no
+        host sync)."""
         comp = self._comp
         for group in groups:
-            if group.exchange == "sparse_allreduce":
-                row = comp.reduce_regions(self.wait(group.alltoall), group.ctx)
-                group.phase_two(sparse_allgather_async(row, name=group.name(".sar"),
-                                                       process_set=self._process_set))
+            if group.exchange == "sparse_allreduce" and group.allgather is None:
+                self._phase_two(group)
+        self._owners, self._owners_bytes = [], 0
         for group in groups:
             if not group.scattered:
                 gathered = group.gathered if group.gathered is not None else self.wait(group.allgather)
@@ -204,6 +229,7 @@ class StepExchange:
     def end_step(self):
         """The step is over (or abandoned): nothing in flight, nothing to make sparse again."""
         self._in_flight, self._in_flight_bytes = [], 0
+        self._owners, self._owners_bytes = [], 0
         self._resparsify = []
 
     def discard(self):

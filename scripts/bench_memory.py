@@ -6,6 +6,7 @@ script), so that one method's freed memory never hides another's::
     python scripts/bench_memory.py                       # the default table (CPU, 2 ranks)
     python scripts/bench_memory.py --methods dense,topk0.01 --optimizers sgd --steps 130
     python scripts/bench_memory.py --device cuda --np 1  # on a GPU (one NCCL rank, HOROVOD_ELASTIC=1)
+    python scripts/bench_memory.py --owner-step           # the sparse allreduce's steps alone
 
 The model is an MLP of ``--layers`` x ``Linear(--width, --width)`` (4 x 2304: 21.2M fp32
 parameters, 85 MB), batch 32, ``--steps`` steps (longer than the default warm-up of 100
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=130)
     p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--owner-step", action="store_true",
+                   help="instead: the sparse allreduce's per-step buffers, one process, one tensor "
+                        "of width^2 entries at a density of 1/64, per alltoall slot")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "method:optimizer", inside a run
     return p.parse_args(argv)
 
@@ -66,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 class RssSampler:
     """The process's resident bytes, sampled every millisecond; ``peak()`` since ``reset()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.001) -> None:
+        self._interval = interval
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._peak = self.now()
         self._stop = False
@@ -79,7 +84,7 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop:
             self._peak = max(self._peak, self.now())
-            time.sleep(0.001)
+            time.sleep(self._interval)
 
     def reset(self) -> int:
         self._peak = now = self.now()
@@ -207,7 +212,72 @@ def table(rows, args) -> str:
     return "\n".join(lines)
 
 
+def owner_step(args) -> None:
+    """The sparse allreduce's three steps on one tensor of ``width^2`` entries at a density of
+    1/64 (the edge of its memory budget), two ranks' rows made in this process: the peak each
+    step adds, per alltoall slot (``P * c``) and in MB."""
+    import torch
+
+    from hvd_topk import sparse_allreduce as sar
+    from hvd_topk.exchange_core import header_words
+    from hvd_topk.layout import GroupLayout
+
+    torch.set_num_threads(1)
+    cuda = args.device == "cuda"
+    device = torch.device("cuda" if cuda else "cpu")
+    n, P = args.width * args.width, 2
+    layout = GroupLayout((n,), (n // 64,))
+    plan = sar.RegionPlan(layout, P, 2.0)
+    bounds = sar.uniform_bounds(layout, P, device)
+    sig = torch.tensor([7], dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(P):
+        sel = torch.randperm(n, generator=gen)[:layout.k].sort().values.to(device)
+        sent = torch.randn(layout.k, generator=gen).to(device)
+        rows.append((sel, sent))
+    payloads = [sar.to_regions(sel, sent, plan, bounds, sig, torch.int32)[0] for sel, sent in rows]
+    row = payloads[0].numel() // P
+    received = torch.cat([pl[:row] for pl in payloads])  # owner 0's rows from ranks 0 and 1
+    header = torch.zeros(header_words(1), dtype=torch.int32, device=device)
+    out = torch.zeros(n, device=device)
+    sampler = None if cuda else RssSampler(interval=0.0001)
+    slots = P * plan.slots
+
+    def measure(fn):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            result = fn()
+            torch.cuda.synchronize()
+            return result, torch.cuda.max_memory_allocated() - start
+        start = sampler.reset()
+        result = fn()
+        return result, sampler.peak() - start
+
+    sel, sent = rows[0]
+    _, sender = measure(lambda: sar.to_regions(sel, sent, plan, bounds, sig, torch.int32))
+    row2, owner = measure(lambda: sar.reduce_region(received, plan, 7, header, P, torch.float32,
+                                                    torch.float32, torch.int32))
+    gathered = torch.cat([row2, row2])
+    _, receive = measure(lambda: sar.finish(gathered, plan, header_words(1), torch.float32,
+                                            torch.int32, out))
+    print(f"One tensor of {n} entries, k = {layout.k} (density 1/64), {P} ranks, {slots} alltoall "
+          f"slots (P * c), {args.device}.\n")
+    print("| step | peak above its inputs | bytes per slot |\n|---|---:|---:|")
+    for name, b in [("sender: bucket into rows (to_regions)", sender),
+                    ("owner: sum and keep (reduce_region)", owner),
+                    ("every rank: scatter and kept set (finish)", receive)]:
+        print(f"| {name} | {b / 1e6:.2f} MB | {b / slots:.1f} |")
+
+
 def main(args) -> None:
+    if args.owner_step:
+        if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed tensors leave the RSS
+            os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+        return owner_step(args)
     if args.one:
         return run_one(args)
     rows = []

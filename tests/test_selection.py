@@ -267,3 +267,32 @@ def test_sample_sees_every_column_of_a_structured_gradient(rows, cols, ratio):
         assert not ctx.flags & FLAG_INEXACT
         stride = ctx.layout.plans[0][0]
         assert math.gcd(stride, rows * cols) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("segments", [1, 4])
+def test_top_by_bits_in_blocks_against_a_sort(dtype, segments):
+    """Each segment's ``k_s`` largest valid magnitudes (ties: the lower index) in its block of
+    the row, ascending, empty slots after where a segment has fewer: against a plain sort."""
+    from hvd_topk.bit_topk import top_by_bits_in_blocks
+    gen = torch.Generator().manual_seed(segments)
+    m = 3000
+    mag = torch.randint(0, 50, (m,), generator=gen).to(dtype) / 7  # many ties
+    mag[::97] = float("inf")
+    valid = torch.rand(m, generator=gen) > 0.3
+    seg = torch.sort(torch.randint(0, segments, (m,), generator=gen)).values.to(torch.int32)
+    if segments > 1:
+        valid[seg == 2] = False  # a segment with no valid entry at all
+        valid[(seg == 3).nonzero()[5:].squeeze(1)] = False  # one with fewer than its k
+    ks = torch.tensor([40, 25, 10, 30][:segments])
+    off = torch.cumsum(ks, 0) - ks
+    size = int(ks.sum())
+    pick, ok = top_by_bits_in_blocks(mag.clone(), valid, ks, off, seg if segments > 1 else None, size)
+    want_pick, want_ok = torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool)
+    for s in range(segments):
+        idx = [i for i in range(m) if int(seg[i]) == s and bool(valid[i])]
+        idx = sorted(sorted(idx, key=lambda i: (-float(mag[i]), i))[:int(ks[s])])
+        want_pick[int(off[s]):int(off[s]) + len(idx)] = torch.tensor(idx, dtype=torch.long)
+        want_ok[int(off[s]):int(off[s]) + len(idx)] = True
+    assert torch.equal(ok, want_ok)
+    assert torch.equal(torch.where(ok, pick, 0), want_pick)

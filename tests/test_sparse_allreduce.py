@@ -13,7 +13,7 @@ from hvd_topk import exchange, sparse_allreduce as sar
 from hvd_topk.packing import pack_rows, row_nbytes, unpack_rows
 from hvd_topk.selection import GroupLayout
 
-CHECKS = ["auto", "reference", "grouped", "momentum", "one_region"]
+CHECKS = ["auto", "reference", "grouped", "momentum", "in_flight", "one_region"]
 
 
 @pytest.mark.parametrize("np_", [2, 3, 4])
@@ -92,6 +92,7 @@ def _simulate(cs, layout, world, bounds, capacity=2.0):
               for j in range(world)]
     out = torch.zeros(layout.numel)
     headers, kept, stats = sar.finish(torch.cat(owners), plan, 2, torch.float32, torch.int32, out)
+    kept = sar.was_kept(torch.arange(layout.numel), kept)  # the bitmask, as (n,) bool
     return out, kept.nonzero().squeeze(1), stats, caps  # the kept positions, ascending
 
 

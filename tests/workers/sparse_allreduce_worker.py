@@ -113,6 +113,28 @@ def check_grouped():
     check_matches_reference(grouped=True)
 
 
+def check_in_flight_bound():
+    """An in-flight budget smaller than a group's rows: every group but the newest runs its
+    phase 2 during backward (waited for, the same decision on every rank), and every gradient
+    and residual still equals the reference."""
+    import hvd_topk.plan
+    import hvd_topk.synchronize
+    exchange = hvd_topk.synchronize.StepExchange
+    floor, advance, early = hvd_topk.plan.IN_FLIGHT_FLOOR, exchange._advance, []
+
+    def counting(self, budget):
+        before = len(self._owners)
+        advance(self, budget)
+        early.append(before - len(self._owners))
+
+    hvd_topk.plan.IN_FLIGHT_FLOOR, exchange._advance = 0, counting
+    try:
+        check_matches_reference(steps=3)
+    finally:
+        hvd_topk.plan.IN_FLIGHT_FLOOR, exchange._advance = floor, advance
+    assert sum(early) >= 3, f"no phase 2 ran during backward: {early}"
+
+
 def check_momentum():
     """SGD momentum without correction: the wrapped optimizer applies momentum to the result."""
     check_matches_reference(momentum=0.9, steps=4)
@@ -186,6 +208,7 @@ CHECKS = {
     "reference": check_matches_reference,
     "grouped": check_grouped,
     "momentum": check_momentum,
+    "in_flight": check_in_flight_bound,
     "one_region": check_all_mass_in_one_region,
     "auto": check_auto_choice,
 }
