@@ -250,7 +250,8 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     seg = None if S == 1 else torch.searchsorted(lt["ends"].to(pdt), ordered, right=True,
                                                  out_int32=True).clamp_(max=S - 1)  # (P*C,)
     pt = plan.tensors(device)
-    pick, ok = top_by_bits_in_blocks(magnitude(sums), head, pt["keeps"], pt["keep_off"], seg, R)  # (R,)
+    pick, ok = top_by_bits_in_blocks(magnitude(sums), head, pt["keeps"], pt["keep_off"], seg, R,
+                                     ascending=True)  # (R,); seg ascends with the positions
     del head, seg
     out_vals = sums.index_select(0, pick)
     del sums

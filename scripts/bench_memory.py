@@ -263,13 +263,16 @@ def owner_step(args) -> None:
     gathered = torch.cat([row2, row2])
     _, receive = measure(lambda: sar.finish(gathered, plan, header_words(1), torch.float32,
                                             torch.int32, out))
-    print(f"One tensor of {n} entries, k = {layout.k} (density 1/64), {P} ranks, {slots} alltoall "
-          f"slots (P * c), {args.device}.\n")
-    print("| step | peak above its inputs | bytes per slot |\n|---|---:|---:|")
+    lines = [f"One tensor of {n} entries, k = {layout.k} (density 1/64), {P} ranks, {slots} alltoall "
+             f"slots (P * c), {args.device}.", "", "| step | peak above its inputs | bytes per slot |",
+             "|---|---:|---:|"]
     for name, b in [("sender: bucket into rows (to_regions)", sender),
                     ("owner: sum and keep (reduce_region)", owner),
                     ("every rank: scatter and kept set (finish)", receive)]:
-        print(f"| {name} | {b / 1e6:.2f} MB | {b / slots:.1f} |")
+        lines.append(f"| {name} | {b / 1e6:.2f} MB | {b / slots:.1f} |")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 def main(args) -> None:

@@ -172,6 +172,8 @@ try bench_step 240 "${MPIRUN[@]}" python scripts/bench_step.py --models resnet50
 step "6. memory on the GPU (torch.cuda.max_memory_allocated against dense)"
 try bench_memory 200 python scripts/bench_memory.py --device cuda --np "$NP" --steps 110 \
     --methods dense,topk0.01,topk0.001,topk0.01sar --out "$OUTDIR/bench_memory.md"
+try owner_step 60 python scripts/bench_memory.py --device cuda --owner-step --width 8192 \
+    --out "$OUTDIR/owner_step.md"
 
 step "7. compression time on the GPU"
 try bench_compression 120 python scripts/bench_compression.py --device cuda --repeats 11 \

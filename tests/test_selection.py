@@ -271,7 +271,8 @@ def test_sample_sees_every_column_of_a_structured_gradient(rows, cols, ratio):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("segments", [1, 4])
-def test_top_by_bits_in_blocks_against_a_sort(dtype, segments):
+@pytest.mark.parametrize("ascending", [False, True])
+def test_top_by_bits_in_blocks_against_a_sort(dtype, segments, ascending):
     """Each segment's ``k_s`` largest valid magnitudes (ties: the lower index) in its block of
     the row, ascending, empty slots after where a segment has fewer: against a plain sort."""
     from hvd_topk.bit_topk import top_by_bits_in_blocks
@@ -287,7 +288,8 @@ def test_top_by_bits_in_blocks_against_a_sort(dtype, segments):
     ks = torch.tensor([40, 25, 10, 30][:segments])
     off = torch.cumsum(ks, 0) - ks
     size = int(ks.sum())
-    pick, ok = top_by_bits_in_blocks(mag.clone(), valid, ks, off, seg if segments > 1 else None, size)
+    pick, ok = top_by_bits_in_blocks(mag.clone(), valid, ks, off, seg if segments > 1 else None, size,
+                                     ascending)
     want_pick, want_ok = torch.zeros(size, dtype=torch.long), torch.zeros(size, dtype=torch.bool)
     for s in range(segments):
         idx = [i for i in range(m) if int(seg[i]) == s and bool(valid[i])]
