@@ -102,9 +102,7 @@ def exact_topk_by_bits(cmag: torch.Tensor, pos: torch.Tensor, valid: torch.Tenso
     same set as the sort; ``sel`` in ascending position order (the CPU kernel's order).
     ``cmag`` is consumed."""
     t = layout.tensors(cmag.device)
-    S = layout.segments
-    seg = None if S == 1 else torch.searchsorted(t["ends"].to(torch.int32), pos.to(torch.int32), right=True,
-                                                 out_int32=True).clamp_(max=S - 1)  # (cap,)
+    seg = None if layout.segments == 1 else layout.segment_of(pos)  # (cap,)
     take, have = top_by_bits(cmag, valid, t["ks"], seg, layout.k)  # (K,) int64, ascending
     inexact = (have < t["ks"]).any() | full
     return take.copy_(pos.index_select(0, take)), inexact  # the positions, into take's buffer

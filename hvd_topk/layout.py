@@ -206,6 +206,12 @@ class GroupLayout:
         sample_seg = t["sampled"][which]
         return t["offsets"][sample_seg] + j * t["sample_stride"][which], sample_seg
 
+    def segment_of(self, pos: torch.Tensor) -> torch.Tensor:
+        """``(m,)`` int32: the segment of each group position in ``pos`` (int32 or int64; a
+        position past the group's end counts in the last segment)."""
+        ends = self.tensors(pos.device)["ends"].to(pos.dtype)
+        return torch.searchsorted(ends, pos, right=True, out_int32=True).clamp_(max=self.segments - 1)
+
     def slot_tables(self, device: torch.device) -> Dict[str, torch.Tensor]:
         """The ``(K,)`` tables of the payload's slots, built on ``device`` (a few kernels) and
         kept for the rest of the step when small (``StepTables``; never across steps: at the

@@ -118,7 +118,7 @@ class RegionPlan:
         """The ``(C,)`` and ``(R,)`` tables of the rows' slots, kept for the rest of the step
         when small (they scale with ``k``, see ``GroupLayout.slot_tables``)."""
         device = torch.device(device)
-        return self._step.get(device, 40 * (self.slots + self.kept), lambda: self._slot_tables(device))
+        return self._step.get(device, 16 * (self.slots + self.kept), lambda: self._slot_tables(device))
 
     def end_step(self) -> None:
         """The step is over: drop the tables kept for it."""
@@ -128,13 +128,10 @@ class RegionPlan:
         lt, t = self.layout.tensors(device), self.tensors(device)
         if self.layout.segments == 1:  # constants broadcast from 0-dim tensors: no (C,) memory
             zero, last = lt["offsets"][0], lt["lengths"][0] - 1
-            return {"start1": zero, "max1": last, "col2": zero.expand(self.kept),
-                    "rank2": torch.arange(self.kept, device=device), "start2": zero, "max2": last}
-        col1, _ = expand_counts(t["caps"], self.slots)  # (C,)
-        col2, rank2 = expand_counts(t["keeps"], self.kept)  # (R,)
+            return {"start1": zero, "max1": last, "start2": zero, "max2": last}
+        col1, _ = expand_counts(t["caps"], self.slots)  # (C,) segment of each slot
+        col2, _ = expand_counts(t["keeps"], self.kept)  # (R,) segment of each kept slot
         return {
-            "col2": col2,  # (R,) segment of each kept slot
-            "rank2": rank2,  # (R,) rank among its segment's kept slots
             "start1": lt["offsets"][col1], "max1": lt["lengths"][col1] - 1,  # (C,)
             "start2": lt["offsets"][col2], "max2": lt["lengths"][col2] - 1,  # (R,)
         }
@@ -247,8 +244,7 @@ def reduce_region(received: torch.Tensor, plan: RegionPlan, signature: int, head
     head.logical_and_(ordered < n)  # one entry per position received, no empty slot
     # The R_s largest sums of each segment, by bisection on their bits (no sort of the P*C
     # entries), in ascending position order within each segment's block of the row.
-    seg = None if S == 1 else torch.searchsorted(lt["ends"].to(pdt), ordered, right=True,
-                                                 out_int32=True).clamp_(max=S - 1)  # (P*C,)
+    seg = None if S == 1 else layout.segment_of(ordered)  # (P*C,)
     pt = plan.tensors(device)
     pick, ok = top_by_bits_in_blocks(magnitude(sums), head, pt["keeps"], pt["keep_off"], seg, R,
                                      ascending=True)  # (R,); seg ascends with the positions
