@@ -67,6 +67,9 @@ def add_compression_flags(p):
     p.add_argument("--adam-variance-steps", type=int, default=None,
                    help="local steps before Adam correction freezes the variance (default: the "
                         "library's; 0: never frozen)")
+    p.add_argument("--adam-select", default=None, choices=["gain", "displacement"],
+                   help="what Top-K ranks entries by under Adam correction (default: the library's, "
+                        "gain: |owed displacement| * |first moment|)")
     p.add_argument("--no-momentum-masking", action="store_true",
                    help="keep local momentum at sent coordinates (DGC masks it)")
     p.add_argument("--min-numel", type=int, default=None,
@@ -143,6 +146,8 @@ def topk_settings(args) -> dict:
     kwargs["adam_correction"] = TRISTATE[args.adam_correction]
     if args.adam_variance_steps is not None:
         kwargs["adam_variance_steps"] = args.adam_variance_steps or None
+    if args.adam_select is not None:
+        kwargs["adam_select"] = args.adam_select
     return kwargs
 
 

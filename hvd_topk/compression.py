@@ -183,13 +183,14 @@ class TopKCompressor(SparseCompressor):
         inv = scale.reciprocal() if isinstance(scale, torch.Tensor) else 1.0 / scale
         if s.local_clip_norm is not None:  # DGC 3.3, to local_clip_norm / sqrt(P)
             g = clip_local(g, layout, inv, s.local_clip_norm / math.sqrt(max(1, ranks)))
-        moments = (state.adam_moments(names, layout, g, adam, s.adam_variance_steps, s.adam_clip)
-                   if adam is not None else None)
+        moments = (state.adam_moments(names, layout, g, adam, s.adam_variance_steps, s.adam_clip,
+                                      s.adam_select == "gain") if adam is not None else None)
         chosen = select(residual, g, layout, alpha=inv, velocity=velocity, momentum=momentum,
                         nesterov=nesterov, adam=moments, fused=s.local_clip_norm is None,
                         owned=len(tensors) > 1 or s.local_clip_norm is not None)  # 1.-4.
         sent = PositionSet(chosen.positions, layout.numel)
-        pend = self.selections[names] = Pending(residual, velocity, sent, chosen.bad, scale, ctx.value_dtype)
+        pend = self.selections[names] = Pending(residual, velocity, sent, chosen.bad, scale, ctx.value_dtype,
+                                                ranked=moments)
         return self._send(ctx, pend, chosen.positions, chosen.values, chosen.inexact), ctx
 
     def _send(self, ctx: SparseContext, pend: Pending, positions: torch.Tensor, values: torch.Tensor,
@@ -233,11 +234,11 @@ class TopKCompressor(SparseCompressor):
     def redo(self, ctx: SparseContext) -> torch.Tensor:
         """A payload to exchange again (``SparseCompressor.redo``)."""
         pend = self.selections[ctx.names]
-        positions = (exact_topk_fallback(pend.residual, ctx.layout) if ctx.flags & FLAG_INEXACT
+        positions = (exact_topk_fallback(pend.score(), ctx.layout) if ctx.flags & FLAG_INEXACT
                      else pend.sent.positions()[0])
         values, bad = selected_values(pend.residual, positions, pend.bad, ctx.layout)
         fresh = self.selections[ctx.names] = Pending(pend.residual, pend.velocity, PositionSet(
-            positions, ctx.numel), bad, pend.scale, pend.value_dtype)
+            positions, ctx.numel), bad, pend.scale, pend.value_dtype, ranked=pend.ranked)
         exact = torch.zeros((), dtype=torch.bool, device=positions.device)
         return self._send(ctx, fresh, positions, values, exact)
 

@@ -283,15 +283,17 @@ def select(residual: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alph
            adam: Optional[AdamMoments] = None, fused: bool = True, owned: bool = False) -> Selection:
     """Steps 1-4 on a group: the update of ``residual`` (and ``velocity``) in place, then the
     exact top-k of each segment -- by the fused CPU kernel where it applies (float32 on CPU,
-    no Nesterov or Adam, ``fused``; the same bits), else by the torch steps above. ``owned``:
-    ``g`` is this step's own buffer, which step 1 may overwrite (``update_``)."""
+    no Nesterov or Adam, ``fused``; the same bits), else by the torch steps above. Under Adam
+    correction the top-k is of ``adam.score(residual)`` (``AdamMoments.score``); the values
+    are the residual's. ``owned``: ``g`` is this step's own buffer, which step 1 may
+    overwrite (``update_``)."""
     if fused and not nesterov and adam is None:
         done = _fused(residual, velocity, g, layout, momentum, alpha)
         if done is not None:
             return done
     bad = update_(residual, g, layout, alpha=alpha, u=velocity, momentum=momentum, nesterov=nesterov,
                   adam=adam, owned=owned)  # 1.
-    sel, inexact = select_group(residual, layout)  # 2.-4.
+    sel, inexact = select_group(residual if adam is None else adam.score(residual), layout)  # 2.-4.
     vals, bad = selected_values(residual, sel, bad, layout)
     return Selection(sel, vals, bad, inexact)
 

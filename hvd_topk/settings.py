@@ -11,10 +11,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US"]
+__all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES", "ADAM_SELECT_CHOICES", "DEFAULT_LINK_GBPS",
+           "DEFAULT_LINK_LATENCY_US"]
 
 # What ``exchange=`` accepts: a fixed exchange, or "auto" (chosen per tensor by cost).
 EXCHANGE_CHOICES = ("auto", "allgather", "sparse_allreduce")
+#: What ``adam_select=`` accepts (see ``TopKSettings``).
+ADAM_SELECT_CHOICES = ("gain", "displacement")
 #: The link the time model assumes when neither the settings nor the environment name one:
 #: the ordinary network compression is for.
 DEFAULT_LINK_GBPS = 1.0
@@ -62,6 +65,13 @@ class TopKSettings:
             (1-bit Adam, Tang et al. 2021); ``None``: never.
         adam_clip: each entry of a rank's Adam direction is clipped to ``[-adam_clip,
             adam_clip]`` (units of ``lr``); ``None``: off.
+        adam_select: what Top-K ranks a tensor's entries by under Adam correction (the
+            values sent are the owed displacements either way). ``"gain"``: ``|owed
+            displacement| * |first moment|``, the first-order loss decrease that applying
+            the entry's owed displacement buys, with the rank's first moment as the
+            gradient's estimate: an entry whose momentum has faded or turned keeps its
+            displacement owed instead of spending the budget on it. ``"displacement"``:
+            ``|owed displacement|`` alone.
         local_clip_norm: DGC's local gradient clipping (3.3): each rank's gradient clipped to
             ``local_clip_norm / sqrt(world)``; ``None``: off.
         group_bytes: gradients compressed together as one group (one selection, one payload,
@@ -85,6 +95,7 @@ class TopKSettings:
     adam_correction: Optional[bool] = None
     adam_variance_steps: Optional[int] = 100
     adam_clip: Optional[float] = 10.0
+    adam_select: str = "gain"
     local_clip_norm: Optional[float] = None
     group_bytes: Optional[int] = None
 
@@ -123,6 +134,8 @@ class TopKSettings:
                 if not (float(value) > 0):
                     raise ValueError(f"{name} must be > 0 or None, got {value!r}")
                 fix(name, float(value))
+        if self.adam_select not in ADAM_SELECT_CHOICES:
+            raise ValueError(f"adam_select must be one of {ADAM_SELECT_CHOICES}, got {self.adam_select!r}")
         if self.group_bytes is not None:
             fix("group_bytes", _check_int("group_bytes", self.group_bytes, 0, "or None (auto)"))
 

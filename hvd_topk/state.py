@@ -64,6 +64,11 @@ class Pending:
     value_dtype: torch.dtype  # the wire's
     travels: Optional[PositionSet] = None  # sparse allreduce: those that fit an owner's row
     applied: Optional[PositionSet] = None  # sparse allreduce: those some owner kept (committed)
+    ranked: Optional[AdamMoments] = None  # Adam correction: the moments the selection ranked by
+
+    def score(self) -> torch.Tensor:
+        """What the selection ranked the residual's entries by (``AdamMoments.score``)."""
+        return self.residual if self.ranked is None else self.ranked.score(self.residual)
 
     def sent_as(self, travels: Optional[PositionSet]) -> None:
         """The positions that travel, when not all of them do (the sparse allreduce's rows)."""
@@ -138,10 +143,12 @@ class CompressorState:
         self.steps = 0
 
     def adam_moments(self, names: Sequence[str], layout: GroupLayout, like: torch.Tensor, adam,
-                     variance_steps: Optional[int], clip: Optional[float]) -> AdamMoments:
+                     variance_steps: Optional[int], clip: Optional[float],
+                     gain: bool = False) -> AdamMoments:
         """This step's Adam correction state for a group (``adam``: its ``AdamSettings``): its
         moment buffers and bias corrections, after counting the step for each name (a name's
-        first step is 1). The variance and its bias correction stop at ``variance_steps``."""
+        first step is 1). The variance and its bias correction stop at ``variance_steps``;
+        ``gain``: Top-K ranks by ``AdamMoments.score``."""
         steps = [self.adam_steps.get(n, 0) + 1 for n in names]
         for n, t in zip(names, steps):
             self.adam_steps[n] = t
@@ -164,7 +171,7 @@ class CompressorState:
             max_exp_avg_sq=(self.max_exp_avg_sq.group_buffer(names, layout.sizes, like)
                             if adam.amsgrad else None),
             beta1=adam.beta1, beta2=adam.beta2, eps=adam.eps, bias1=bias1, bias2=bias2,
-            update_variance=update_variance, lr=adam.lr, clip=clip)
+            update_variance=update_variance, lr=adam.lr, clip=clip, gain=gain)
 
     def start_adam(self, name: str, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
                    max_exp_avg_sq: Optional[torch.Tensor] = None) -> None:

@@ -48,6 +48,8 @@ class AdamMoments:
     ``(n,)`` bool tensor when it is frozen for some of the group's tensors only. ``lr``: the
     step's learning rate (a float or 0-dim tensor), which scales what ``v`` accumulates.
     ``clip``: the direction is clipped to ``[-clip, clip]`` (None: not clipped).
+    ``gain``: Top-K ranks the residual's entries by ``|residual| * |exp_avg|`` (``score``)
+    instead of ``|residual|`` (``TopKSettings.adam_select``).
     """
 
     exp_avg: torch.Tensor
@@ -61,6 +63,18 @@ class AdamMoments:
     update_variance: object = True
     lr: object = 1.0
     clip: Optional[float] = None
+    gain: bool = False
+
+    def score(self, residual: torch.Tensor) -> torch.Tensor:
+        """What Top-K ranks ``residual``'s entries by: ``residual`` itself, or with ``gain``
+        ``|exp_avg| * residual`` (an ``(n,)`` temporary; in float32 for narrower dtypes, where
+        the product of two small magnitudes would underflow to ties). Only its magnitude
+        counts; the values sent are the residual's."""
+        if not self.gain:
+            return residual
+        if residual.dtype in (torch.float32, torch.float64):
+            return torch.abs(self.exp_avg).mul_(residual)
+        return self.exp_avg.abs().float().mul_(residual.float())
 
 
 def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ from hvd_topk import AdamSettings, TopKCompressor
 from hvd_topk import cpu_kernel, use_cpu_kernel
 
 
-def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0):
+def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0, gain=True):
     """The sent updates, step by step, of one rank's Adam correction (torch.topk, no
     hvd_topk code): local moments, bias correction, frozen variance, error feedback of the
-    step lr * direction."""
+    step lr * direction, ranked by |r| * |m| (``gain``, adam_select="gain") or |r|."""
     n = grads[0].numel()
     m, s, smax, r = (torch.zeros(n) for _ in range(4))
     out = []
@@ -29,7 +29,8 @@ def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0):
         den = smax if adam.amsgrad else s
         d = (m / (1 - adam.beta1 ** t)) / (den.sqrt() / math.sqrt(1 - adam.beta2 ** tv) + adam.eps)
         r += adam.lr * d.clamp(-clip, clip)
-        idx = torch.topk(r.abs(), hvd_topk.num_selected(n, ratio)).indices
+        score = (m.abs() * r).abs() if gain else r.abs()
+        idx = torch.topk(score, hvd_topk.num_selected(n, ratio)).indices
         sent = torch.zeros(n)
         sent[idx] = r[idx] if value_dtype is None else r[idx].to(value_dtype).float()
         r -= sent
@@ -44,11 +45,13 @@ def grads_of(steps, n=5000, seed=0):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("variance_steps", [None, 3])
-def test_adam_correction_follows_the_written_out_algorithm(amsgrad, variance_steps):
+@pytest.mark.parametrize("select", ["gain", "displacement"])
+def test_adam_correction_follows_the_written_out_algorithm(amsgrad, variance_steps, select):
     adam = AdamSettings(0.9, 0.99, 1e-3, amsgrad, lr=0.003)
-    comp = TopKCompressor(0.02, warmup_steps=0, adam_variance_steps=variance_steps)
+    comp = TopKCompressor(0.02, warmup_steps=0, adam_variance_steps=variance_steps, adam_select=select)
     grads = grads_of(8)
-    for t, (g, (sent, r, m, s)) in enumerate(zip(grads, reference(grads, 0.02, adam, variance_steps))):
+    want = reference(grads, 0.02, adam, variance_steps, gain=select == "gain")
+    for t, (g, (sent, r, m, s)) in enumerate(zip(grads, want)):
         payload, ctx = comp.compress_group([g], ["w"], adam=adam)
         ctx.world = 1
         got = comp.scatter(payload, ctx)
@@ -168,7 +171,8 @@ def test_a_frozen_variance_does_not_let_a_late_gradient_explode():
 
 
 @pytest.mark.parametrize("bad", [{"adam_correction": "yes"}, {"adam_variance_steps": 0},
-                                 {"adam_variance_steps": 2.5}, {"adam_clip": 0}])
+                                 {"adam_variance_steps": 2.5}, {"adam_clip": 0},
+                                 {"adam_select": "momentum"}])
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TopKCompressor(0.01, **bad)

@@ -45,7 +45,7 @@ class AdamPairing:
         optimizer: the ``torch.optim.Adam`` / ``AdamW`` the training loop steps.
         names: ``id(param) -> name`` of the model's params (``TopKState``'s).
         settings: the hook's ``TopKSettings`` (``adam_correction``, ``adam_variance_steps``,
-            ``adam_clip``, ``ratio``).
+            ``adam_clip``, ``adam_select``, ``ratio``).
         rank_state: the hook's per-rank state, where the moments are kept by name.
     """
 
@@ -108,7 +108,7 @@ class AdamPairing:
             c.start(name, self.optimizer.state[p], self)
             self._sent[p] = c
         return self._state.adam_moments(names, layout, g, first, self._settings.adam_variance_steps,
-                                        self._settings.adam_clip)
+                                        self._settings.adam_clip, self._settings.adam_select == "gain")
 
     # -- what AdamCorrection.start asks of a compressor -------------------------------------------
     def adam_started(self, name: str) -> bool:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 #: Horovod engine (DDP's ``bucket_cap_mb`` makes the groups).
 HOOK_SETTINGS = ("value_dtype", "min_numel", "exchange", "density_aware", "warmup_steps", "warmup_ratio",
                  "momentum_masking", "local_clip_norm", "adam_correction", "adam_variance_steps", "adam_clip",
-                 "link_gbps", "link_latency_us", "region_capacity", "region_refresh")
+                 "adam_select", "link_gbps", "link_latency_us", "region_capacity", "region_refresh")
 _FORMAT = 1  # state_dict()'s layout
 
 

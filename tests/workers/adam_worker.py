@@ -43,8 +43,8 @@ class Reference:
         # torch.optim.Adam's own arithmetic (sqrt(s) / sqrt(1 - b2^t), not sqrt(s / ...)), so
         # that fp16 wire values round alike
         d = (m / (1 - b1 ** t)) / (den.sqrt() / math.sqrt(1 - b2 ** tv) + group["eps"])
-        r += group["lr"] * d.clamp(-10, 10)  # the displacement owed; adam_clip=10
-        sent, _ = own_topk(r, ratio, value_dtype)
+        r.add_(d.clamp(-10, 10), alpha=group["lr"])  # the displacement owed; adam_clip=10
+        sent, _ = own_topk(r, ratio, value_dtype, weight=m)  # ranked by |r| * |m| (adam_select="gain")
         r -= sent
         return sent
 
