@@ -184,7 +184,7 @@ class TopKCompressor(SparseCompressor):
         if s.local_clip_norm is not None:  # DGC 3.3, to local_clip_norm / sqrt(P)
             g = clip_local(g, layout, inv, s.local_clip_norm / math.sqrt(max(1, ranks)))
         moments = (state.adam_moments(names, layout, g, adam, s.adam_variance_steps, s.adam_clip,
-                                      s.adam_select == "gain") if adam is not None else None)
+                                      s.adam_select) if adam is not None else None)
         chosen = select(residual, g, layout, alpha=inv, velocity=velocity, momentum=momentum,
                         nesterov=nesterov, adam=moments, fused=s.local_clip_norm is None,
                         owned=len(tensors) > 1 or s.local_clip_norm is not None)  # 1.-4.

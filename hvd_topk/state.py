@@ -144,11 +144,11 @@ class CompressorState:
 
     def adam_moments(self, names: Sequence[str], layout: GroupLayout, like: torch.Tensor, adam,
                      variance_steps: Optional[int], clip: Optional[float],
-                     gain: bool = False) -> AdamMoments:
+                     select: str = "displacement") -> AdamMoments:
         """This step's Adam correction state for a group (``adam``: its ``AdamSettings``): its
         moment buffers and bias corrections, after counting the step for each name (a name's
         first step is 1). The variance and its bias correction stop at ``variance_steps``;
-        ``gain``: Top-K ranks by ``AdamMoments.score``."""
+        ``select``: what Top-K ranks by (``AdamMoments.score``)."""
         steps = [self.adam_steps.get(n, 0) + 1 for n in names]
         for n, t in zip(names, steps):
             self.adam_steps[n] = t
@@ -171,7 +171,7 @@ class CompressorState:
             max_exp_avg_sq=(self.max_exp_avg_sq.group_buffer(names, layout.sizes, like)
                             if adam.amsgrad else None),
             beta1=adam.beta1, beta2=adam.beta2, eps=adam.eps, bias1=bias1, bias2=bias2,
-            update_variance=update_variance, lr=adam.lr, clip=clip, gain=gain)
+            update_variance=update_variance, lr=adam.lr, clip=clip, select=select)
 
     def start_adam(self, name: str, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
                    max_exp_avg_sq: Optional[torch.Tensor] = None) -> None:

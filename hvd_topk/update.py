@@ -48,8 +48,8 @@ class AdamMoments:
     ``(n,)`` bool tensor when it is frozen for some of the group's tensors only. ``lr``: the
     step's learning rate (a float or 0-dim tensor), which scales what ``v`` accumulates.
     ``clip``: the direction is clipped to ``[-clip, clip]`` (None: not clipped).
-    ``gain``: Top-K ranks the residual's entries by ``|residual| * |exp_avg|`` (``score``)
-    instead of ``|residual|`` (``TopKSettings.adam_select``).
+    ``select``: what Top-K ranks the residual's entries by (``score``;
+    ``TopKSettings.adam_select``).
     """
 
     exp_avg: torch.Tensor
@@ -63,18 +63,25 @@ class AdamMoments:
     update_variance: object = True
     lr: object = 1.0
     clip: Optional[float] = None
-    gain: bool = False
+    select: str = "displacement"
 
     def score(self, residual: torch.Tensor) -> torch.Tensor:
-        """What Top-K ranks ``residual``'s entries by: ``residual`` itself, or with ``gain``
-        ``|exp_avg| * residual`` (an ``(n,)`` temporary; in float32 for narrower dtypes, where
-        the product of two small magnitudes would underflow to ties). Only its magnitude
-        counts; the values sent are the residual's."""
-        if not self.gain:
+        """What Top-K ranks ``residual``'s entries by (only its magnitude counts; the values
+        sent are the residual's): ``"displacement"``: ``residual`` itself; ``"momentum"``:
+        ``exp_avg * residual``; ``"signal"``: ``exp_avg / (sqrt(s) + eps) * residual``, ``s``
+        the denominator's second moment (AMSGrad's running max). One ``(n,)`` temporary, in
+        float32 for narrower dtypes (a product of two small magnitudes would underflow to
+        ties)."""
+        if self.select == "displacement":
             return residual
-        if residual.dtype in (torch.float32, torch.float64):
-            return torch.abs(self.exp_avg).mul_(residual)
-        return self.exp_avg.abs().float().mul_(residual.float())
+        wide = residual.dtype in (torch.float32, torch.float64)
+        m = self.exp_avg if wide else self.exp_avg.float()
+        r = residual if wide else residual.float()
+        if self.select == "momentum":
+            return torch.mul(m, r)
+        s = self.exp_avg_sq if self.max_exp_avg_sq is None else self.max_exp_avg_sq
+        w = s.sqrt() if wide else s.float().sqrt_()
+        return torch.div(m, w.add_(self.eps), out=w).mul_(r)
 
 
 def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:

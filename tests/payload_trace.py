@@ -26,9 +26,9 @@ CONFIGS = {
     "plain": {},
     "momentum": {"momentum": 0.9},
     "nesterov": {"momentum": 0.9, "nesterov": True},
-    # Ranked by the owed displacement alone (adam_select="displacement"), and by the default gain.
+    # Ranked by the owed displacement alone (adam_select="displacement"), and by the default signal.
     "adam": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3), "adam_select": "displacement"},
-    "adam_gain": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3)},
+    "adam_signal": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3)},
     "fp16": {"value_dtype": torch.float16, "momentum": 0.9},
     "scaled": {"scale": 1024.0},
     "sparse_allreduce": {"exchange": "sparse_allreduce", "momentum": 0.9},
@@ -38,7 +38,7 @@ CONFIGS = {
 #: Configurations whose values depend on the CPU's vector instructions in their last bit (Adam's
 #: moments and square root round differently with and without fused multiply-add): their
 #: digests cover the header, the positions and the values' signs, and the residuals' signs.
-ISA_DEPENDENT = ("adam", "adam_gain")
+ISA_DEPENDENT = ("adam", "adam_signal")
 
 
 def _crc(t: torch.Tensor) -> int:
@@ -59,7 +59,7 @@ def trace(config: str, grouped: bool, kernel: bool, steps: int = 12) -> list:
     value_dtype = kw.pop("value_dtype", None)
     exchange = kw.pop("exchange", "allgather")
     comp = TopKCompressor(0.01, warmup_steps=8, value_dtype=value_dtype, min_numel=0,
-                          adam_select=kw.pop("adam_select", "gain"))
+                          adam_select=kw.pop("adam_select", "signal"))
     names = [f"t{i}" for i in range(len(SIZES))]
     gen = torch.Generator().manual_seed(len(config) * 7 + grouped)
     out = []

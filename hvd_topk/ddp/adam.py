@@ -108,7 +108,7 @@ class AdamPairing:
             c.start(name, self.optimizer.state[p], self)
             self._sent[p] = c
         return self._state.adam_moments(names, layout, g, first, self._settings.adam_variance_steps,
-                                        self._settings.adam_clip, self._settings.adam_select == "gain")
+                                        self._settings.adam_clip, self._settings.adam_select)
 
     # -- what AdamCorrection.start asks of a compressor -------------------------------------------
     def adam_started(self, name: str) -> bool:

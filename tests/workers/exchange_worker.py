@@ -39,7 +39,7 @@ def allgather_dense(t):
 
 def own_topk(c, ratio, value_dtype=None, weight=None):
     """This rank's reference Top-K of ``c`` (torch.topk, no hvd_topk code): (dense sent, idx).
-    ``weight``: ranked by ``|weight * c|`` instead (Adam correction's ``adam_select="gain"``)."""
+    ``weight``: ranked by ``|weight * c|`` instead (Adam correction's ``adam_select``)."""
     score = c.abs() if weight is None else (weight.abs() * c).abs()
     idx = torch.topk(score, hvd_topk.num_selected(c.numel(), ratio)).indices
     sent = torch.zeros_like(c)
