@@ -63,11 +63,12 @@ def ranks(request, tmp_path_factory) -> Ranks:
     return Ranks(world, out)
 
 
-def sent_by(c: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The reference selection: the largest ``|c|`` (ties: the lower index, as ``torch.topk``
-    picks them; a stable sort says so explicitly, for Adam's first steps, where ``|c|`` is
-    ``lr`` nearly everywhere), densified."""
-    idx = torch.sort(c.abs(), descending=True, stable=True).indices[:num_selected(c.numel(), ratio)]
+def sent_by(c: torch.Tensor, ratio: float, weight=1.0) -> torch.Tensor:
+    """The reference selection: the largest ``|c * weight|`` (ties: the lower index, as
+    ``torch.topk`` picks them; a stable sort says so explicitly, for Adam's first steps, where
+    ``|c|`` is ``lr`` nearly everywhere), densified."""
+    score = (c * weight).abs()
+    idx = torch.sort(score, descending=True, stable=True).indices[:num_selected(c.numel(), ratio)]
     return torch.zeros_like(c).index_copy_(0, idx, c[idx])
 
 
@@ -235,7 +236,8 @@ def test_ranks_with_other_settings_all_raise(ranks):
 
 def test_adam_correction_through_the_optimizer_pairing(ranks):
     """Reference, plain torch: each rank's own Adam moments of its gradient, ``c = e + lr *
-    clip(m_hat / (sqrt(s_hat) + eps), 10)``, its top-k sent, the average applied as ``p =
+    clip(m_hat / (sqrt(s_hat) + eps), 10)``, its top-k by ``|c| |m| / (sqrt(s) + eps)`` sent
+    (``adam_select="signal"``), the average applied as ``p =
     p (1 - lr wd) - avg``; the dense biases take AdamW on their average. AdamW keeps no state
     for the corrected weights (their moments are the hook's, per rank)."""
     results = ranks.load("adam")
@@ -265,7 +267,7 @@ def test_adam_correction_through_the_optimizer_pairing(ranks):
                 s.mul_(b2).addcmul_(g, g, value=1 - b2)
                 d = (m / (1 - b1 ** (t + 1))) / (s.sqrt() / (1 - b2 ** (t + 1)) ** 0.5 + eps)
                 c = e + lr * d.clamp(-10, 10)
-                sent = sent_by(c, ratio)
+                sent = sent_by(c, ratio, weight=m / (s.sqrt() + eps))
                 e.copy_(c - sent)
                 avg += sent / P
             params[n] = p * (1 - lr * wd) - avg.view_as(p)
