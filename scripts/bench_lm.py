@@ -150,7 +150,7 @@ def plot(records: list, args, path: Path) -> None:
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         gaps = [gap(statistics.mean(by[(*c, m)]["last"]), statistics.mean(by[(*c, "dense")]["last"]))
-                for c in configs]
+                if (*c, m) in by else float("nan") for c in configs]  # a method not run there: no bar
         ax.bar([j + i * width for j in range(len(configs))], gaps, width, label=m)
     ax.axhline(3, color="C0", ls="--", lw=0.8)
     ax.axhline(10, color="C1", ls="--", lw=0.8)
