@@ -48,7 +48,7 @@ from .layout import (SAMPLED_MIN_NUMEL, GroupLayout, expand_counts, index_dtype,
 from .positions import PositionSet
 from .bit_topk import exact_topk_by_bits
 from .wire import carried, is_one
-from .update import AdamMoments, adam_direction_, finite_probe, stacked_probe, update_
+from .update import AdamMoments, adam_direction_, adam_update_, finite_probe, stacked_probe, update_
 
 __all__ = ["num_selected", "index_dtype", "select_topk", "GroupLayout", "AdamMoments",
            "adam_direction_", "update_", "thresholds", "candidates", "exact_topk",
@@ -291,9 +291,16 @@ def select(residual: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alph
         done = _fused(residual, velocity, g, layout, momentum, alpha)
         if done is not None:
             return done
-    bad = update_(residual, g, layout, alpha=alpha, u=velocity, momentum=momentum, nesterov=nesterov,
-                  adam=adam, owned=owned)  # 1.
-    sel, inexact = select_group(residual if adam is None else adam.score(residual), layout)  # 2.-4.
+    if adam is None:
+        bad = update_(residual, g, layout, alpha=alpha, u=velocity, momentum=momentum,
+                      nesterov=nesterov, owned=owned)  # 1.
+        score = residual
+    else:
+        bad, spent = adam_update_(residual, g, layout, adam, alpha=alpha, owned=owned)  # 1.
+        score = adam.score(residual, out=spent)
+        del spent
+    sel, inexact = select_group(score, layout)  # 2.-4.
+    del score
     vals, bad = selected_values(residual, sel, bad, layout)
     return Selection(sel, vals, bad, inexact)
 

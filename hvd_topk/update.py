@@ -5,13 +5,14 @@ host sync (``finite_probe`` for a group, ``stacked_probe`` for the tensors sent 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .layout import GroupLayout, segment_views
 
-__all__ = ["finite_probe", "stacked_probe", "AdamSettings", "AdamMoments", "adam_direction_", "update_",
+__all__ = ["finite_probe", "stacked_probe", "AdamSettings", "AdamMoments", "adam_direction_", "adam_update_",
+           "update_",
            "clip_local"]
 
 
@@ -65,23 +66,33 @@ class AdamMoments:
     clip: Optional[float] = None
     select: str = "displacement"
 
-    def score(self, residual: torch.Tensor) -> torch.Tensor:
+    def score(self, residual: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What Top-K ranks ``residual``'s entries by (only its magnitude counts; the values
         sent are the residual's): ``"displacement"``: ``residual`` itself; ``"momentum"``:
         ``exp_avg * residual``; ``"signal"``: ``exp_avg / (sqrt(s) + eps) * residual``, ``s``
         the denominator's second moment (AMSGrad's running max). One ``(n,)`` temporary, in
         float32 for narrower dtypes (a product of two small magnitudes would underflow to
-        ties)."""
+        ties). ``out``: a spent ``(n,)`` buffer the score may be written into (the step's
+        consumed gradient, ``adam_update_``), used where its dtype is the score's."""
         if self.select == "displacement":
             return residual
         wide = residual.dtype in (torch.float32, torch.float64)
         m = self.exp_avg if wide else self.exp_avg.float()
         r = residual if wide else residual.float()
+        if out is not None and (out.dtype != m.dtype or out.shape != m.shape):
+            out = None
         if self.select == "momentum":
-            return torch.mul(m, r)
+            return torch.mul(m, r, out=out)
         s = self.exp_avg_sq if self.max_exp_avg_sq is None else self.max_exp_avg_sq
-        w = s.sqrt() if wide else s.float().sqrt_()
+        if out is not None:
+            w = torch.sqrt(s, out=out)
+        else:
+            w = s.sqrt() if wide else s.float().sqrt_()
         return torch.div(m, w.add_(self.eps), out=w).mul_(r)
+
+
+#: ``adam_direction_`` computes the direction in this many slices of the group.
+DIRECTION_SLICES = 8
 
 
 def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
@@ -89,7 +100,7 @@ def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
     taking in ``g`` (finite, unscaled), with torch.optim.Adam's arithmetic: ``m = b1 m +
     (1 - b1) g``; unless frozen ``s = b2 s + (1 - b2) g^2`` (AMSGrad: the running max of
     ``s`` is the denominator's); then clipped to ``[-clip, clip]``. ``g`` is consumed: its
-    buffer becomes the direction (a step's temporaries are one ``(n,)`` buffer fewer)."""
+    buffer becomes the direction (the step's temporaries are an eighth of ``(n,)``)."""
     m.exp_avg.lerp_(g, 1 - m.beta1)
     if isinstance(m.update_variance, torch.Tensor):  # (n,) bool: some tensors' is frozen
         moved = (m.exp_avg_sq * m.beta2).addcmul_(g, g, value=1 - m.beta2)
@@ -100,9 +111,48 @@ def adam_direction_(m: AdamMoments, g: torch.Tensor) -> torch.Tensor:
         torch.maximum(m.max_exp_avg_sq, m.exp_avg_sq, out=m.max_exp_avg_sq)
     s = m.exp_avg_sq if m.max_exp_avg_sq is None else m.max_exp_avg_sq
     bias2 = m.bias2 ** 0.5 if not isinstance(m.bias2, torch.Tensor) else m.bias2.sqrt()
-    denom = (s.sqrt() / bias2).add_(m.eps)
-    d = torch.div(m.exp_avg, m.bias1, out=g).div_(denom)
-    return d if m.clip is None else d.clamp_(-m.clip, m.clip)
+    # The direction into g's buffer (g is taken in), an eighth of it at a time: the
+    # denominator's temporary is an eighth of the group's, and each entry's arithmetic is
+    # the same whatever the slicing.
+    n = g.numel()
+    step = max(1, -(-n // DIRECTION_SLICES))
+    for i in range(0, n, step):
+        part = slice(i, i + step)
+        b1 = m.bias1[part] if isinstance(m.bias1, torch.Tensor) else m.bias1
+        b2 = bias2[part] if isinstance(bias2, torch.Tensor) else bias2
+        denom = (s[part].sqrt() / b2).add_(m.eps)
+        torch.div(m.exp_avg[part], b1, out=g[part]).div_(denom)
+        del denom
+    return g if m.clip is None else g.clamp_(-m.clip, m.clip)
+
+
+def _cleaned(g: torch.Tensor, layout: GroupLayout, alpha, owned: bool):
+    """``(g, alpha, bad)``: ``g`` with its NaN/Inf entries as 0 (in place where ``owned``,
+    else a copy), a device scale folded in; ``bad`` the segments that held a NaN/Inf."""
+    bad = finite_probe(g, layout)
+    clean = torch.Tensor.nan_to_num_ if owned else torch.nan_to_num
+    g = clean(g, nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(alpha, torch.Tensor):  # a loss scale's inverse on the device (not read)
+        g, alpha = g.mul_(alpha), 1.0
+    return g, alpha, bad
+
+
+def adam_update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, adam: AdamMoments, *,
+                 alpha=1.0, owned: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 under Adam correction (``update_`` with ``adam``): the moments take in ``alpha
+    g`` and ``v`` accumulates ``lr`` times the direction. Returns ``(bad, spent)``: the
+    segments whose ``g`` held a NaN/Inf, and the ``(n,)`` buffer that held the direction --
+    the step's own (``g`` where ``owned``, else its cleaned copy), free for the ranking's
+    score (``AdamMoments.score(out=)``)."""
+    g, alpha, bad = _cleaned(g, layout, alpha, owned)
+    if alpha != 1.0:
+        g = g.mul_(alpha)  # the cleaned copy, or the step's own buffer
+    d = adam_direction_(adam, g)
+    if isinstance(adam.lr, torch.Tensor):
+        v.add_(d.mul_(adam.lr.to(d.device)))
+    else:
+        v.add_(d, alpha=adam.lr)
+    return bad, d
 
 
 def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
@@ -119,20 +169,9 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
     Returns:
         ``(S,)`` bool: the segments whose ``g`` held a NaN/Inf.
     """
-    bad = finite_probe(g, layout)
-    clean = torch.Tensor.nan_to_num_ if owned else torch.nan_to_num
-    g = clean(g, nan=0.0, posinf=0.0, neginf=0.0)
-    if isinstance(alpha, torch.Tensor):  # a loss scale's inverse on the device (not read)
-        g, alpha = g.mul_(alpha), 1.0
     if adam is not None:
-        if alpha != 1.0:
-            g = g * alpha
-        d = adam_direction_(adam, g)
-        if isinstance(adam.lr, torch.Tensor):
-            v.add_(d.mul_(adam.lr.to(d.device)))
-        else:
-            v.add_(d, alpha=adam.lr)
-        return bad
+        return adam_update_(v, g, layout, adam, alpha=alpha, owned=owned)[0]
+    g, alpha, bad = _cleaned(g, layout, alpha, owned)
     if u is None:
         v.add_(g, alpha=alpha)
         return bad

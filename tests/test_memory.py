@@ -59,3 +59,34 @@ def test_layout_caches_hold_one_entry_per_group_through_the_warmup():
         comp.step_done()
     held = hvd_topk.held_bytes(comp)
     assert held <= 2 * (5000 + 3000) * 4 + 4096, held  # residuals, plus per-segment tables
+
+
+def _largest_allocation(fn) -> int:
+    """The largest block of host memory any one op inside ``fn()`` allocated (the profiler's
+    per-op accounting: no allocator habits, no timing)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("owned", [True, False], ids=["owned", "copied"])
+@pytest.mark.parametrize("select_by", ["signal", "momentum", "displacement"])
+def test_an_adam_step_makes_no_temporary_of_the_groups_size(select_by, owned):
+    """Adam correction's step 1 writes the direction, then the ranking's score, into the
+    step's own gradient buffer: where that buffer is the group's (``owned``), no op allocates
+    as much as half the group (the candidates' masks are a quarter of it each); where the
+    gradient is the caller's, one cleaned copy of it is the only one."""
+    from hvd_topk.selection import GroupLayout, select
+    from hvd_topk.update import AdamMoments
+    n = 1 << 16
+    group = n * 4
+    v, m, s = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    gen = torch.Generator().manual_seed(0)
+    for t in (1, 2):
+        g = torch.randn(n, generator=gen)
+        adam = AdamMoments(m, s, None, 0.9, 0.999, 1e-8, 1 - 0.9 ** t, 1 - 0.999 ** t, lr=1e-3,
+                           clip=10.0, select=select_by)
+        largest = _largest_allocation(
+            lambda g=g, adam=adam: select(v, g, GroupLayout((n,), (n // 100,)), adam=adam, owned=owned))
+        assert largest <= (group // 4 if owned else group), (t, largest / group)
