@@ -67,9 +67,9 @@ def add_compression_flags(p):
     p.add_argument("--adam-variance-steps", type=int, default=None,
                    help="local steps before Adam correction freezes the variance (default: the "
                         "library's; 0: never frozen)")
-    p.add_argument("--adam-select", default=None, choices=["signal", "momentum", "displacement"],
+    p.add_argument("--adam-select", default=None, choices=["agreement", "signal", "momentum", "displacement"],
                    help="what Top-K ranks entries by under Adam correction (default: the library's, "
-                        "signal: |owed displacement| * |m| / (sqrt(v) + eps))")
+                        "agreement: owed displacement * m / (sqrt(v) + eps) where positive)")
     p.add_argument("--no-momentum-masking", action="store_true",
                    help="keep local momentum at sent coordinates (DGC masks it)")
     p.add_argument("--min-numel", type=int, default=None,

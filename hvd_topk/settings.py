@@ -17,7 +17,7 @@ __all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES", "ADAM_SELECT_CHOIC
 # What ``exchange=`` accepts: a fixed exchange, or "auto" (chosen per tensor by cost).
 EXCHANGE_CHOICES = ("auto", "allgather", "sparse_allreduce")
 #: What ``adam_select=`` accepts (see ``TopKSettings``).
-ADAM_SELECT_CHOICES = ("signal", "momentum", "displacement")
+ADAM_SELECT_CHOICES = ("agreement", "signal", "momentum", "displacement")
 #: The link the time model assumes when neither the settings nor the environment name one:
 #: the ordinary network compression is for.
 DEFAULT_LINK_GBPS = 1.0
@@ -66,13 +66,16 @@ class TopKSettings:
         adam_clip: each entry of a rank's Adam direction is clipped to ``[-adam_clip,
             adam_clip]`` (units of ``lr``); ``None``: off.
         adam_select: what Top-K ranks a tensor's entries by under Adam correction (the
-            values sent are the owed displacements either way). ``"signal"``: ``|owed
-            displacement| * |m| / (sqrt(v) + eps)``, weighted by the signal-to-noise ratio of
-            the rank's gradient there (its moments ``m``, ``v``; near 1 where the gradient
-            keeps its sign, near 0 where it is noise or has turned): an entry whose step has
-            faded keeps its displacement owed instead of spending the budget on it.
-            ``"momentum"``: ``|owed displacement| * |m|`` (favours the entries with large
-            gradients). ``"displacement"``: ``|owed displacement|`` alone.
+            values sent are the owed displacements either way). ``"agreement"``: ``owed
+            displacement * m / (sqrt(v) + eps)`` where positive, else 0: the displacement
+            weighted by the signal-to-noise ratio of the rank's gradient there (its moments
+            ``m``, ``v``; near 1 where the gradient keeps its sign, near 0 where it is noise),
+            and only where the momentum still points the way the displacement owes: an entry
+            whose step has faded or turned keeps its displacement owed (the later steps cancel
+            it) instead of spending the budget on it. ``"signal"``: the same weight without
+            the sign, ``|owed displacement| * |m| / (sqrt(v) + eps)``. ``"momentum"``:
+            ``|owed displacement| * |m|`` (favours the entries with large gradients).
+            ``"displacement"``: ``|owed displacement|`` alone.
         local_clip_norm: DGC's local gradient clipping (3.3): each rank's gradient clipped to
             ``local_clip_norm / sqrt(world)``; ``None``: off.
         group_bytes: gradients compressed together as one group (one selection, one payload,
@@ -96,7 +99,7 @@ class TopKSettings:
     adam_correction: Optional[bool] = None
     adam_variance_steps: Optional[int] = 100
     adam_clip: Optional[float] = 10.0
-    adam_select: str = "signal"
+    adam_select: str = "agreement"
     local_clip_norm: Optional[float] = None
     group_bytes: Optional[int] = None
 

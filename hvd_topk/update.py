@@ -70,7 +70,9 @@ class AdamMoments:
         """What Top-K ranks ``residual``'s entries by (only its magnitude counts; the values
         sent are the residual's): ``"displacement"``: ``residual`` itself; ``"momentum"``:
         ``exp_avg * residual``; ``"signal"``: ``exp_avg / (sqrt(s) + eps) * residual``, ``s``
-        the denominator's second moment (AMSGrad's running max). One ``(n,)`` temporary, in
+        the denominator's second moment (AMSGrad's running max); ``"agreement"``: the
+        signal where it is positive (the momentum still points the way the residual owes),
+        0 elsewhere. One ``(n,)`` temporary, in
         float32 for narrower dtypes (a product of two small magnitudes would underflow to
         ties). ``out``: a spent ``(n,)`` buffer the score may be written into (the step's
         consumed gradient, ``adam_update_``), used where its dtype is the score's."""
@@ -88,7 +90,8 @@ class AdamMoments:
             w = torch.sqrt(s, out=out)
         else:
             w = s.sqrt() if wide else s.float().sqrt_()
-        return torch.div(m, w.add_(self.eps), out=w).mul_(r)
+        score = torch.div(m, w.add_(self.eps), out=w).mul_(r)
+        return score.clamp_(min=0) if self.select == "agreement" else score
 
 
 #: ``adam_direction_`` computes the direction in this many slices of the group.

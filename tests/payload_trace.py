@@ -26,9 +26,10 @@ CONFIGS = {
     "plain": {},
     "momentum": {"momentum": 0.9},
     "nesterov": {"momentum": 0.9, "nesterov": True},
-    # Ranked by the owed displacement alone (adam_select="displacement"), and by the default signal.
+    # Ranked by the owed displacement alone (adam_select="displacement"), by signal, and by agreement.
     "adam": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3), "adam_select": "displacement"},
     "adam_signal": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3)},
+    "adam_agreement": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3), "adam_select": "agreement"},
     "fp16": {"value_dtype": torch.float16, "momentum": 0.9},
     "scaled": {"scale": 1024.0},
     "sparse_allreduce": {"exchange": "sparse_allreduce", "momentum": 0.9},
@@ -38,7 +39,7 @@ CONFIGS = {
 #: Configurations whose values depend on the CPU's vector instructions in their last bit (Adam's
 #: moments and square root round differently with and without fused multiply-add): their
 #: digests cover the header, the positions and the values' signs, and the residuals' signs.
-ISA_DEPENDENT = ("adam", "adam_signal")
+ISA_DEPENDENT = ("adam", "adam_signal", "adam_agreement")
 
 
 def _crc(t: torch.Tensor) -> int:

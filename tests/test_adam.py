@@ -13,11 +13,11 @@ from hvd_topk import AdamSettings, TopKCompressor
 from hvd_topk import cpu_kernel, use_cpu_kernel
 
 
-def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0, select="signal"):
+def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0, select="agreement"):
     """The sent updates, step by step, of one rank's Adam correction (torch.topk, no
     hvd_topk code): local moments, bias correction, frozen variance, error feedback of the
-    step lr * direction, ranked as adam_select=``select`` ranks: |r| * |m| / (sqrt(s) + eps),
-    |r| * |m| or |r|."""
+    step lr * direction, ranked as adam_select=``select`` ranks: r * m / (sqrt(s) + eps) where positive,
+    |r| * |m| / (sqrt(s) + eps), |r| * |m| or |r|."""
     n = grads[0].numel()
     m, s, smax, r = (torch.zeros(n) for _ in range(4))
     out = []
@@ -30,8 +30,9 @@ def reference(grads, ratio, adam, variance_steps, value_dtype=None, clip=10.0, s
         den = smax if adam.amsgrad else s
         d = (m / (1 - adam.beta1 ** t)) / (den.sqrt() / math.sqrt(1 - adam.beta2 ** tv) + adam.eps)
         r += adam.lr * d.clamp(-clip, clip)
-        weight = {"signal": m / (den.sqrt() + adam.eps), "momentum": m, "displacement": 1.0}[select]
-        score = (weight * r).abs()
+        weight = {"signal": m / (den.sqrt() + adam.eps), "momentum": m, "displacement": 1.0,
+                  "agreement": m / (den.sqrt() + adam.eps)}[select]
+        score = (weight * r).clamp(min=0) if select == "agreement" else (weight * r).abs()
         idx = torch.topk(score, hvd_topk.num_selected(n, ratio)).indices
         sent = torch.zeros(n)
         sent[idx] = r[idx] if value_dtype is None else r[idx].to(value_dtype).float()
@@ -47,7 +48,7 @@ def grads_of(steps, n=5000, seed=0):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("variance_steps", [None, 3])
-@pytest.mark.parametrize("select", ["signal", "momentum", "displacement"])
+@pytest.mark.parametrize("select", ["agreement", "signal", "momentum", "displacement"])
 def test_adam_correction_follows_the_written_out_algorithm(amsgrad, variance_steps, select):
     adam = AdamSettings(0.9, 0.99, 1e-3, amsgrad, lr=0.003)
     comp = TopKCompressor(0.02, warmup_steps=0, adam_variance_steps=variance_steps, adam_select=select)

@@ -63,11 +63,12 @@ def ranks(request, tmp_path_factory) -> Ranks:
     return Ranks(world, out)
 
 
-def sent_by(c: torch.Tensor, ratio: float, weight=1.0) -> torch.Tensor:
-    """The reference selection: the largest ``|c * weight|`` (ties: the lower index, as
+def sent_by(c: torch.Tensor, ratio: float, weight=None) -> torch.Tensor:
+    """The reference selection: the largest ``|c|`` -- or, with ``weight``, ``c * weight``
+    where positive, else 0 (``adam_select="agreement"``) -- ties: the lower index, as
     ``torch.topk`` picks them; a stable sort says so explicitly, for Adam's first steps, where
-    ``|c|`` is ``lr`` nearly everywhere), densified."""
-    score = (c * weight).abs()
+    ``|c|`` is ``lr`` nearly everywhere; densified."""
+    score = c.abs() if weight is None else (c * weight).clamp(min=0)
     idx = torch.sort(score, descending=True, stable=True).indices[:num_selected(c.numel(), ratio)]
     return torch.zeros_like(c).index_copy_(0, idx, c[idx])
 
@@ -236,8 +237,8 @@ def test_ranks_with_other_settings_all_raise(ranks):
 
 def test_adam_correction_through_the_optimizer_pairing(ranks):
     """Reference, plain torch: each rank's own Adam moments of its gradient, ``c = e + lr *
-    clip(m_hat / (sqrt(s_hat) + eps), 10)``, its top-k by ``|c| |m| / (sqrt(s) + eps)`` sent
-    (``adam_select="signal"``), the average applied as ``p =
+    clip(m_hat / (sqrt(s_hat) + eps), 10)``, its top-k by ``c m / (sqrt(s) + eps)`` where positive
+    sent (``adam_select="agreement"``), the average applied as ``p =
     p (1 - lr wd) - avg``; the dense biases take AdamW on their average. AdamW keeps no state
     for the corrected weights (their moments are the hook's, per rank)."""
     results = ranks.load("adam")

@@ -71,7 +71,7 @@ def _largest_allocation(fn) -> int:
 
 
 @pytest.mark.parametrize("owned", [True, False], ids=["owned", "copied"])
-@pytest.mark.parametrize("select_by", ["signal", "momentum", "displacement"])
+@pytest.mark.parametrize("select_by", ["agreement", "signal", "momentum", "displacement"])
 def test_an_adam_step_makes_no_temporary_of_the_groups_size(select_by, owned):
     """Adam correction's step 1 writes the direction, then the ranking's score, into the
     step's own gradient buffer: where that buffer is the group's (``owned``), no op allocates
