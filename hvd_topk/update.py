@@ -12,8 +12,7 @@ import torch
 from .layout import GroupLayout, segment_views
 
 __all__ = ["finite_probe", "stacked_probe", "AdamSettings", "AdamMoments", "adam_direction_", "adam_update_",
-           "update_",
-           "clip_local"]
+           "update_", "clip_local"]
 
 
 def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
@@ -72,10 +71,10 @@ class AdamMoments:
         ``exp_avg * residual``; ``"signal"``: ``exp_avg / (sqrt(s) + eps) * residual``, ``s``
         the denominator's second moment (AMSGrad's running max); ``"agreement"``: the
         signal where it is positive (the momentum still points the way the residual owes),
-        0 elsewhere. One ``(n,)`` temporary, in
-        float32 for narrower dtypes (a product of two small magnitudes would underflow to
-        ties). ``out``: a spent ``(n,)`` buffer the score may be written into (the step's
-        consumed gradient, ``adam_update_``), used where its dtype is the score's."""
+        0 elsewhere. The score is in float32 for narrower dtypes (a product of two small
+        magnitudes would underflow to ties), written into ``out`` -- a spent ``(n,)`` buffer,
+        the step's consumed gradient (``adam_update_``) -- where its dtype is the score's,
+        else into one ``(n,)`` temporary."""
         if self.select == "displacement":
             return residual
         wide = residual.dtype in (torch.float32, torch.float64)
