@@ -18,7 +18,8 @@ Each correction object belongs to one param group of the wrapped optimizer and i
 hook (coupled weight decay, in the gradient's loss-scaled units), ``start`` and
 ``compress_kwargs`` when its group is compressed, and ``apply`` in ``step()`` instead of the
 wrapped optimizer. The arithmetic of the recurrences themselves is step 1 of the selection pipeline
-(``selection.update_``), where the compressor keeps the per-rank state by parameter name.
+(``selection.update_``, ``selection.adam_update_``), where the compressor keeps the per-rank
+state by parameter name.
 """
 
 from __future__ import annotations

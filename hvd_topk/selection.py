@@ -7,8 +7,9 @@ group at once, so a group costs a fixed number of kernel launches however many t
 holds, and no step reads a value back to the host (no host-device synchronisation):
 
 1. ``update_``: error feedback ``v += alpha * g`` (DGC momentum correction: ``u = m u +
-   alpha g; v += u``; Nesterov ``v += alpha g + m u``; Adam correction: ``v +=`` the rank's
-   local Adam step ``lr * m_hat / (sqrt(s_hat) + eps)``). NaN/Inf entries of ``g`` are added
+   alpha g; v += u``; Nesterov ``v += alpha g + m u``); ``adam_update_``, Adam correction:
+   ``v +=`` the rank's local Adam step ``lr * m_hat / (sqrt(s_hat) + eps)``, and steps 2-4
+   rank by ``AdamMoments.score``. NaN/Inf entries of ``g`` are added
    as 0, and the segment is flagged (``finite_probe``: per-segment max-abs norms).
 2. ``thresholds``: per segment, from a strided sample of ``|v|`` (deterministic: no RNG), a
    threshold a few standard deviations *below* the sample's estimate of the ``k_s``-th
@@ -51,7 +52,7 @@ from .wire import carried, is_one
 from .update import AdamMoments, adam_direction_, adam_update_, finite_probe, stacked_probe, update_
 
 __all__ = ["num_selected", "index_dtype", "select_topk", "GroupLayout", "AdamMoments",
-           "adam_direction_", "update_", "thresholds", "candidates", "exact_topk",
+           "adam_direction_", "adam_update_", "update_", "thresholds", "candidates", "exact_topk",
            "exact_topk_fallback", "select_group", "fused_update_and_select", "select", "Selection",
            "selected_values", "residual_write_",
            "finite_probe", "stacked_probe", "PositionSet", "expand_counts", "segment_views",
@@ -286,7 +287,7 @@ def select(residual: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alph
     no Nesterov or Adam, ``fused``; the same bits), else by the torch steps above. Under Adam
     correction the top-k is of ``adam.score(residual)`` (``AdamMoments.score``); the values
     are the residual's. ``owned``: ``g`` is this step's own buffer, which step 1 may
-    overwrite (``update_``)."""
+    overwrite (``update_``, ``adam_update_``)."""
     if fused and not nesterov and adam is None:
         done = _fused(residual, velocity, g, layout, momentum, alpha)
         if done is not None:

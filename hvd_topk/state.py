@@ -143,8 +143,7 @@ class CompressorState:
         self.steps = 0
 
     def adam_moments(self, names: Sequence[str], layout: GroupLayout, like: torch.Tensor, adam,
-                     variance_steps: Optional[int], clip: Optional[float],
-                     select: str = "displacement") -> AdamMoments:
+                     variance_steps: Optional[int], clip: Optional[float], select: str) -> AdamMoments:
         """This step's Adam correction state for a group (``adam``: its ``AdamSettings``): its
         moment buffers and bias corrections, after counting the step for each name (a name's
         first step is 1). The variance and its bias correction stop at ``variance_steps``;

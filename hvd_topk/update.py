@@ -141,11 +141,12 @@ def _cleaned(g: torch.Tensor, layout: GroupLayout, alpha, owned: bool):
 
 def adam_update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, adam: AdamMoments, *,
                  alpha=1.0, owned: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Step 1 under Adam correction (``update_`` with ``adam``): the moments take in ``alpha
-    g`` and ``v`` accumulates ``lr`` times the direction. Returns ``(bad, spent)``: the
-    segments whose ``g`` held a NaN/Inf, and the ``(n,)`` buffer that held the direction --
-    the step's own (``g`` where ``owned``, else its cleaned copy), free for the ranking's
-    score (``AdamMoments.score(out=)``)."""
+    """Step 1 under Adam correction, in place: the rank's local moments take in ``alpha g``
+    and ``v`` accumulates the rank's Adam step, ``lr`` times its direction
+    (``adam_direction_``); NaN/Inf entries of ``g`` are added as 0, as in ``update_``.
+    Returns ``(bad, spent)``: the segments whose ``g`` held a NaN/Inf, and the ``(n,)``
+    buffer that held the direction -- the step's own (``g`` where ``owned``, else its
+    cleaned copy), free for the ranking's score (``AdamMoments.score(out=)``)."""
     g, alpha, bad = _cleaned(g, layout, alpha, owned)
     if alpha != 1.0:
         g = g.mul_(alpha)  # the cleaned copy, or the step's own buffer
@@ -159,20 +160,16 @@ def adam_update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, adam: Ad
 
 def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
             u: Optional[torch.Tensor] = None, momentum: float = 0.0,
-            nesterov: bool = False, adam: Optional[AdamMoments] = None,
-            owned: bool = False) -> torch.Tensor:
+            nesterov: bool = False, owned: bool = False) -> torch.Tensor:
     """Step 1, in place: ``v += alpha g`` -- or, with a velocity ``u``, DGC momentum
-    correction ``u = m u + alpha g; v += u`` (Nesterov: ``v += alpha g + m u``) -- or, with
-    ``adam``, Adam correction: the local moments take in ``alpha g`` and ``v`` accumulates
-    the rank's Adam step, ``lr`` times its direction (``adam_direction_``). NaN/Inf entries
-    of ``g`` are added as 0. ``owned``: ``g`` is the step's own buffer (a group's
-    concatenation), cleaned in place instead of copied.
+    correction ``u = m u + alpha g; v += u`` (Nesterov: ``v += alpha g + m u``); under Adam
+    correction ``adam_update_`` takes its place. NaN/Inf entries of ``g`` are added as 0.
+    ``owned``: ``g`` is the step's own buffer (a group's concatenation), cleaned in place
+    instead of copied.
 
     Returns:
         ``(S,)`` bool: the segments whose ``g`` held a NaN/Inf.
     """
-    if adam is not None:
-        return adam_update_(v, g, layout, adam, alpha=alpha, owned=owned)[0]
     g, alpha, bad = _cleaned(g, layout, alpha, owned)
     if u is None:
         v.add_(g, alpha=alpha)

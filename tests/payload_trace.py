@@ -28,7 +28,7 @@ CONFIGS = {
     "nesterov": {"momentum": 0.9, "nesterov": True},
     # Ranked by the owed displacement alone (adam_select="displacement"), by signal, and by agreement.
     "adam": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3), "adam_select": "displacement"},
-    "adam_signal": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3)},
+    "adam_signal": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3), "adam_select": "signal"},
     "adam_agreement": {"adam": AdamSettings(0.9, 0.99, 1e-8, False, lr=1e-3), "adam_select": "agreement"},
     "fp16": {"value_dtype": torch.float16, "momentum": 0.9},
     "scaled": {"scale": 1024.0},
@@ -60,7 +60,7 @@ def trace(config: str, grouped: bool, kernel: bool, steps: int = 12) -> list:
     value_dtype = kw.pop("value_dtype", None)
     exchange = kw.pop("exchange", "allgather")
     comp = TopKCompressor(0.01, warmup_steps=8, value_dtype=value_dtype, min_numel=0,
-                          adam_select=kw.pop("adam_select", "signal"))
+                          adam_select=kw.pop("adam_select", "agreement"))
     names = [f"t{i}" for i in range(len(SIZES))]
     gen = torch.Generator().manual_seed(len(config) * 7 + grouped)
     out = []

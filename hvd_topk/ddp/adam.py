@@ -5,7 +5,7 @@ Top-K fed to Adam as a gradient misapplies it: Adam's moments of a sparse, delay
 not those of the gradient (the Horovod engine's README shows +24% validation loss at 1%). With
 Adam correction each rank runs Adam's recurrence on its *own* gradient and Top-K sends the
 rank's Adam step ``lr * m_hat / (sqrt(s_hat) + eps)``, accumulated in the residual
-(``corrections.AdamCorrection``, ``selection.update_``: the same arithmetic as the Horovod
+(``corrections.AdamCorrection``, ``selection.adam_update_``: the same arithmetic as the Horovod
 engine). The averaged step is then a displacement, not a gradient, so the optimizer must not
 run Adam on it again:
 

@@ -45,7 +45,7 @@ class Reference:
         d = (m / (1 - b1 ** t)) / (den.sqrt() / math.sqrt(1 - b2 ** tv) + group["eps"])
         r.add_(d.clamp(-10, 10), alpha=group["lr"])  # the displacement owed; adam_clip=10
         # ranked by r * m / (sqrt(s) + eps) where positive (adam_select="agreement")
-        sent, _ = own_topk(r, ratio, value_dtype, weight=m / (den.sqrt() + group["eps"]), agree=True)
+        sent, _ = own_topk(r, ratio, value_dtype, weight=m / (den.sqrt() + group["eps"]))
         r -= sent
         return sent
 

@@ -37,11 +37,11 @@ def allgather_dense(t):
     return hvd.allgather(t.detach().reshape(1, -1))  # (world, n)
 
 
-def own_topk(c, ratio, value_dtype=None, weight=None, agree=False):
+def own_topk(c, ratio, value_dtype=None, weight=None):
     """This rank's reference Top-K of ``c`` (torch.topk, no hvd_topk code): (dense sent, idx).
-    ``weight``: ranked by ``|weight * c|`` instead (Adam correction's ``adam_select``);
-    ``agree``: by ``weight * c`` where positive, else 0."""
-    score = c.abs() if weight is None else (weight * c).clamp(min=0) if agree else (weight.abs() * c).abs()
+    ``weight``: ranked by ``weight * c`` where positive, else 0, instead (Adam correction's
+    ``adam_select="agreement"``)."""
+    score = c.abs() if weight is None else (weight * c).clamp(min=0)
     idx = torch.topk(score, hvd_topk.num_selected(c.numel(), ratio)).indices
     sent = torch.zeros_like(c)
     sent[idx] = c[idx] if value_dtype is None else c[idx].to(value_dtype).to(c.dtype)
