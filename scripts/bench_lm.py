@@ -26,6 +26,12 @@ Needs ``transformers`` for ``gpt2`` and ``llama``: ``HVD_TOPK_EXTRAS=test,bench
     python scripts/bench_lm.py                                   # the whole grid, 800 steps
     python scripts/bench_lm.py --seeds 0 --lrs 3e-3 --steps 800  # one slice
     python scripts/bench_lm.py --steps 2400 --families transformer
+
+``--merge`` adds the seeds of an earlier run's JSON (this script's, or any JSON holding its
+records) to the configurations it shares with this grid, so that a grid run seed by seed, on
+different days or machines, gives one table of means::
+
+    python scripts/bench_lm.py --seeds 1 --merge docs/convergence_lm_families.json
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--topk-flags", default="",
                    help="more train_lm.py flags for the Top-K runs (an ablation: '--warmup-steps 300')")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="earlier runs' JSON: their seeds of the same configurations join the means")
     p.add_argument("--eval-every", type=int, default=100, help="validation interval in steps")
     p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
@@ -79,8 +87,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def merged_records(paths) -> dict:
+    """The records found anywhere in the JSON files ``paths`` (this script's output, or a
+    document gathering several), keyed by configuration and flags; a seed met twice keeps its
+    first result."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict) and {"family", "flags", "seeds", "last", "best"} <= node.keys():
+            key = (node["family"], node["corpus"], node["lr"], node["steps"], node["method"],
+                   tuple(node["flags"]))
+            have = found.setdefault(key, {})
+            for seed, last, best in zip(node["seeds"], node["last"], node["best"]):
+                have.setdefault(seed, (last, best))
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in paths:
+        walk(json.loads(Path(path).read_text()))
+    return found
+
+
 def run_grid(args) -> list:
-    """One record per (family, corpus, lr, steps, method): each seed's last and best loss."""
+    """One record per (family, corpus, lr, steps, method): each seed's last and best loss
+    (this run's seeds, then those of ``--merge`` it did not run)."""
+    earlier = merged_records(args.merge)
     records = []
     for family, corpus, lr, steps, method in product(args.families, args.corpora, args.lrs, args.steps,
                                                      args.methods):
@@ -94,8 +129,15 @@ def run_grid(args) -> list:
             best.append(min(e[1] for e in evals))
             print(f"{family} {corpus} lr {lr:g} {steps} steps {method} seed {seed}: "
                   f"last {final:.4f} best {best[-1]:.4f}", flush=True)
+        seeds = list(args.seeds)
+        before = earlier.get((family, corpus, lr, steps, method, tuple(flags)), {})
+        for seed, (seed_last, seed_best) in sorted(before.items()):
+            if seed not in seeds:
+                seeds.append(seed)
+                last.append(seed_last)
+                best.append(seed_best)
         records.append({"family": family, "corpus": corpus, "lr": lr, "steps": steps, "method": method,
-                        "flags": flags, "seeds": args.seeds, "last": last, "best": best})
+                        "flags": flags, "seeds": seeds, "last": last, "best": best})
     return records
 
 
@@ -127,7 +169,7 @@ def table(records: list, args) -> str:
                 misses += not ok
                 row += f" {value:.4f} ({g:+.2f}%{'' if ok else ' **miss**'}) |"
         lines.append(row)
-    seeds = " ".join(map(str, args.seeds))
+    seeds = " ".join(map(str, sorted({s for r in records for s in r["seeds"]})))
     lines += ["", f"Mean of seeds {seeds}, {args.np} ranks; **miss**: beyond the target "
               f"(1%: 3% at 800 steps, 1% at 2400; 0.1%: 10% and 3%). {misses} misses.", "",
               "    python scripts/bench_lm.py " + " ".join(sys.argv[1:])]
