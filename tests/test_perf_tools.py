@@ -72,3 +72,34 @@ def test_netem_script_parses():
     # Each host is pinned to its own core by the rsh agent; Open MPI must not re-bind every
     # host's first rank to core 0.
     assert "--bind-to" in out and out[out.index("--bind-to") + 1] == "none"
+
+
+def test_bench_lm_merges_an_earlier_runs_seeds(tmp_path, monkeypatch):
+    """``bench_lm.py --merge``: an earlier JSON's seeds join this run's means for the same
+    configuration and flags (found anywhere in the document); other flags, and a seed this
+    run has, are not taken from it."""
+    bench_lm = load("bench_lm")
+    args = bench_lm.parse_args(["--families", "transformer", "--corpora", "pydoc", "--lrs", "3e-3",
+                                "--seeds", "1", "--methods", "dense", "topk1", "--cache", str(tmp_path)])
+    flags = {m: ["--model", "transformer", "--corpus", "pydoc", "--lr", "0.003", *bench_lm.HF_ADAMW,
+                 *bench_lm.METHODS[m]] for m in ("dense", "topk1")}
+    record = lambda method, seeds, last, extra=(): {  # noqa: E731
+        "family": "transformer", "corpus": "pydoc", "lr": 0.003, "steps": 800, "method": method,
+        "flags": flags[method] + list(extra), "seeds": seeds, "last": last, "best": last}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(bench_lm.json.dumps({"a section": [{"argv": [], "records": [
+        record("dense", [0, 1], [1.0, 9.0]), record("topk1", [0], [1.2]),
+        record("topk1", [2], [5.0], ["--warmup-steps", "300"])]}]}))
+    args.merge = [str(earlier)]
+
+    def run_lm(flags, args, seed, steps):  # this run's seed 1: dense 2.0, Top-K 1% 2.1
+        final = 2.1 if flags[-1] == "0.01" else 2.0
+        return [(steps, final)], final
+
+    monkeypatch.setattr(bench_lm, "run_lm", run_lm)
+    records = {r["method"]: r for r in bench_lm.run_grid(args)}
+    assert records["dense"]["seeds"] == [1, 0] and records["dense"]["last"] == [2.0, 1.0]
+    assert records["topk1"]["seeds"] == [1, 0] and records["topk1"]["last"] == [2.1, 1.2]
+    table = bench_lm.table(list(records.values()), args)
+    assert "1.5000 / 1.5000" in table and "1.6500 (+10.00% **miss**)" in table
+    assert "Mean of seeds 0 1" in table
