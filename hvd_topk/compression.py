@@ -130,9 +130,10 @@ class TopKCompressor(SparseCompressor):
         every rank (``cost.choose_exchange``)."""
         return choose_exchange(self.settings, tensor, world, self.current_ratio())
 
-    def group_bytes(self, device: torch.device, exchange: str = "allgather") -> int:
+    def group_bytes(self, device: torch.device, exchange: str = "allgather",
+                    trained_bytes: Optional[int] = None) -> int:
         """Gradient bytes compressed together (``TopKSettings.group_bytes_for``)."""
-        return self.settings.group_bytes_for(device, exchange)
+        return self.settings.group_bytes_for(device, exchange, trained_bytes)
 
     def _layout(self, sizes: Tuple[int, ...]) -> GroupLayout:
         ks = tuple(num_selected(n, self.current_ratio()) for n in sizes)

@@ -163,6 +163,7 @@ class Planner:
         if self.plan is not None and self._key == key:
             return self.plan
         user_group = self._user_group_index(trained)
+        trained_bytes = sum(p.numel() * p.element_size() for p in trained)
         groups, current, by_user_group = [], None, {}
         kinds = {}
         for p in reversed(trained):
@@ -180,13 +181,13 @@ class Planner:
             else:
                 nbytes = p.numel() * p.element_size()
                 if (current is None or current.key != gkey
-                        or current.nbytes + nbytes > comp.group_bytes(p.device, kind)):
+                        or current.nbytes + nbytes > comp.group_bytes(p.device, kind, trained_bytes)):
                     current = Group(gkey)
                     groups.append(current)
             current.add(p, self._names.get(p), correction)
         self.plan = {p: g for g in groups for p in g.params}
         self._key = key
-        self.budget = max(IN_FLIGHT_FLOOR, sum(p.numel() * p.element_size() for p in trained) // 8)
+        self.budget = max(IN_FLIGHT_FLOOR, trained_bytes // 8)
         self.groups_digest = zlib.crc32("|".join("\n".join(g.names) for g in groups
                                                  if len(g.params) > 1).encode()) & 0x7FFFFFFF
         self._log(kinds, world)

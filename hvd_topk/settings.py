@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 __all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES", "ADAM_SELECT_CHOICES", "DEFAULT_LINK_GBPS",
-           "DEFAULT_LINK_LATENCY_US"]
+           "DEFAULT_LINK_LATENCY_US", "GROUP_BYTES", "GROUP_BYTES_FLOOR"]
 
 # What ``exchange=`` accepts: a fixed exchange, or "auto" (chosen per tensor by cost).
 EXCHANGE_CHOICES = ("auto", "allgather", "sparse_allreduce")
@@ -22,6 +22,10 @@ ADAM_SELECT_CHOICES = ("agreement", "signal", "momentum", "displacement")
 #: the ordinary network compression is for.
 DEFAULT_LINK_GBPS = 1.0
 DEFAULT_LINK_LATENCY_US = 50.0
+#: ``group_bytes=None``: a group's bytes where it is not one tensor per group, at most an
+#: eighth of the step's trained parameters' bytes and at least ``GROUP_BYTES_FLOOR``.
+GROUP_BYTES = 32 << 20
+GROUP_BYTES_FLOOR = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,11 @@ class TopKSettings:
         local_clip_norm: DGC's local gradient clipping (3.3): each rank's gradient clipped to
             ``local_clip_norm / sqrt(world)``; ``None``: off.
         group_bytes: gradients compressed together as one group (one selection, one payload,
-            one collective), up to about this many bytes. ``None``: 32 MiB on accelerators; on
-            CPU 0 for the allgather (a tensor per group) and 32 MiB for the sparse allreduce.
+            one collective), up to about this many bytes. ``None``: 32 MiB on accelerators
+            and for the sparse allreduce on CPU, but at most an eighth of the step's trained
+            parameters' bytes (at least 1 MiB: a group's buffer and its selection's
+            temporaries scale with the group, and on a small model a 32 MiB group would weigh
+            like a second residual); on CPU 0 for the allgather (a tensor per group).
     """
 
     ratio: float = 0.01
@@ -149,13 +156,19 @@ class TopKSettings:
             return self.ratio
         return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** (step / self.warmup_steps)
 
-    def group_bytes_for(self, device: torch.device, exchange: str = "allgather") -> int:
-        """``group_bytes`` resolved for gradients on ``device`` sent by ``exchange``."""
+    def group_bytes_for(self, device: torch.device, exchange: str = "allgather",
+                        trained_bytes: Optional[int] = None) -> int:
+        """``group_bytes`` resolved for gradients on ``device`` sent by ``exchange``, of a step
+        that trains ``trained_bytes`` of parameters (``None``: unknown)."""
         if self.group_bytes is not None:
             return self.group_bytes
         if torch.device(device).type == "cpu" and exchange == "allgather":
             return 0  # the CPU kernel runs per tensor anyway; Horovod fuses the allgathers
-        return 32 << 20
+        if trained_bytes is None:
+            return GROUP_BYTES
+        # A group's copy and its selection's temporaries scale with the group: on a small
+        # model, a group of most of it would weigh like a second residual.
+        return min(GROUP_BYTES, max(GROUP_BYTES_FLOOR, trained_bytes // 8))
 
 
 def _link(name: str, value, env: str, default: float, positive: bool = False) -> float:

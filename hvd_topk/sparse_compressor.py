@@ -21,8 +21,9 @@ class SparseCompressor(Compressor, abc.ABC):
     Per step, the optimizer:
 
     1. asks ``exchange_for(grad, world)`` for each gradient (``"dense"``: a dense allreduce;
-       ``"allgather"`` or ``"sparse_allreduce"``) and ``group_bytes(device, exchange)`` for how many
-       bytes of gradients to compress together (a group takes one exchange);
+       ``"allgather"`` or ``"sparse_allreduce"``) and ``group_bytes(device, exchange,
+       trained_bytes)`` for how many bytes of gradients to compress together (a group takes
+       one exchange);
     2. calls ``compress_group(grads, names, ..., exchange=...)`` for each group once its
        gradients are ready (in the backward hooks: no host sync allowed), and allgathers the
        payload -- or, for the sparse allreduce, alltoalls its ``world`` rows, then allgathers
@@ -48,8 +49,10 @@ class SparseCompressor(Compressor, abc.ABC):
         return self.exchange_for(tensor, world) != "dense"
 
     @abc.abstractmethod
-    def group_bytes(self, device: torch.device, exchange: str = "allgather") -> int:
-        """Gradient bytes to compress together as one group on ``device`` for ``exchange``."""
+    def group_bytes(self, device: torch.device, exchange: str = "allgather",
+                    trained_bytes: Optional[int] = None) -> int:
+        """Gradient bytes to compress together as one group on ``device`` for ``exchange``, in
+        a step that trains ``trained_bytes`` of parameters (``None``: unknown)."""
         raise NotImplementedError
 
     @abc.abstractmethod

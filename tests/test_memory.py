@@ -1,15 +1,13 @@
 """Memory: what hvd_topk keeps alive is bounded by the model, not by the number of steps;
 and the memory layout of the compressor leaves every payload and residual as it was."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from launch import run_ranks
 
 import hvd_topk
-from payload_trace import all_traces
+from payload_trace import all_traces, recorded_traces
 
 CHECKS = ["sgd", "sgd_0.1%", "sgd_sparse_allreduce", "adamw", "adamw_sparse_allreduce"]
 
@@ -25,8 +23,8 @@ def test_held_memory_is_bounded_through_the_warmup(kernel):
 
 def test_payloads_and_residuals_are_unchanged():
     """The same inputs give the same bytes on the wire and the same residuals as recorded in
-    tests/data/payload_trace.json (see tests/payload_trace.py)."""
-    recorded = json.loads((Path(__file__).parent / "data" / "payload_trace.json").read_text())
+    tests/data (see tests/payload_trace.py: this processor's file, else payload_trace.json)."""
+    recorded = recorded_traces()
     got = all_traces()
     assert set(got) == set(recorded)
     for key, steps in recorded.items():
@@ -37,7 +35,7 @@ def test_payloads_and_residuals_are_unchanged():
 def test_the_torch_steps_send_the_cpu_kernels_bytes():
     """Both implementations of the selection send the same payload, byte for byte (the same
     set, in ascending position order), and leave the same residuals."""
-    recorded = json.loads((Path(__file__).parent / "data" / "payload_trace.json").read_text())
+    recorded = recorded_traces()
     for key, steps in recorded.items():
         if key.endswith("/torch"):
             assert steps == recorded[key[:-len("torch")] + "kernel"], key
