@@ -7,9 +7,14 @@ script), so that one method's freed memory never hides another's::
     python scripts/bench_memory.py --methods dense,topk0.01 --optimizers sgd --steps 130
     python scripts/bench_memory.py --device cuda --np 1  # on a GPU (one NCCL rank, HOROVOD_ELASTIC=1)
     python scripts/bench_memory.py --owner-step           # the sparse allreduce's steps alone
+    python scripts/bench_memory.py --model gpt2 --width 512 --layers 4 --batch 8  # a language model
 
-The model is an MLP of ``--layers`` x ``Linear(--width, --width)`` (4 x 2304: 21.2M fp32
-parameters, 85 MB), batch 32, ``--steps`` steps (longer than the default warm-up of 100
+The model (``--model``) is an MLP of ``--layers`` x ``Linear(--width, --width)`` (4 x 2304:
+21.2M fp32 parameters, 85 MB), batch 32; or a language model of ``examples/models.py``
+(``transformer``, or ``gpt2``/``llama`` from ``transformers``, built from a config) of width
+``--width``, ``--layers`` blocks, ``--vocab`` tokens and ``--context`` positions, trained on
+random tokens (its embeddings, layer norms and biases make many small tensors, exchanged
+densely below ``min_numel``). ``--steps`` steps (longer than the default warm-up of 100
 steps). Per method and optimizer (SGD momentum 0.9, AdamW), on rank 0, in units of the
 parameters' own bytes:
 
@@ -53,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--np", type=int, default=2, help="ranks (Gloo on CPU)")
     p.add_argument("--methods", default="dense,fp16,topk0.01,topk0.001,topk0.01sar,topk0.001sar,topk0.01gen")
     p.add_argument("--optimizers", default="sgd,adamw")
+    p.add_argument("--model", default="mlp", choices=["mlp", "transformer", "gpt2", "llama"])
+    p.add_argument("--vocab", type=int, default=8192, help="language models: tokens")
+    p.add_argument("--context", type=int, default=128, help="language models: positions")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=2304)
     p.add_argument("--batch", type=int, default=32)
@@ -94,10 +102,42 @@ class RssSampler:
         return max(self._peak, self.now())
 
 
-def run_one(args) -> None:
+def build(args, device):
+    """The model and four batches of this rank's inputs."""
     import horovod.torch as hvd
     import torch
     import torch.nn as nn
+
+    gen = torch.Generator().manual_seed(1 + hvd.rank())
+    if args.model == "mlp":
+        layers = []
+        for _ in range(args.layers):
+            layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+        batches = [torch.randn(args.batch, args.width, generator=gen).to(device) for _ in range(4)]
+        return nn.Sequential(*layers[:-1]).to(device), batches
+    sys.path.insert(0, str(REPO / "examples"))
+    from models import build_lm
+
+    model = build_lm(args.model, args.vocab, d_model=args.width, n_layers=args.layers,
+                     n_heads=max(1, args.width // 64), context=args.context).to(device)
+    batches = [torch.randint(args.vocab, (args.batch, args.context + 1), generator=gen).to(device)
+               for _ in range(4)]
+    return model, batches
+
+
+def loss(model, batch):
+    """The MLP's mean square output, or the language model's next-token loss."""
+    import torch.nn.functional as F
+
+    if batch.is_floating_point():
+        return model(batch).square().mean()
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def run_one(args) -> None:
+    import horovod.torch as hvd
+    import torch
 
     import hvd_topk
 
@@ -109,10 +149,7 @@ def run_one(args) -> None:
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
-    layers = []
-    for _ in range(args.layers):
-        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1]).to(device)
+    model, batches = build(args, device)
     params = list(model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     if opt_name == "sgd":
@@ -132,8 +169,6 @@ def run_one(args) -> None:
         comp = hvd_topk.TopKCompressor(ratio, exchange=exchange)
         opt = hvd_topk.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                             compression=comp, log_every=0)
-    gen = torch.Generator().manual_seed(1 + hvd.rank())
-    batches = [torch.randn(args.batch, args.width, generator=gen).to(device) for _ in range(4)]
 
     def used() -> int:
         return torch.cuda.memory_allocated(device) if cuda else sampler.now()
@@ -150,7 +185,7 @@ def run_one(args) -> None:
         else:
             sampler.reset()
         opt.zero_grad()
-        model(batches[t % len(batches)]).square().mean().backward()
+        loss(model, batches[t % len(batches)]).backward()
         opt.step()
         top = torch.cuda.max_memory_allocated(device) if cuda else sampler.peak()
         temporaries = max(temporaries, top - max(before, used()))
@@ -182,6 +217,7 @@ def launch(args, method: str, opt_name: str) -> dict:
     else:
         cmd = [str(bin_dir / "horovodrun"), "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo"]
     cmd += [sys.executable, __file__, "--one", f"{method}:{opt_name}", "--device", args.device,
+            "--model", args.model, "--vocab", str(args.vocab), "--context", str(args.context),
             "--layers", str(args.layers), "--width", str(args.width), "--batch", str(args.batch),
             "--steps", str(args.steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -195,7 +231,12 @@ def table(rows, args) -> str:
     p = rows[0]["param_bytes"]
     dense = {r["optimizer"]: r["peak"] for r in rows if r["method"] == "dense"}
     fmt = "{:.2f}x".format
-    lines = [f"Model: {args.layers} x Linear({args.width}, {args.width}), {p / 1e6:.1f} MB of fp32 "
+    if args.model == "mlp":
+        name = f"{args.layers} x Linear({args.width}, {args.width})"
+    else:
+        name = (f"{args.model}, width {args.width}, {args.layers} layers, vocabulary {args.vocab}, "
+                f"context {args.context}")
+    lines = [f"Model: {name}, {p / 1e6:.1f} MB of fp32 "
              f"parameters; {args.np} ranks, batch {args.batch}, {args.steps} steps, {args.device}. "
              "Multiples of the parameters' bytes.", "",
              "| optimizer | method | peak (step) | vs dense | after warm-up | vs dense | steady | held | "
