@@ -37,7 +37,7 @@ class Reference:
         m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g, rounded as torch.optim.Adam rounds it
         tv = t if self.variance_steps is None else min(t, self.variance_steps)
         if t == tv:  # the variance is still estimated
-            s.copy_(b2 * s + (1 - b2) * g * g)
+            s.mul_(b2).addcmul_(g, g, value=1 - b2)  # as torch.optim.Adam rounds it
             smax.copy_(torch.maximum(smax, s))
         den = smax if group["amsgrad"] else s
         # torch.optim.Adam's own arithmetic (sqrt(s) / sqrt(1 - b2^t), not sqrt(s / ...)), so
