@@ -130,8 +130,7 @@ class TopKCompressor(SparseCompressor):
         every rank (``cost.choose_exchange``)."""
         return choose_exchange(self.settings, tensor, world, self.current_ratio())
 
-    def group_bytes(self, device: torch.device, exchange: str = "allgather",
-                    trained_bytes: Optional[int] = None) -> int:
+    def group_bytes(self, device, exchange: str = "allgather", trained_bytes: Optional[int] = None) -> int:
         """Gradient bytes compressed together (``TopKSettings.group_bytes_for``)."""
         return self.settings.group_bytes_for(device, exchange, trained_bytes)
 

@@ -25,6 +25,10 @@ _MIN_SAMPLE_HITS = 16
 _MIN_SAMPLES = 512
 # Standard deviations of margin below the sampled estimate (an inexact segment costs a redo).
 _MARGIN_SIGMAS = 4.0
+# A group of several tensors of at least this many entries compares its entries with their
+# tensor's threshold in THRESHOLD_CHUNKS chunks (``threshold_chunks``).
+CHUNKED_MIN_NUMEL = 1 << 22
+THRESHOLD_CHUNKS = 8
 
 
 def num_selected(numel: int, ratio: float) -> int:
@@ -128,6 +132,7 @@ class GroupLayout:
     capacity: int = field(init=False)  # candidate slots
     plans: Tuple[Optional[Tuple[int, int]], ...] = field(init=False)
     _device: Dict[torch.device, Dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _chunks: Dict[torch.device, list] = field(default_factory=dict, init=False, repr=False)
     _samples: int = field(default=0, init=False, repr=False)
     step_tables: StepTables = field(init=False, repr=False)
 
@@ -205,6 +210,32 @@ class GroupLayout:
         which, j = expand_counts(cnt, taken)  # (samples,) which sampled segment, sample index in it
         sample_seg = t["sampled"][which]
         return t["offsets"][sample_seg] + j * t["sample_stride"][which], sample_seg
+
+    def threshold_chunks(self, device: torch.device) -> list:
+        """``[(a, b, segs, lengths)]``: the group cut into the ranges its entries are compared
+        with their tensor's threshold in (step 3): entries ``a:b`` take the thresholds
+        ``thr[segs]`` (``segs`` None: every segment), each repeated by its ``lengths`` (None:
+        one segment, one threshold). One range, unless several tensors hold more than
+        ``CHUNKED_MIN_NUMEL`` entries: then ``THRESHOLD_CHUNKS``, so that the expanded
+        thresholds (12 bytes an entry while ``repeat_interleave`` builds them) weigh a
+        fraction of the group, in a number of ops that does not grow with its tensors."""
+        device = torch.device(device)
+        cached = self._chunks.get(device)
+        if cached is not None:
+            return cached
+        if self.segments == 1:
+            chunks = [(0, self.numel, None, None)]
+        elif self.numel < CHUNKED_MIN_NUMEL:
+            chunks = [(0, self.numel, None, self.tensors(device)["lengths"])]
+        else:
+            step, chunks = -(-self.numel // THRESHOLD_CHUNKS), []
+            for a in range(0, self.numel, step):
+                b = min(self.numel, a + step)
+                segs = [s for s in range(self.segments) if self.offsets[s] < b and self.offsets[s + 1] > a]
+                lens = [min(b, self.offsets[s + 1]) - max(a, self.offsets[s]) for s in segs]
+                chunks.append((a, b, torch.tensor(segs).to(device), torch.tensor(lens).to(device)))
+        self._chunks[device] = chunks
+        return chunks
 
     def segment_of(self, pos: torch.Tensor) -> torch.Tensor:
         """``(m,)`` int32: the segment of each group position in ``pos`` (int32 or int64; a

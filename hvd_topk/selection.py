@@ -107,22 +107,20 @@ def candidates(v: torch.Tensor, thr: torch.Tensor,
     """Step 3: ascending positions with ``|v| > t_s`` (int32 when the buffer holds more than
     an eighth of the group), in a ``(capacity,)`` buffer padded with ``numel``, and a 0-dim
     bool: True when the buffer is full, so some may have been cut (no count is taken: a full
-    last slot says as much, and costs nothing). No ``(n,)`` buffer of ``|v|`` or of the
-    thresholds is made: one byte per entry, and a segment's second at a time."""
-    # |v| > t as v > t or v < -t, compared in thr's dtype (magnitude's: exact for every
-    # narrower dtype of v; NaN: neither), segment by segment against its 0-dim threshold
-    # (expanding the thresholds to every entry would take 12 bytes per entry).
-    neg = thr.neg()
-    if layout.segments == 1:
-        passed = torch.gt(v, thr)
-        passed.logical_or_(torch.lt(v, neg))
-    else:
-        passed = torch.empty(layout.numel, dtype=torch.bool, device=v.device)
-        for s, (off, n) in enumerate(zip(layout.offsets, layout.sizes)):
-            seg, out = v[off:off + n], passed[off:off + n]
-            torch.gt(seg, thr[s], out=out)
-            out.logical_or_(torch.lt(seg, neg[s]))
-    del thr, neg
+    last slot says as much, and costs nothing). No ``(n,)`` buffer of ``|v|`` is made, and a
+    large group's thresholds are expanded a chunk at a time (``threshold_chunks``)."""
+    chunks = layout.threshold_chunks(v.device)
+    passed = None if len(chunks) == 1 else torch.empty(layout.numel, dtype=torch.bool, device=v.device)
+    for a, b, segs, lengths in chunks:
+        x = v[a:b]
+        tc = thr if lengths is None else torch.repeat_interleave(
+            thr if segs is None else thr.index_select(0, segs), lengths, output_size=b - a)
+        # |v| > t as v > t or v < -t, compared in thr's dtype (magnitude's: exact for every
+        # narrower dtype of v): two bytes per entry instead of an (n,) |v| (NaN: neither).
+        out = torch.gt(x, tc) if passed is None else torch.gt(x, tc, out=passed[a:b])
+        out.logical_or_(torch.lt(x, tc.neg_()))  # thr, or its expansion: this call's own
+        passed = out if passed is None else passed
+    del thr
     cand = torch.nonzero_static(passed, size=layout.capacity, fill_value=layout.numel).squeeze(1)
     del passed
     if layout.capacity * 8 >= layout.numel and layout.numel < 2**31:

@@ -298,3 +298,26 @@ def test_top_by_bits_in_blocks_against_a_sort(dtype, segments, ascending):
         want_ok[int(off[s]):int(off[s]) + len(idx)] = True
     assert torch.equal(ok, want_ok)
     assert torch.equal(torch.where(ok, pick, 0), want_pick)
+
+
+@pytest.mark.parametrize("sizes", [(5000, 6000, 7000), (300, 17000, 40, 900), (9000,)])
+def test_chunked_thresholds_pass_the_same_candidates(sizes, monkeypatch):
+    """A large group of several tensors compares its entries with their tensor's threshold a
+    chunk at a time (``threshold_chunks``, chunks cutting through tensors): the same
+    candidates as every entry against its own tensor's threshold, written out."""
+    gen = torch.Generator().manual_seed(7)
+    v = torch.randn(sum(sizes), generator=gen)
+    v[3] = float("nan")
+    thr = torch.rand(len(sizes), generator=gen) * 2
+    thr[-1] = -1.0  # an unsampled segment: every entry passes
+    want_passed = torch.cat([(x.abs() > t) & ~x.isnan() for x, t in zip(v.split(list(sizes)), thr)])
+    for chunked_min in (1 << 30, 0):
+        monkeypatch.setattr(layout, "CHUNKED_MIN_NUMEL", chunked_min)
+        lay = GroupLayout(sizes, tuple(max(1, n // 100) for n in sizes))
+        chunks = lay.threshold_chunks(v.device)
+        assert len(chunks) == (layout.THRESHOLD_CHUNKS if chunked_min == 0 and len(sizes) > 1 else 1)
+        assert [c[0] for c in chunks] + [sum(sizes)] == [0] + [c[1] for c in chunks]
+        cand, _ = selection.candidates(v, thr.clone(), lay)
+        got = cand[cand < lay.numel].long()
+        want = want_passed.nonzero().squeeze(1)[:lay.capacity]
+        assert torch.equal(got, want), chunked_min
