@@ -25,9 +25,9 @@ _MIN_SAMPLE_HITS = 16
 _MIN_SAMPLES = 512
 # Standard deviations of margin below the sampled estimate (an inexact segment costs a redo).
 _MARGIN_SIGMAS = 4.0
-# A group of several tensors of at least this many entries compares its entries with their
-# tensor's threshold in THRESHOLD_CHUNKS chunks (``threshold_chunks``).
-CHUNKED_MIN_NUMEL = 1 << 22
+# On CPU, a group of several tensors of at least this many entries compares its entries with
+# their tensor's threshold in THRESHOLD_CHUNKS chunks (``threshold_chunks``).
+CHUNKED_MIN_NUMEL = 1 << 20
 THRESHOLD_CHUNKS = 8
 
 
@@ -215,17 +215,18 @@ class GroupLayout:
         """``[(a, b, segs, lengths)]``: the group cut into the ranges its entries are compared
         with their tensor's threshold in (step 3): entries ``a:b`` take the thresholds
         ``thr[segs]`` (``segs`` None: every segment), each repeated by its ``lengths`` (None:
-        one segment, one threshold). One range, unless several tensors hold more than
-        ``CHUNKED_MIN_NUMEL`` entries: then ``THRESHOLD_CHUNKS``, so that the expanded
-        thresholds (12 bytes an entry while ``repeat_interleave`` builds them) weigh a
-        fraction of the group, in a number of ops that does not grow with its tensors."""
+        one segment, one threshold). One range, unless several tensors on the CPU hold at
+        least ``CHUNKED_MIN_NUMEL`` entries: then ``THRESHOLD_CHUNKS``, so that the expanded
+        thresholds (12 bytes an entry while ``repeat_interleave`` builds them) weigh an eighth
+        of the group. On an accelerator, where each op is a launch, the group takes one range
+        (its groups are of at most an eighth of the model: ``TopKSettings.group_bytes``)."""
         device = torch.device(device)
         cached = self._chunks.get(device)
         if cached is not None:
             return cached
         if self.segments == 1:
             chunks = [(0, self.numel, None, None)]
-        elif self.numel < CHUNKED_MIN_NUMEL:
+        elif self.numel < CHUNKED_MIN_NUMEL or device.type != "cpu":
             chunks = [(0, self.numel, None, self.tensors(device)["lengths"])]
         else:
             step, chunks = -(-self.numel // THRESHOLD_CHUNKS), []
