@@ -5,16 +5,22 @@ import pytest
 from launch import run_ranks
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_resume_is_bit_identical(tmp_path, kind):
-    out = run_ranks("checkpoint_worker.py", tmp_path / "ckpt.pt", kind, backend="gloo", np=2, timeout=240)
+@pytest.fixture(scope="module", params=["sgd", "adamw"])
+def saved(request, tmp_path_factory):
+    """(kind, checkpoint path, output) of a 2-rank run that saves a checkpoint and resumes from it."""
+    kind = request.param
+    path = tmp_path_factory.mktemp(f"ckpt_{kind}") / "ckpt.pt"
+    out = run_ranks("checkpoint_worker.py", path, kind, backend="gloo", np=2, timeout=240)
+    return kind, path, out
+
+
+def test_resume_is_bit_identical(saved):
+    kind, _, out = saved
     assert out.count(f"checkpoint resume bit-identical OK ({kind})") == 2, out
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_resume_on_other_world_sizes(tmp_path, kind):
-    path = tmp_path / "ckpt.pt"
-    run_ranks("checkpoint_worker.py", path, kind, backend="gloo", np=2, timeout=240)
+def test_resume_on_other_world_sizes(saved):
+    kind, path, _ = saved
     for np in (1, 3):
         out = run_ranks("checkpoint_resize_worker.py", path, kind, backend="gloo", np=np, timeout=240)
         assert out.count(f"/{np}: checkpoint resize OK ({kind})") == np, out

@@ -37,27 +37,27 @@ def reference_step(c, ratio, bounds, capacity):
     kept_by_rank = [set() for _ in range(P)]
     sent_by_rank = [dict() for _ in range(P)]  # region -> positions rank r sent its owner
     for r in range(P):
-        top = torch.topk(every[r].abs(), k).indices.tolist()
+        top = torch.topk(every[r].abs(), k).indices
         for j in range(P):
-            mine = [i for i in top if b[j] <= i < b[j + 1]]
-            mine.sort(key=lambda i: -abs(every[r][i].item()))
-            sent_by_rank[r][j] = mine[:cap]
+            mine = top[(top >= b[j]) & (top < b[j + 1])]
+            # by magnitude, largest first; ties keep topk's order (a stable sort)
+            order = torch.sort(-every[r][mine].abs(), stable=True).indices
+            sent_by_rank[r][j] = mine[order][:cap]
     for j in range(P):
         acc = torch.zeros(n, dtype=c.dtype, device=c.device)
-        touched = []
-        for r in range(P):  # rank order
-            for i in sent_by_rank[r][j]:
-                acc[i] += every[r][i]
-                if i not in touched:
-                    touched.append(i)
+        for r in range(P):  # rank order; a rank sends a position at most once
+            sent = sent_by_rank[r][j]
+            acc[sent] += every[r][sent]
+        # every position sent to owner j, in the order first sent
+        touched = list(dict.fromkeys(torch.cat([sent_by_rank[r][j] for r in range(P)]).tolist()))
         if not touched:
             continue
-        pos = torch.tensor(touched, device=c.device)
+        pos = torch.tensor(touched, dtype=torch.long, device=c.device)
         best = pos[torch.topk(acc[pos].abs(), min(keep, len(touched))).indices]
         total[best] = acc[best]
         chosen = set(best.tolist())
         for r in range(P):
-            kept_by_rank[r] |= chosen & set(sent_by_rank[r][j])
+            kept_by_rank[r] |= chosen & set(sent_by_rank[r][j].tolist())
     residual = c.clone()
     mine = sorted(kept_by_rank[hvd.rank()])
     residual[mine] = 0
