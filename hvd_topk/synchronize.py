@@ -142,6 +142,7 @@ class StepExchange:
                 self._comp.scatter(gathered, oldest.ctx, _own_storage(oldest))
             except RankMismatchError:
                 continue  # raised again by synchronize(), where every rank handles it alike
+            _write_back(oldest)
             oldest.mark_scattered()
 
     def wait(self, handle):
@@ -179,13 +180,13 @@ class StepExchange:
                 gathered = group.gathered if group.gathered is not None else self.wait(group.allgather)
                 t_scatter = time.perf_counter()
                 comp.scatter(gathered, group.ctx, _own_storage(group))
+                _write_back(group)
                 self._counter.add_ms("scatter_ms", t_scatter)
 
     def check(self, groups, names):
-        """One ``check`` of every flag of the step -- its one host sync --, the rare redo of
-        an inexact selection, and the write-back of each group's result into its gradients.
-        Returns the non-finite gradients found: ``(name, ranks or None)`` (``names``: param ->
-        name)."""
+        """One ``check`` of every flag of the step -- its one host sync -- and the rare redo
+        of an inexact selection (into the buffer the gradients already view). Returns the
+        non-finite gradients found: ``(name, ranks or None)`` (``names``: param -> name)."""
         comp = self._comp
         t_check = time.perf_counter()
         dense, self._dense_checked = self._dense_checked, []
@@ -204,10 +205,6 @@ class StepExchange:
                 gathered = mpi_ops.allgather(payload, name=name, process_set=self._process_set)
                 comp.scatter(gathered, ctx, ctx.out)
             redo, _ = comp.check(redo)
-        for group in groups:
-            for p, view in zip(group.params, segment_views(group.ctx.out, group.ctx.layout)):
-                if view.data_ptr() != p.grad.data_ptr():  # else it is the gradient's own storage
-                    p.grad.set_(view.view(p.grad.shape))
         for p in self._resparsify:
             p.grad = p.grad.to_sparse()  # sparse_as_dense: back to sparse, as Horovod does
         found = comp.pop_nonfinite()
@@ -235,6 +232,15 @@ class StepExchange:
     def discard(self):
         """A state was loaded mid-step: forget the dense params to check too."""
         self._dense_checked = []
+
+
+def _write_back(group):
+    """Make a group's gradients views of the buffer its result was scattered into, right after
+    the scatter: the gradients' former storage is let go group by group, so that a step never
+    holds every group's result beside every local gradient (one more copy of the model)."""
+    for p, view in zip(group.params, segment_views(group.ctx.out, group.ctx.layout)):
+        if view.data_ptr() != p.grad.data_ptr():  # else it is the gradient's own storage
+            p.grad.set_(view.view(p.grad.shape))
 
 
 def _own_storage(group):

@@ -9,7 +9,8 @@ from launch import run_ranks
 import hvd_topk
 from payload_trace import all_traces, recorded_traces
 
-CHECKS = ["sgd", "sgd_0.1%", "sgd_sparse_allreduce", "adamw", "adamw_sparse_allreduce"]
+CHECKS = ["sgd", "sgd_0.1%", "sgd_sparse_allreduce", "adamw", "adamw_sparse_allreduce",
+          "one_result_allgather", "one_result_sparse_allreduce", "one_result_adamw"]
 
 
 @pytest.mark.parametrize("kernel", ["1", "0"], ids=["cpu_kernel", "generic"])

@@ -7,7 +7,8 @@ parameters and gradients excluded since dense training holds them too), after ea
 ``STEPS`` steps, against stock ``hvd.DistributedOptimizer``'s for the same model and
 optimizer. The bound: dense + 1.25x the parameters' bytes (one fp32 residual, plus what
 scales with a group); and nothing that scales with the model or ``k`` grows once the first
-step has built the buffers.
+step has built the buffers. And within a step, once its groups are scattered, the gradients
+and the groups' results weigh one copy of the gradients (``one_result_*``).
 """
 
 import horovod.torch as hvd
@@ -94,7 +95,49 @@ def check(kind, **topk):
           flush=True)
 
 
+def step_holds_one_result(exchange, kind="sgd"):
+    """In a step of a model whose groups hold several tensors, once every group's result has
+    been scattered (when the step's check begins): the gradients and the groups' result
+    buffers, each storage once, weigh the gradients' bytes, not twice that. Each group's
+    result becomes its gradients' storage as soon as it is scattered, and the local
+    gradients go group by group: a step never holds every group's result beside every local
+    gradient (one more copy of the model)."""
+    from hvd_topk.synchronize import StepExchange
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(8)])
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    comp = hvd_topk.TopKCompressor(0.01, exchange=exchange, warmup_steps=0, min_numel=0,
+                                   group_bytes=grad_bytes // 4)
+    opt = hvd_topk.DistributedOptimizer(make_optimizer(kind, model), compression=comp, log_every=0,
+                                        named_parameters=model.named_parameters())
+    seen = []
+    check = StepExchange.check
+
+    def counting_check(self, groups, names):
+        assert max(len(g.params) for g in groups) > 1, "no group of several tensors"
+        tensors = [p.grad for g in groups for p in g.params] + [g.ctx.out for g in groups]
+        seen.append(sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                         for t in tensors}.values()))
+        return check(self, groups, names)
+
+    StepExchange.check = counting_check
+    try:
+        gen = torch.Generator().manual_seed(1 + hvd.rank())
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(16, 128, generator=gen)).square().mean().backward()
+            opt.step()
+    finally:
+        StepExchange.check = check
+    assert len(seen) == 3 and max(seen) <= grad_bytes, (exchange, kind, [b / grad_bytes for b in seen])
+    print(f"rank {hvd.rank()} {exchange} {kind}: gradients and results {max(seen) / grad_bytes:.3f}x "
+          "the gradients' bytes", flush=True)
+
+
 CHECKS = {
+    "one_result_allgather": lambda: step_holds_one_result("allgather"),
+    "one_result_sparse_allreduce": lambda: step_holds_one_result("sparse_allreduce"),
+    "one_result_adamw": lambda: step_holds_one_result("sparse_allreduce", "adamw"),
     "sgd": lambda: check("sgd", ratio=0.01),
     "sgd_0.1%": lambda: check("sgd", ratio=0.001),
     "sgd_sparse_allreduce": lambda: check("sgd", ratio=0.01, exchange="sparse_allreduce"),
