@@ -17,6 +17,7 @@ from horovod.common.util import split_list
 from horovod.torch import mpi_ops
 
 from .exchange import EXCHANGES, ring_allreduce_bytes
+from .settings import in_flight_budget
 
 __all__ = ["Group", "InGroup", "Planner", "check_user_groups"]
 
@@ -24,9 +25,6 @@ __all__ = ["Group", "InGroup", "Planner", "check_user_groups"]
 logger = logging.getLogger("hvd_topk.optimizer")
 
 
-#: The in-flight budget of a step's sparse payloads (``StepExchange``) is an eighth of the
-#: trained parameters' bytes, and at least this many bytes.
-IN_FLIGHT_FLOOR = 1 << 20
 
 class Group:
     """Gradients compressed and exchanged together in one step (see ``TopKCompressor``'s
@@ -187,7 +185,7 @@ class Planner:
             current.add(p, self._names.get(p), correction)
         self.plan = {p: g for g in groups for p in g.params}
         self._key = key
-        self.budget = max(IN_FLIGHT_FLOOR, trained_bytes // 8)
+        self.budget = in_flight_budget(trained_bytes)
         self.groups_digest = zlib.crc32("|".join("\n".join(g.names) for g in groups
                                                  if len(g.params) > 1).encode()) & 0x7FFFFFFF
         self._log(kinds, world)

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 __all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES", "ADAM_SELECT_CHOICES", "DEFAULT_LINK_GBPS",
-           "DEFAULT_LINK_LATENCY_US", "GROUP_BYTES", "GROUP_BYTES_FLOOR"]
+           "DEFAULT_LINK_LATENCY_US", "GROUP_BYTES", "GROUP_BYTES_FLOOR",
+           "IN_FLIGHT_FLOOR", "in_flight_budget"]
 
 # What ``exchange=`` accepts: a fixed exchange, or "auto" (chosen per tensor by cost).
 EXCHANGE_CHOICES = ("auto", "allgather", "sparse_allreduce")
@@ -26,6 +27,16 @@ DEFAULT_LINK_LATENCY_US = 50.0
 #: eighth of the step's trained parameters' bytes and at least ``GROUP_BYTES_FLOOR``.
 GROUP_BYTES = 32 << 20
 GROUP_BYTES_FLOOR = 1 << 20
+#: The in-flight budget of a step's payloads, sent and gathered (the Horovod path's
+#: ``StepExchange`` and the DDP hook): an eighth of the trained parameters' bytes, and at
+#: least this many bytes.
+IN_FLIGHT_FLOOR = 1 << 20
+
+
+def in_flight_budget(trained_bytes: int) -> int:
+    """Bytes of a step's payloads, sent and gathered, past which the oldest are finished
+    (waited for and scattered) before more are sent."""
+    return max(IN_FLIGHT_FLOOR, int(trained_bytes) // 8)
 
 
 @dataclass(frozen=True)

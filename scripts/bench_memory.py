@@ -8,6 +8,7 @@ script), so that one method's freed memory never hides another's::
     python scripts/bench_memory.py --device cuda --np 1  # on a GPU (one NCCL rank, HOROVOD_ELASTIC=1)
     python scripts/bench_memory.py --owner-step           # the sparse allreduce's steps alone
     python scripts/bench_memory.py --model gpt2 --width 512 --layers 4 --batch 8  # a language model
+    python scripts/bench_memory.py --methods ddpdense,ddptopk0.01 --optimizers sgd  # the DDP hook
 
 The model (``--model``) is an MLP of ``--layers`` x ``Linear(--width, --width)`` (4 x 2304:
 21.2M fp32 parameters, 85 MB), batch 32; or a language model of ``examples/models.py``
@@ -33,8 +34,10 @@ parameters' own bytes:
 
 Methods: ``dense`` (``hvd.DistributedOptimizer``), ``fp16`` (``hvd.Compression.fp16``),
 ``topk<ratio>`` (the allgather), ``topk<ratio>sar`` (the sparse allreduce), ``...gen`` (the
-generic torch path instead of the CPU kernel: the path CUDA tensors take). Top-K runs take
-``TopKCompressor``'s defaults (warm-up included) and its automatic corrections.
+generic torch path instead of the CPU kernel: the path CUDA tensors take); and on PyTorch DDP
+(``torchrun``, Gloo on CPU): ``ddpdense`` (DDP's own allreduce) and ``ddptopk<ratio>`` (the
+``hvd_topk.ddp`` hook; its rows are compared with ``ddpdense``). Top-K runs take the defaults
+(warm-up included) and the automatic corrections.
 """
 
 from __future__ import annotations
@@ -102,13 +105,12 @@ class RssSampler:
         return max(self._peak, self.now())
 
 
-def build(args, device):
+def build(args, device, rank):
     """The model and four batches of this rank's inputs."""
-    import horovod.torch as hvd
     import torch
     import torch.nn as nn
 
-    gen = torch.Generator().manual_seed(1 + hvd.rank())
+    gen = torch.Generator().manual_seed(1 + rank)
     if args.model == "mlp":
         layers = []
         for _ in range(args.layers):
@@ -136,20 +138,27 @@ def loss(model, batch):
 
 
 def run_one(args) -> None:
-    import horovod.torch as hvd
     import torch
 
     import hvd_topk
 
     method, opt_name = args.one.split(":")
-    hvd.init()
+    ddp = method.startswith("ddp")
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        import horovod.torch as hvd
+        hvd.init()
+        rank, local_rank = hvd.rank(), hvd.local_rank()
     torch.set_num_threads(1)
     cuda = args.device == "cuda"
-    device = torch.device("cuda", hvd.local_rank()) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
-    model, batches = build(args, device)
+    model, batches = build(args, device, rank)
     params = list(model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     if opt_name == "sgd":
@@ -157,7 +166,9 @@ def run_one(args) -> None:
     else:
         base = torch.optim.AdamW(model.parameters(), lr=1e-3)
     comp = None
-    if method == "dense":
+    if ddp:
+        opt, comp, model = ddp_setup(method, opt_name, model, base, device)
+    elif method == "dense":
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())
     elif method == "fp16":
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
@@ -174,10 +185,13 @@ def run_one(args) -> None:
         return torch.cuda.memory_allocated(device) if cuda else sampler.now()
 
     sampler = None if cuda else RssSampler()
-    hvd.allreduce(torch.zeros(1), name="bench_memory.ready")
+    if ddp:
+        torch.distributed.barrier()
+    else:
+        hvd.allreduce(torch.zeros(1), name="bench_memory.ready")
     start = used() if cuda else sampler.reset()
     peak, peak_step, temporaries, after_warmup = 0, 0, 0, 0
-    warmup = comp.warmup_steps if comp is not None else 0
+    warmup = comp.settings.warmup_steps if comp is not None else 0
     for t in range(args.steps):
         before = used()
         if cuda:
@@ -196,11 +210,35 @@ def run_one(args) -> None:
     steady = used() - start
     grads = [p.grad for p in params if p.grad is not None]
     held = hvd_topk.held_bytes(opt, comp, exclude=params + grads)
-    if hvd.rank() == 0:
+    if rank == 0:
         print("RESULT " + json.dumps({"method": method, "optimizer": opt_name, "param_bytes": param_bytes,
                                       "peak": peak, "peak_step": peak_step, "steady": steady,
                                       "after_warmup": after_warmup,
                                       "held": held, "temporaries": temporaries}), flush=True)
+
+
+def ddp_setup(method, opt_name, model, base, device):
+    """``(optimizer, TopKState or None, DDP model)`` for a DDP method: ``ddpdense`` (DDP's own
+    allreduce) or ``ddptopk<ratio>`` (the ``hvd_topk.ddp`` hook with its defaults; with SGD the
+    hook holds the momentum, DGC's correction, and SGD none; with AdamW, Adam correction
+    paired with the loop's AdamW)."""
+    import torch
+
+    import hvd_topk.ddp
+
+    state, opt = None, base
+    if method.startswith("ddptopk"):
+        ratio = float(method[len("ddptopk"):])
+        if opt_name == "sgd":
+            state = hvd_topk.ddp.TopKState(model, ratio, momentum=0.9)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0)
+        else:
+            state = hvd_topk.ddp.TopKState(model, ratio, optimizer=base)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    if state is not None:
+        ddp_model.register_comm_hook(state, hvd_topk.ddp.topk_hook)
+    return opt, state, ddp_model
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -211,12 +249,16 @@ def launch(args, method: str, opt_name: str) -> dict:
     if method.endswith("gen"):
         env["HVD_TOPK_CPU_KERNEL"] = "0"
     bin_dir = Path(sys.executable).parent
-    if args.device == "cuda":
+    if method.startswith("ddp"):
+        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(args.np)]
+    elif args.device == "cuda":
         env["HOROVOD_ELASTIC"] = "1"
         cmd = ["mpirun", "--allow-run-as-root", "-np", str(args.np)]
     else:
         cmd = [str(bin_dir / "horovodrun"), "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo"]
-    cmd += [sys.executable, __file__, "--one", f"{method}:{opt_name}", "--device", args.device,
+    if not method.startswith("ddp"):
+        cmd.append(sys.executable)  # torchrun starts the script with its own interpreter
+    cmd += [__file__, "--one", f"{method}:{opt_name}", "--device", args.device,
             "--model", args.model, "--vocab", str(args.vocab), "--context", str(args.context),
             "--layers", str(args.layers), "--width", str(args.width), "--batch", str(args.batch),
             "--steps", str(args.steps)]
@@ -229,7 +271,8 @@ def launch(args, method: str, opt_name: str) -> dict:
 
 def table(rows, args) -> str:
     p = rows[0]["param_bytes"]
-    dense = {r["optimizer"]: r["peak"] for r in rows if r["method"] == "dense"}
+    engine = lambda r: "ddp" if r["method"].startswith("ddp") else "horovod"  # noqa: E731
+    dense = {(engine(r), r["optimizer"]): r["peak"] for r in rows if r["method"] in ("dense", "ddpdense")}
     fmt = "{:.2f}x".format
     if args.model == "mlp":
         name = f"{args.layers} x Linear({args.width}, {args.width})"
@@ -242,7 +285,7 @@ def table(rows, args) -> str:
              "| optimizer | method | peak (step) | vs dense | after warm-up | vs dense | steady | held | "
              "temporaries |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        base = dense.get(r["optimizer"])
+        base = dense.get((engine(r), r["optimizer"]))
         vs = f"{(r['peak'] - base) / p:+.2f}x" if base is not None else ""
         after = r["after_warmup"]
         vs_after = f"{(after - base) / p:+.2f}x" if base is not None else ""

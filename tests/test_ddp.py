@@ -36,8 +36,8 @@ from hvd_topk.ddp.plan import build_plan
 from hvd_topk.layout import num_selected
 from hvd_topk.settings import TopKSettings
 
-SCENARIOS = ("exact", "sar", "ratio_one", "identical", "resume", "identical_sar", "resume_sar", "nonfinite",
-             "disagree", "adam", "no_sync")
+SCENARIOS = ("exact", "sar", "exact_bounded", "sar_bounded", "ratio_one", "identical", "resume",
+             "identical_sar", "resume_sar", "nonfinite", "disagree", "adam", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -71,6 +71,18 @@ def sent_by(c: torch.Tensor, ratio: float, weight=None) -> torch.Tensor:
     score = c.abs() if weight is None else (c * weight).clamp(min=0)
     idx = torch.sort(score, descending=True, stable=True).indices[:num_selected(c.numel(), ratio)]
     return torch.zeros_like(c).index_copy_(0, idx, c[idx])
+
+
+@pytest.mark.parametrize("exchange", ["exact", "sar"])
+def test_buckets_finished_early_give_the_same_bits(ranks, exchange):
+    """With an in-flight budget of 0 each bucket's hook first waits for and scatters the
+    bucket before it (the bound on a step's payloads in flight): the gradients DDP leaves and
+    the residuals are those of the unbounded run, bit for bit."""
+    for free, bounded in zip(ranks.load(exchange), ranks.load(exchange + "_bounded")):
+        for a, b in zip(free["steps"], bounded["steps"]):
+            for key in ("grad_out", "residual_after"):
+                for name, t in a[key].items():
+                    assert (t is None and b[key][name] is None) or torch.equal(t, b[key][name]), (key, name)
 
 
 def test_sparse_average_of_each_ranks_topk(ranks):

@@ -23,6 +23,7 @@ from ..selection import segment_views, select
 from ..sparse_allreduce import was_kept
 from ..update import clip_local
 from ..wire import to_wire
+from .in_flight import BucketWork
 from .plan import BucketPlan, SparseGroup
 from .state import TopKState
 
@@ -38,28 +39,31 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         bucket: DDP's ``GradBucket``; its gradients are views of its buffer.
     """
     plan = state.begin_bucket(bucket)
+    state.in_flight.make_room()
     grads = bucket.gradients()
     for g in grads:
         state.counter.gradient(g)
-    futures, finish = [], []
+    futures, finish, gathered = [], [], []
     for group in plan.groups:
         send = _send_allgather if group.exchange == "allgather" else _send_sparse_allreduce
-        finish.append(send(state, group, grads, futures))
+        finish.append(send(state, group, grads, futures, gathered))
     if plan.dense:
         summed, velocity = _send_dense(state, plan, grads, futures)
         finish.append(lambda: _receive_dense(state, plan, grads, summed, velocity))
-    state.end_bucket(bucket)
     buffer = bucket.buffer()
+    world = state.world_size
+    work = BucketWork(futures, finish, gathered,  # the gathered buffers and what was sent
+                      sum(b.numel() * b.element_size() for b in gathered) * (world + 1) // world)
 
     def done(_) -> torch.Tensor:
-        for f in futures:
-            f.value()  # a collective's error surfaces here, in DDP's wait
-        for part in finish:
-            part()
+        work.complete()  # a collective's error surfaces here, in DDP's wait
         return buffer
 
     fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
-    return fut.then(done)
+    result = fut.then(done)
+    state.in_flight.add(work)  # past the budget, the oldest buckets are finished now
+    state.end_bucket(bucket)
+    return result
 
 
 def _select(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor]):
@@ -79,7 +83,7 @@ def _select(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor])
 
 
 def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
-                    futures: List[torch.futures.Future]) -> Callable[[], None]:
+                    futures: List[torch.futures.Future], buffers: List[torch.Tensor]) -> Callable[[], None]:
     """Steps 2-4 by the allgather: select, pack ``[flags | K values | K positions]``, start
     the allgather. Returns step 5, to run once it is done."""
     t0 = time.perf_counter()
@@ -92,6 +96,7 @@ def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.
     state.counter.add_ms("compress_ms", t0)
     work = _ALL_GATHER(gathered, payload, group=state.process_group, async_op=True)
     futures.append(work.get_future())
+    buffers.append(gathered)
     state.counter.sparse((payload.numel(), gathered.numel(), (state.world_size - 1) * payload.numel()),
                          "allgather", len(group.members))
 
@@ -99,7 +104,8 @@ def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.
 
 
 def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
-                           futures: List[torch.futures.Future]) -> Callable[[], None]:
+                           futures: List[torch.futures.Future],
+                           buffers: List[torch.Tensor]) -> Callable[[], None]:
     """Steps 2-4 by the sparse allreduce (``sparse_allreduce.py``, the Horovod path's own
     exchange): select, bucket by region, ``all_to_all_single`` to the owners -- waited for
     here, since the owner's step needs its rows --, the owner's sums, then start the
@@ -124,6 +130,7 @@ def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence
     gathered = row.new_empty(world * row.numel())
     work = _ALL_GATHER(gathered, row, group=state.process_group, async_op=True)
     futures.append(work.get_future())
+    buffers.append(gathered)
     state.counter.sparse(traffic("sparse_allreduce", group.layout.ks, world, group.value_dtype.itemsize,
                                  group.index_dtype.itemsize, ctx.regions.capacity),
                          "sparse_allreduce", len(group.members))

@@ -10,12 +10,13 @@ import torch
 import torch.distributed as dist
 
 from ..headers import Signatures
-from ..settings import TopKSettings
+from ..settings import TopKSettings, in_flight_budget
 from ..sparse_allreduce import SparseAllreduceExchange
 from ..state import CompressorState, GroupCache
 from ..stats import CommCounter, CommStats
 from .adam import AdamPairing
 from .commits import DeferredCommits
+from .in_flight import InFlight
 from .plan import BucketPlan, build_plan
 
 __all__ = ["TopKState", "HOOK_SETTINGS"]
@@ -110,6 +111,8 @@ class TopKState:
         "rank_state",
         # this step: the selections waiting for their residual write; whether a step is open
         "commits", "_in_step",
+        # this step's buckets whose collectives may still run, held to a budget
+        "in_flight",
         # caches bounded by the buckets in use
         "_plans",
         # the sparse allreduce's plans and regions (its regions are in state_dict()), the
@@ -139,7 +142,8 @@ class TopKState:
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         _agree(f"{self.settings}, momentum={self.momentum}, nesterov={self.nesterov}", process_group)
-        self._names = _parameter_names(model)
+        self._names, trained_bytes = _parameter_names(model)
+        self.in_flight = InFlight(in_flight_budget(trained_bytes))
         self.rank_state = CompressorState()
         self.adam = None
         if optimizer is not None and self.settings.adam_correction is not False:
@@ -185,6 +189,7 @@ class TopKState:
         """After the step's last bucket the step counts as done (DDP hands the buckets over in
         index order, once per backward pass)."""
         if bucket.is_last():
+            self.in_flight.clear()  # DDP waits for the rest
             self.rank_state.steps += 1
             self._in_step = False
             self.comm_stats = self.counter.finish(0.0, self.comm_totals)
@@ -244,24 +249,26 @@ class TopKState:
         self._in_step = False
 
 
-def _parameter_names(model) -> Dict[int, str]:
-    """``id(parameter) -> name``, to find a bucket's parameters' names in this process (the
-    names, never the ids, key the state)."""
+def _parameter_names(model) -> Tuple[Dict[int, str], int]:
+    """``(id(parameter) -> name, bytes of the parameters that take gradients)``: the names
+    find a bucket's parameters in this process (the names, never the ids, key the state)."""
     pairs = model.named_parameters() if isinstance(model, torch.nn.Module) else model
     names: Dict[int, str] = {}
     seen: Dict[str, int] = {}
+    nbytes = 0
     for name, p in pairs:
         if not isinstance(name, str) or not isinstance(p, torch.Tensor):
             raise TypeError("TopKState takes a module or its named_parameters() ((name, tensor) pairs), "
                             f"got a pair {(type(name).__name__, type(p).__name__)}")
         seen[name] = seen.get(name, 0) + 1
         names[id(p)] = name
+        nbytes += p.numel() * p.element_size() if p.requires_grad else 0
     dup = sorted(n for n, c in seen.items() if c > 1)
     if dup:
         raise ValueError(f"parameter names must be unique, repeated: {dup}")
     if not names:
         raise ValueError("TopKState needs the model's parameters; got none")
-    return names
+    return names, nbytes
 
 
 def _agree(settings: str, group: Optional[dist.ProcessGroup]) -> None:

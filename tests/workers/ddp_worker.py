@@ -71,12 +71,16 @@ def observed_step(model, replica, ddp, state, x, y) -> dict:
     return record
 
 
-def observed_run(rank: int, **settings) -> dict:
+def observed_run(rank: int, budget=None, **settings) -> dict:
     """Three observed steps (``observed_step``) of SGD with the hook under ``settings``; the
-    byte counters and the state's sparse allreduce regions after them."""
+    byte counters and the state's sparse allreduce regions after them. ``budget``: the
+    in-flight budget instead of the default (0: each bucket's hook first finishes the one
+    before)."""
     model = mlp()
     replica = copy.deepcopy(model)
     state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, **settings)
+    if budget is not None:
+        state.in_flight.budget = budget
     ddp = wrap(model, state)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []
@@ -97,6 +101,17 @@ def sar(rank: int, world: int) -> dict:
     """Three steps of the sparse allreduce (named, ratio 0.05, no warm-up, regions never
     refreshed: equal regions)."""
     return observed_run(rank, warmup_steps=0, exchange="sparse_allreduce", density_aware=False,
+                        region_refresh=1000)
+
+
+def exact_bounded(rank: int, world: int) -> dict:
+    """``exact`` with an in-flight budget of 0: every bucket finished by the next one's hook."""
+    return observed_run(rank, budget=0, warmup_steps=2, warmup_ratio=0.25)
+
+
+def sar_bounded(rank: int, world: int) -> dict:
+    """``sar`` with an in-flight budget of 0."""
+    return observed_run(rank, budget=0, warmup_steps=0, exchange="sparse_allreduce", density_aware=False,
                         region_refresh=1000)
 
 
@@ -276,7 +291,8 @@ def no_sync(rank: int, world: int) -> dict:
     return {"syncs": [(op, where) for op, where in found if where != "outside hvd_topk"]}
 
 
-SCENARIOS = {f.__name__: f for f in (exact, sar, ratio_one, identical, resume, identical_sar, resume_sar,
+SCENARIOS = {f.__name__: f for f in (exact, sar, exact_bounded, sar_bounded, ratio_one, identical, resume,
+                                     identical_sar, resume_sar,
                                      nonfinite, disagree, adam, no_sync)}
 
 

@@ -120,18 +120,18 @@ def check_in_flight_bound():
     import hvd_topk.plan
     import hvd_topk.synchronize
     exchange = hvd_topk.synchronize.StepExchange
-    floor, advance, early = hvd_topk.plan.IN_FLIGHT_FLOOR, exchange._advance, []
+    floor, advance, early = hvd_topk.settings.IN_FLIGHT_FLOOR, exchange._advance, []
 
     def counting(self, budget):
         before = len(self._owners)
         advance(self, budget)
         early.append(before - len(self._owners))
 
-    hvd_topk.plan.IN_FLIGHT_FLOOR, exchange._advance = 0, counting
+    hvd_topk.settings.IN_FLIGHT_FLOOR, exchange._advance = 0, counting
     try:
         check_matches_reference(steps=3)
     finally:
-        hvd_topk.plan.IN_FLIGHT_FLOOR, exchange._advance = floor, advance
+        hvd_topk.settings.IN_FLIGHT_FLOOR, exchange._advance = floor, advance
     assert sum(early) >= 3, f"no phase 2 ran during backward: {early}"
 
 
