@@ -1,6 +1,6 @@
 """A DDP bucket's plan: which of its gradients Top-K sends, by which exchange, and which are
-allreduced densely; the sent ones as one group of the selection pipeline (``GroupLayout``) per
-exchange, and the wire's dtypes.
+allreduced densely; the sent ones as groups of the selection pipeline (``GroupLayout``) per
+exchange, each of at most the Horovod path's group size, and the wire's dtypes.
 
 Each gradient's exchange is the Horovod path's own decision, ``cost.choose_exchange``, among
 the hook's exchanges (the allgather and the sparse allreduce) and a dense allreduce. Host
@@ -11,7 +11,7 @@ the same plan, knows every rank's ``k`` and hence the size of every payload.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,7 +61,7 @@ class BucketPlan:
     Arguments:
         names: the parameter name of each gradient of the bucket, in bucket order.
         sizes: their entries.
-        groups: the sparse gradients, one group per exchange that sends some.
+        groups: the sparse gradients, in groups per exchange that sends some.
         dense: bucket positions of those allreduced densely (small, not floating, or where
             a dense allreduce is the better exchange).
         ratio: the ratio the ``k``'s were taken at (the warm-up's at this step).
@@ -88,23 +88,43 @@ class BucketPlan:
 
 
 def build_plan(names: Sequence[str], grads: Sequence[torch.Tensor], settings: TopKSettings,
-               ratio: float, world: int) -> BucketPlan:
+               ratio: float, world: int, trained_bytes: Optional[int] = None) -> BucketPlan:
     """The plan of a bucket whose gradients are ``grads`` (named ``names``) at ``ratio``: each
     gradient's exchange is ``cost.choose_exchange``'s (a floating tensor of at least
     ``min_numel`` entries goes sparse; with ``density_aware``, where its exchange beats a
     dense allreduce: by bytes for a named exchange, by the time model for ``"auto"``; one rank
-    is evaluated as two, as on the Horovod path)."""
+    is evaluated as two, as on the Horovod path). The gradients of an exchange form groups of
+    at most the Horovod path's group size (``TopKSettings.group_bytes_for``, of a model of
+    ``trained_bytes``), in bucket order: a group's copy, selection and receive scale with the
+    group, and a bucket can hold most of the model (DDP's first iteration)."""
     kinds = [choose_exchange(settings, g, world, ratio, sparse_exchanges=HOOK_EXCHANGES) for g in grads]
     sizes = tuple(g.numel() for g in grads)
     groups = []
     for exchange in HOOK_EXCHANGES:
-        members = tuple(i for i, kind in enumerate(kinds) if kind == exchange)
+        members = [i for i, kind in enumerate(kinds) if kind == exchange]
         if not members:
             continue
-        layout = GroupLayout(tuple(sizes[i] for i in members),
-                             tuple(num_selected(sizes[i], ratio) for i in members))
-        span = layout.numel if exchange == "allgather" else max(layout.sizes)
-        groups.append(SparseGroup(exchange, members, tuple(names[i] for i in members), layout,
-                                  settings.value_dtype or grads[members[0]].dtype, index_dtype(span)))
+        cap = settings.group_bytes_for(grads[members[0]].device, exchange, trained_bytes)
+        for part in _split(members, [grads[i].numel() * grads[i].element_size() for i in members], cap):
+            layout = GroupLayout(tuple(sizes[i] for i in part),
+                                 tuple(num_selected(sizes[i], ratio) for i in part))
+            span = layout.numel if exchange == "allgather" else max(layout.sizes)
+            groups.append(SparseGroup(exchange, part, tuple(names[i] for i in part), layout,
+                                      settings.value_dtype or grads[part[0]].dtype, index_dtype(span)))
     dense = tuple(i for i, kind in enumerate(kinds) if kind == "dense")
     return BucketPlan(tuple(names), sizes, tuple(groups), dense, ratio)
+
+
+def _split(members: Sequence[int], nbytes: Sequence[int], cap: int) -> List[Tuple[int, ...]]:
+    """``members`` in order, cut into runs of at most ``cap`` bytes (a larger one alone)."""
+    parts: List[Tuple[int, ...]] = []
+    run: List[int] = []
+    total = 0
+    for i, b in zip(members, nbytes):
+        if run and total + b > cap:
+            parts.append(tuple(run))
+            run, total = [], 0
+        run.append(i)
+        total += b
+    parts.append(tuple(run))
+    return parts

@@ -111,8 +111,9 @@ class TopKState:
         "rank_state",
         # this step: the selections waiting for their residual write; whether a step is open
         "commits", "_in_step",
-        # this step's buckets whose collectives may still run, held to a budget
-        "in_flight",
+        # this step's buckets whose collectives may still run, held to a budget; the bytes of
+        # the parameters that take gradients (the budget's and the groups' sizes)
+        "in_flight", "trained_bytes",
         # caches bounded by the buckets in use
         "_plans",
         # the sparse allreduce's plans and regions (its regions are in state_dict()), the
@@ -142,8 +143,8 @@ class TopKState:
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         _agree(f"{self.settings}, momentum={self.momentum}, nesterov={self.nesterov}", process_group)
-        self._names, trained_bytes = _parameter_names(model)
-        self.in_flight = InFlight(in_flight_budget(trained_bytes))
+        self._names, self.trained_bytes = _parameter_names(model)
+        self.in_flight = InFlight(in_flight_budget(self.trained_bytes))
         self.rank_state = CompressorState()
         self.adam = None
         if optimizer is not None and self.settings.adam_correction is not False:
@@ -183,7 +184,7 @@ class TopKState:
         names = tuple(self._name(p) for p in params)
         ratio = self.current_ratio()
         return self._plans.get(names, lambda plan: plan.ratio == ratio, lambda: build_plan(
-            names, grads, self.settings, ratio, self.world_size))
+            names, grads, self.settings, ratio, self.world_size, self.trained_bytes))
 
     def end_bucket(self, bucket: dist.GradBucket) -> None:
         """After the step's last bucket the step counts as done (DDP hands the buckets over in
