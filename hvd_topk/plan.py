@@ -25,7 +25,6 @@ __all__ = ["Group", "InGroup", "Planner", "check_user_groups"]
 logger = logging.getLogger("hvd_topk.optimizer")
 
 
-
 class Group:
     """Gradients compressed and exchanged together in one step (see ``TopKCompressor``'s
     ``group_bytes``): the group is compressed in the backward hook of its last gradient.

@@ -51,9 +51,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         summed, velocity = _send_dense(state, plan, grads, futures)
         finish.append(lambda: _receive_dense(state, plan, grads, summed, velocity))
     buffer = bucket.buffer()
-    world = state.world_size
-    work = BucketWork(futures, finish, gathered,  # the gathered buffers and what was sent
-                      sum(b.numel() * b.element_size() for b in gathered) * (world + 1) // world)
+    work = BucketWork(futures, finish, gathered, state.world_size)
 
     def done(_) -> torch.Tensor:
         work.complete()  # a collective's error surfaces here, in DDP's wait

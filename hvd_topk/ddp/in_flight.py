@@ -20,17 +20,19 @@ __all__ = ["BucketWork", "InFlight"]
 
 
 class BucketWork:
-    """One bucket's collectives and its step 5 (``finish``), run once: by DDP's callback when
+    """One bucket's collectives, its gathered buffers (``buffers``, over ``world`` ranks) and its
+    step 5 (``finish``), run once: by DDP's callback when
     the collectives complete, or earlier by a later bucket's hook (``InFlight``). Then the
     gathered buffers are emptied (``Tensor.set_()``): the futures keep a reference to them
     until DDP lets the futures go, after backward."""
 
     def __init__(self, futures: Sequence[torch.futures.Future], finish: Sequence[Callable[[], None]],
-                 buffers: Sequence[torch.Tensor], nbytes: int) -> None:
+                 buffers: Sequence[torch.Tensor], world: int) -> None:
         self._futures = list(futures)
         self._finish = list(finish)
         self._buffers = list(buffers)
-        self.nbytes = nbytes
+        # what it holds while in flight: the gathered buffers and the payloads sent (1/world of them)
+        self.nbytes = sum(b.numel() * b.element_size() for b in buffers) * (world + 1) // world
         self._lock = threading.Lock()  # DDP's callback may run on a collective's thread
         self._done = False
 

@@ -91,28 +91,30 @@ def observed_run(rank: int, budget=None, **settings) -> dict:
             "comm_stats": state.comm_stats.as_dict(), "regions": state.state_dict()["sparse_allreduce"]}
 
 
+EXACT = {"warmup_steps": 2, "warmup_ratio": 0.25}
+SAR = {"warmup_steps": 0, "exchange": "sparse_allreduce", "density_aware": False, "region_refresh": 1000}
+
+
 def exact(rank: int, world: int) -> dict:
     """Three steps through the warm-up (ratios 0.25, ~0.11, 0.05): each rank's own gradient
     and residual before the step (from a replica without DDP), and what DDP leaves."""
-    return observed_run(rank, warmup_steps=2, warmup_ratio=0.25)
+    return observed_run(rank, **EXACT)
 
 
 def sar(rank: int, world: int) -> dict:
     """Three steps of the sparse allreduce (named, ratio 0.05, no warm-up, regions never
     refreshed: equal regions)."""
-    return observed_run(rank, warmup_steps=0, exchange="sparse_allreduce", density_aware=False,
-                        region_refresh=1000)
+    return observed_run(rank, **SAR)
 
 
 def exact_bounded(rank: int, world: int) -> dict:
     """``exact`` with an in-flight budget of 0: every bucket finished by the next one's hook."""
-    return observed_run(rank, budget=0, warmup_steps=2, warmup_ratio=0.25)
+    return observed_run(rank, budget=0, **EXACT)
 
 
 def sar_bounded(rank: int, world: int) -> dict:
     """``sar`` with an in-flight budget of 0."""
-    return observed_run(rank, budget=0, warmup_steps=0, exchange="sparse_allreduce", density_aware=False,
-                        region_refresh=1000)
+    return observed_run(rank, budget=0, **SAR)
 
 
 def ratio_one(rank: int, world: int) -> dict:
