@@ -22,6 +22,7 @@ work. Rank 0 alone prints.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -417,6 +418,12 @@ def main(args):
     if rank0:
         print(f"final test accuracy: {100 * acc:.2f}%", flush=True)
     if args.engine == "ddp":
+        # Let go of DDP (its reducer holds the last step's futures and the hook's callbacks)
+        # while Python still runs: a collective's thread must not drop the last reference to
+        # a Python callback during interpreter shutdown (std::terminate).
+        del model, optimizer
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return acc
 
