@@ -38,11 +38,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["cpu_kernel", "use_cpu_kernel", "KernelUse", "build_directory", "build_inputs"]
+import torch
+
+__all__ = ["cpu_kernel", "use_cpu_kernel", "KernelUse", "build_directory", "build_inputs", "zero_at",
+           "add_at"]
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "compensate_cpu.cpp"
 _CFLAGS = ["-O3"]
+_EMPTY = torch.empty(0)
 _STAMP = "hvd_topk_built"  # written last, after a successful build: its inputs, one per line
 # "built": the loaded module, or None (unavailable; tried once per process);
 # "in_force": what the innermost use_cpu_kernel block put in force (absent outside blocks).
@@ -69,13 +73,46 @@ def _built():
     return _state["built"]
 
 
+def _flat_f32(*tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous()
+               for t in tensors)
+
+
+def _positions(idx) -> bool:
+    return (idx.device.type == "cpu" and idx.dim() == 1 and idx.is_contiguous()
+            and idx.dtype in (torch.int32, torch.int64))
+
+
+def zero_at(v, u, idx) -> bool:
+    """``v[idx] = 0`` and, unless ``u`` is None, ``u[idx] = 0``, in one pass whose scattered
+    lines are prefetched; the same bits as ``scatter_(0, idx, 0.0)`` on each. Returns False,
+    having done nothing, where the kernel does not apply (not 1-D float32 on CPU, no kernel)."""
+    kernel = cpu_kernel()
+    if kernel is None or not _flat_f32(v, *(() if u is None else (u,))) or not _positions(idx):
+        return False
+    kernel.zero_at(v, _EMPTY if u is None else u, idx)
+    return True
+
+
+def add_at(out, idx, x) -> bool:
+    """``out[idx[j]] += x[j]`` in the order of ``j``, its scattered lines prefetched; the same
+    bits as ``out.index_add_(0, idx, x)`` on CPU. Returns False, having done nothing, where the
+    kernel does not apply (not 1-D float32 on CPU, no kernel)."""
+    kernel = cpu_kernel()
+    if kernel is None or not _flat_f32(out, x) or not _positions(idx):
+        return False
+    kernel.add_at(out, idx, x)
+    return True
+
+
 class KernelUse:
     """What ran inside a ``use_cpu_kernel`` block.
 
     Attributes:
         enabled: whether the kernel was switched on in the block.
-        calls: how many times a function of the compiled module (``topk_update``) was called
-            in the block: 0 means every selection in it took the torch steps.
+        calls: how many selections the compiled module made in the block (calls of
+            ``topk_update``): 0 means every selection in it took the torch steps. Its
+            scattered writes (``zero_at``, ``add_at``) are not counted.
     """
 
     __slots__ = ("enabled", "calls")
@@ -86,15 +123,15 @@ class KernelUse:
 
 
 class _Counted:
-    """The compiled module seen through a ``KernelUse``: each call of one of its functions
-    adds one to ``use.calls``, then runs the function."""
+    """The compiled module seen through a ``KernelUse``: each call of ``topk_update`` adds one
+    to ``use.calls``, then runs the function."""
 
     def __init__(self, module, use: KernelUse) -> None:
         self._module, self._use = module, use
 
     def __getattr__(self, name):
         attr = getattr(self._module, name)
-        if not callable(attr):
+        if name != "topk_update":
             return attr
 
         def counted(*args, **kwargs):
@@ -117,8 +154,8 @@ def use_cpu_kernel(enabled: bool) -> Iterator[KernelUse]:
             silently runs without it.
 
     Yields:
-        a ``KernelUse``; its ``calls`` counts the kernel's calls made in the block (nested
-        ``True`` blocks included).
+        a ``KernelUse``; its ``calls`` counts the kernel's selections made in the block
+        (nested ``True`` blocks included).
 
     Example::
 

@@ -19,6 +19,7 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ._cpu_kernel import add_at
 from .layout import GroupLayout, index_dtype, num_selected
 from .settings import TopKSettings
 
@@ -163,7 +164,8 @@ def scatter_add_(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor)
     """
     values = values.to(out.dtype)
     if out.device.type == "cpu":
-        out.index_add_(0, indices, values)
+        if not add_at(out, indices, values):  # the CPU kernel: the same adds, prefetched
+            out.index_add_(0, indices, values)
     else:
         # CUDA index_add_ uses atomics (order varies between ranks); index_put_ with
         # accumulate=True sorts first, so every rank gets the same bits.

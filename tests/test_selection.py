@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hvd_topk
+from hvd_topk._cpu_kernel import add_at, zero_at
 from hvd_topk import index_dtype, num_selected, select_topk
 from hvd_topk import layout, selection
 from hvd_topk.headers import FLAG_INEXACT
@@ -173,6 +174,30 @@ def test_group_layout_validates():
 
 
 # -- the CPU kernel: the same steps fused per tensor ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cpu_kernel_scattered_writes_match_torch(dtype):
+    """The kernel's commit (``zero_at``) and scatter-add (``add_at``) leave the bits of
+    ``scatter_(0, idx, 0.0)`` and of ``index_add_`` (duplicates summed in order), and refuse
+    a position out of range."""
+    kernel()
+    gen = torch.Generator().manual_seed(3)
+    n = 50_000
+    idx = torch.randint(0, n, (3000,), generator=gen)
+    idx[:500] = idx[500:1000]  # duplicates, as two ranks sending one position
+    x = torch.randn(3000, generator=gen) * 1e3
+    out = torch.randn(n, generator=gen)
+    expect = out.clone().index_add_(0, idx, x)
+    assert add_at(out, idx.to(dtype), x) and torch.equal(out, expect)
+    v, u = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    v_ref, u_ref = v.clone().scatter_(0, idx, 0.0), u.clone().scatter_(0, idx, 0.0)
+    assert zero_at(v, u, idx.to(dtype)) and torch.equal(v, v_ref) and torch.equal(u, u_ref)
+    w = torch.randn(n, generator=gen)
+    assert zero_at(w, None, idx.to(dtype)) and torch.equal(w, w.clone().scatter_(0, idx, 0.0))
+    with pytest.raises(RuntimeError, match="out of"):
+        zero_at(v, u, torch.tensor([0, n], dtype=dtype))
+    assert not add_at(out.double(), idx, x.double())  # not float32: the torch op runs instead
+
 
 @pytest.mark.parametrize("n", [1000, SAMPLED_MIN_NUMEL + 3, 300_001])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

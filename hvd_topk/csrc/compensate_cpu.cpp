@@ -300,7 +300,89 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
   return {idx, vals, uvals, g_finite, v_finite};
 }
 
+// ------------------------------------------------------------------------------------------
+// The scattered writes of a step, each a cache miss that the hardware prefetcher does not
+// foresee (positions ~1/ratio apart): the lines are asked for kAhead positions early. The
+// same bits as the torch ops they stand for (selection.residual_write_'s scatter_ of 0,
+// exchange_core.scatter_add_'s index_add_, which adds in index order too).
+namespace {
+
+constexpr int64_t kAhead = 16;
+
+template <typename I>
+void check_positions(const I* ip, int64_t m, int64_t n) {
+  for (int64_t j = 0; j < m; ++j) {
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < n, "position ", static_cast<int64_t>(ip[j]), " out of [0, ", n, ")");
+  }
+}
+
+template <typename I>
+void zero_at_impl(float* vp, float* up, const I* ip, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) {
+    if (j + kAhead < m) {
+      __builtin_prefetch(vp + ip[j + kAhead], 1);
+      if (up) __builtin_prefetch(up + ip[j + kAhead], 1);
+    }
+    vp[ip[j]] = 0.0f;
+    if (up) up[ip[j]] = 0.0f;
+  }
+}
+
+template <typename I>
+void add_at_impl(float* op, const I* ip, const float* xp, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) {
+    if (j + kAhead < m) __builtin_prefetch(op + ip[j + kAhead], 1);
+    op[ip[j]] += xp[j];
+  }
+}
+
+void check_positions_tensor(const torch::Tensor& idx, int64_t n) {
+  TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1 && idx.is_contiguous() &&
+                  (idx.scalar_type() == torch::kLong || idx.scalar_type() == torch::kInt),
+              "positions: a 1-D contiguous int32/int64 CPU tensor expected");
+  if (idx.scalar_type() == torch::kLong) {
+    check_positions(idx.data_ptr<int64_t>(), idx.numel(), n);
+  } else {
+    check_positions(idx.data_ptr<int32_t>(), idx.numel(), n);
+  }
+}
+
+}  // namespace
+
+// v[idx] = 0 and, if u is not empty, u[idx] = 0 (the commit: residual and velocity where sent).
+void zero_at(torch::Tensor v, torch::Tensor u, torch::Tensor idx) {
+  const bool both = u.numel() > 0;
+  if (both) {
+    check_vectors({v, u});
+  } else {
+    check_vectors({v});
+  }
+  check_positions_tensor(idx, v.numel());
+  float* up = both ? u.data_ptr<float>() : nullptr;
+  if (idx.scalar_type() == torch::kLong) {
+    zero_at_impl(v.data_ptr<float>(), up, idx.data_ptr<int64_t>(), idx.numel());
+  } else {
+    zero_at_impl(v.data_ptr<float>(), up, idx.data_ptr<int32_t>(), idx.numel());
+  }
+}
+
+// out[idx[j]] += x[j] for j = 0, 1, ... in order (duplicates summed in that order).
+void add_at(torch::Tensor out, torch::Tensor idx, torch::Tensor x) {
+  check_vectors({out});
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 1 &&
+                  x.numel() == idx.numel(),
+              "add_at: values as a 1-D contiguous float32 CPU tensor of the positions' length expected");
+  check_positions_tensor(idx, out.numel());
+  if (idx.scalar_type() == torch::kLong) {
+    add_at_impl(out.data_ptr<float>(), idx.data_ptr<int64_t>(), x.data_ptr<float>(), idx.numel());
+  } else {
+    add_at_impl(out.data_ptr<float>(), idx.data_ptr<int32_t>(), x.data_ptr<float>(), idx.numel());
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_update", &topk_update,
         "error feedback (+ momentum correction) and the exact top-k, in place (see above)");
+  m.def("zero_at", &zero_at, "v[idx] = 0 (and u[idx] = 0 if u is not empty), in place");
+  m.def("add_at", &add_at, "out[idx[j]] += x[j] in order, in place");
 }
