@@ -45,7 +45,7 @@ __all__ = ["cpu_kernel", "use_cpu_kernel", "KernelUse", "build_directory", "buil
 
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "compensate_cpu.cpp"
-_CFLAGS = ["-O3"]
+_CFLAGS = ["-O3", "-ffp-contract=off"]  # no FMA contraction: the bits of the torch steps
 _EMPTY = torch.empty(0)
 _STAMP = "hvd_topk_built"  # written last, after a successful build: its inputs, one per line
 # "built": the loaded module, or None (unavailable; tried once per process);

@@ -62,9 +62,19 @@ inline float finite_or_zero(float x, uint32_t& nf) {
   return bad ? 0.0f : x;
 }
 
+// The block loops below are built twice, for AVX2 and for the baseline, and the loader picks
+// one for the CPU it runs on (GCC's function multi-versioning): one build serves every x86-64
+// host. The same bits either way: each entry's arithmetic is the same IEEE operations in the
+// same order (no FMA contraction: -ffp-contract=off in _cpu_kernel.py's flags).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HVD_TOPK_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define HVD_TOPK_CLONES
+#endif
+
 // One block of error feedback: v_i += alpha finite(g_i); mask_i = !(|v_i| <= t). Returns
 // nonzero if some g_i was NaN/Inf. Branch-free, so the compiler vectorises it.
-inline uint32_t ef_block(float* __restrict v, const float* __restrict g, int64_t len, float a,
+HVD_TOPK_CLONES uint32_t ef_block(float* __restrict v, const float* __restrict g, int64_t len, float a,
                          float t, uint8_t* __restrict mask) {
   uint32_t nf = 0;
   for (int64_t i = 0; i < len; ++i) {
@@ -78,7 +88,7 @@ inline uint32_t ef_block(float* __restrict v, const float* __restrict g, int64_t
 // One block of DGC momentum correction: u_i = finite(m u_i + alpha finite(g_i)) (an
 // overflowing velocity entry is reset to 0 and reported, like a NaN/Inf g_i); v_i += u_i;
 // mask_i = !(|v_i| <= t).
-inline uint32_t momentum_block(float* __restrict v, float* __restrict u, const float* __restrict g,
+HVD_TOPK_CLONES uint32_t momentum_block(float* __restrict v, float* __restrict u, const float* __restrict g,
                                int64_t len, float m, float a, float t, uint8_t* __restrict mask) {
   uint32_t nf = 0;
   for (int64_t i = 0; i < len; ++i) {
