@@ -36,8 +36,8 @@ from hvd_topk.ddp.plan import build_plan
 from hvd_topk.layout import num_selected
 from hvd_topk.settings import TopKSettings
 
-SCENARIOS = ("exact", "sar", "exact_bounded", "sar_bounded", "ratio_one", "identical", "resume",
-             "identical_sar", "resume_sar", "nonfinite", "disagree", "adam", "no_sync")
+SCENARIOS = ("exact", "sar", "exact_bounded", "sar_bounded", "groups", "groups_bounded", "ratio_one",
+             "identical", "resume", "identical_sar", "resume_sar", "nonfinite", "disagree", "adam", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -73,11 +73,14 @@ def sent_by(c: torch.Tensor, ratio: float, weight=None) -> torch.Tensor:
     return torch.zeros_like(c).index_copy_(0, idx, c[idx])
 
 
-@pytest.mark.parametrize("exchange", ["exact", "sar"])
+@pytest.mark.parametrize("exchange", ["exact", "sar", "groups"])
 def test_buckets_finished_early_give_the_same_bits(ranks, exchange):
-    """With an in-flight budget of 0 each bucket's hook first waits for and scatters the
-    bucket before it (the bound on a step's payloads in flight): the gradients DDP leaves and
-    the residuals are those of the unbounded run, bit for bit."""
+    """With an in-flight budget of 0 the hook first waits for and scatters each group's
+    exchange before the next group's selection (the bound on a step's payloads in flight;
+    ``groups``: several groups of one bucket): the gradients DDP leaves and the residuals are
+    those of the unbounded run, bit for bit."""
+    if exchange == "groups":
+        assert max(ranks.load("groups")[0]["large"]) >= 2  # a bucket of two groups or more
     for free, bounded in zip(ranks.load(exchange), ranks.load(exchange + "_bounded")):
         for a, b in zip(free["steps"], bounded["steps"]):
             for key in ("grad_out", "residual_after"):

@@ -17,17 +17,21 @@ import torch.distributed as dist
 from ..exchange_core import scatter_add_, traffic
 from ..headers import build_header, flagged_segments
 from ..interface import SparseContext
-from ..packing import pack_header, unpack
+from ..packing import Rows, pack_header
 from ..positions import PositionSet
 from ..selection import segment_views, select
 from ..sparse_allreduce import was_kept
 from ..update import clip_local
 from ..wire import to_wire
-from .in_flight import BucketWork
+from .in_flight import ExchangeWork
 from .plan import BucketPlan, SparseGroup
 from .state import TopKState
 
-__all__ = ["topk_hook"]
+__all__ = ["topk_hook", "scatter_gathered", "SCATTER_ENTRIES"]
+
+#: Gathered entries a receive reads at once (``scatter_gathered``): its copies of values and
+#: positions stay near this many entries whatever the world size and the warm-up's ``K``.
+SCATTER_ENTRIES = 1 << 20
 
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -39,27 +43,31 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         bucket: DDP's ``GradBucket``; its gradients are views of its buffer.
     """
     plan = state.begin_bucket(bucket)
-    state.in_flight.make_room()
     grads = bucket.gradients()
     for g in grads:
         state.counter.gradient(g)
-    futures, finish, gathered = [], [], []
+    futures, works = [], []
     for group in plan.groups:
+        state.in_flight.make_room()  # past the budget, the oldest exchanges are finished first
         send = _send_allgather if group.exchange == "allgather" else _send_sparse_allreduce
-        finish.append(send(state, group, grads, futures, gathered))
+        sent, gathered = [], []
+        receive = send(state, group, grads, sent, gathered)
+        works.append(ExchangeWork(sent, [receive], gathered))
+        futures += sent
+        state.in_flight.add(works[-1])  # past the budget, the older ones (this bucket's too) now
     if plan.dense:
         summed, velocity = _send_dense(state, plan, grads, futures)
-        finish.append(lambda: _receive_dense(state, plan, grads, summed, velocity))
+        receive = [lambda: _receive_dense(state, plan, grads, summed, velocity)]
+        works.append(ExchangeWork(futures[-1:], receive, []))
     buffer = bucket.buffer()
-    work = BucketWork(futures, finish, gathered, state.world_size)
 
     def done(_) -> torch.Tensor:
-        work.complete()  # a collective's error surfaces here, in DDP's wait
+        for work in works:
+            work.complete()  # a collective's error surfaces here, in DDP's wait
         return buffer
 
     fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
     result = fut.then(done)
-    state.in_flight.add(work)  # past the budget, the oldest buckets are finished now
     state.end_bucket(bucket)
     return result
 
@@ -94,7 +102,7 @@ def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.
     state.counter.add_ms("compress_ms", t0)
     work = _ALL_GATHER(gathered, payload, group=state.process_group, async_op=True)
     futures.append(work.get_future())
-    buffers.append(gathered)
+    buffers += [gathered, payload]
     state.counter.sparse((payload.numel(), gathered.numel(), (state.world_size - 1) * payload.numel()),
                          "allgather", len(group.members))
 
@@ -128,7 +136,7 @@ def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence
     gathered = row.new_empty(world * row.numel())
     work = _ALL_GATHER(gathered, row, group=state.process_group, async_op=True)
     futures.append(work.get_future())
-    buffers.append(gathered)
+    buffers += [gathered, row]
     state.counter.sparse(traffic("sparse_allreduce", group.layout.ks, world, group.value_dtype.itemsize,
                                  group.index_dtype.itemsize, ctx.regions.capacity),
                          "sparse_allreduce", len(group.members))
@@ -140,24 +148,57 @@ def _receive_allgather(state: TopKState, group: SparseGroup, grads: Sequence[tor
                        gathered: torch.Tensor) -> None:
     """Step 5 of the allgather: every rank's values divided by ``P`` and summed in rank order
     straight into the group's gradients (views of the bucket's buffer); a tensor some rank
-    flagged becomes NaN. One write per gradient entry (0, or NaN where flagged) and the
-    ``P * K`` adds: no group-sized buffer, no copy back. The same bits on every rank (the
-    Horovod path's scatter-add)."""
-    layout, world = group.layout, state.world_size
-    headers, values, indices = unpack(gathered, layout.k, group.value_dtype, group.index_dtype, world,
-                                      layout.segments)  # (P, S), (P, K), (P, K)
-    bad = headers.ne(0).any(0)  # (S,) some rank's gradient was not finite
-    values = values.to(grads[group.members[0]].dtype).div_(world)  # the P * K values, not the result
-    fill = torch.zeros((), dtype=values.dtype, device=values.device).masked_fill(bad, float("nan"))  # (S,)
-    first = 0
-    for s, (i, offset, n, k) in enumerate(zip(group.members, layout.offsets, layout.sizes, layout.ks)):
-        out = grads[i].view(-1)
-        out.fill_(fill[s])  # 0, or NaN for a flagged tensor (NaN plus any value stays NaN)
-        # This tensor's slots: group positions -> its own, clamped into it (never out of bounds).
-        pos = indices[:, first:first + k].long().sub_(offset).clamp_(0, n - 1)  # (P, k)
-        scatter_add_(out, pos.reshape(-1), values[:, first:first + k].reshape(-1))
-        first += k
+    flagged becomes NaN (``scatter_gathered``)."""
+    outs = [grads[i].view(-1) for i in group.members]
+    bad = scatter_gathered(gathered, group, outs, state.world_size)
     state.commits.flag(bad.any())
+
+
+def scatter_gathered(gathered: torch.Tensor, group: SparseGroup, outs: Sequence[torch.Tensor], world: int,
+                     limit: int = SCATTER_ENTRIES) -> torch.Tensor:
+    """Sum ``world`` gathered payloads of ``group`` into ``outs`` (its tensors, flat): each
+    tensor is set to 0 (NaN where some rank flagged it), then every rank's values, divided by
+    ``world``, are scatter-added at their positions, rank after rank. One write per entry and
+    the ``P * K`` adds: no group-sized buffer, no copy back. The same bits on every rank (the
+    Horovod path's scatter-add), and the same bits for any ``limit``.
+
+    The payloads are read ``limit`` entries at a time (``packing.Rows``): whole payloads of a
+    few ranks while ``K <= limit``, else one rank's values and positions cut into slices of at
+    most ``limit``. So what a receive copies, converts and widens stays near ``limit`` entries,
+    however many ranks there are and however large the warm-up's ``K``; each tensor's entries
+    still arrive in rank order.
+
+    Arguments:
+        gathered: ``(world * nbytes,)`` uint8, every rank's ``[flags | K values | K positions]``.
+        group: the group; its layout gives each tensor's ``k``, offset and size.
+        outs: each tensor of the group, flat (the gradients themselves).
+        world: ranks.
+        limit: entries read at once.
+
+    Returns:
+        ``(S,)`` bool: the tensors some rank flagged (not finite). Raises ``ValueError`` when
+        ``gathered`` is not ``world`` payloads of this group.
+    """
+    layout = group.layout
+    pieces = [(s, first, min(limit, k - first))  # (segment, first slot in it, slots)
+              for s, k in enumerate(layout.ks) for first in range(0, k, limit)]
+    # packing.payload_spec with the values and the positions each cut into the pieces.
+    spec = ([(layout.segments, torch.int32)] + [(w, group.value_dtype) for _, _, w in pieces]
+            + [(w, group.index_dtype) for _, _, w in pieces])
+    rows = Rows(gathered, world, spec)
+    bad = rows.part(0).ne(0).any(0)  # (S,) some rank's gradient was not finite
+    fill = torch.zeros((), dtype=outs[0].dtype, device=gathered.device).masked_fill(bad, float("nan"))  # (S,)
+    for out, value in zip(outs, fill):
+        out.fill_(value)  # 0, or NaN for a flagged tensor (NaN plus any value stays NaN)
+    per = max(1, limit // max(layout.k, 1))  # ranks read at once: below `limit`, a piece is a whole tensor
+    for first in range(0, world, per):
+        for j, (s, _, _) in enumerate(pieces):
+            out, offset, n = outs[s], layout.offsets[s], layout.sizes[s]
+            values = rows.part(1 + j, first, first + per).to(out.dtype).div_(world)  # (p, w) fresh
+            # Group positions -> the tensor's own, clamped into it (never out of bounds), in place.
+            pos = rows.part(1 + len(pieces) + j, first, first + per).sub_(offset).clamp_(0, n - 1)  # (p, w)
+            scatter_add_(out, pos.reshape(-1), values.reshape(-1))
+    return bad
 
 
 def _receive_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
@@ -165,15 +206,39 @@ def _receive_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Seque
                               selection, step: int) -> None:
     """Step 5 of the sparse allreduce: every owner's kept sums into the gradients (a tensor
     some rank flagged, or sent for another layout, becomes NaN); the selection learns which
-    of its entries some owner kept (only those leave the residual at the commit)."""
-    out = torch.empty(group.layout.numel, dtype=ctx.dtype, device=gathered.device)
+    of its entries some owner kept (only those leave the residual at the commit). Where the
+    group's gradients lie back to back in the bucket's buffer (one gradient, or several with
+    no dense one between), the sums are scattered into them directly; else into a group-sized
+    buffer, then copied: a gradient is a view of the buffer DDP reads back, so it cannot be
+    made a view of another buffer, as the Horovod path's ``synchronize._write_back`` does."""
+    out = _span(grads, group.members, ctx.dtype)
+    if out is None:
+        out = torch.empty(group.layout.numel, dtype=ctx.dtype, device=gathered.device)
     headers, kept = state.sparse_allreduce.receive(gathered, ctx, out, step)  # (P, words), (n,)
     pos, fits = travels.positions()
     selection.only(PositionSet(pos, group.layout.numel, valid=was_kept(pos, kept) & fits))
     bad = flagged_segments(ctx, headers)  # (S,)
-    for s, (i, part) in enumerate(zip(group.members, segment_views(out, group.layout))):
-        grads[i].view(-1).copy_(part.masked_fill_(bad[s], float("nan")))
+    for i, part, flagged in zip(group.members, segment_views(out, group.layout), bad):
+        part.masked_fill_(flagged, float("nan"))
+        grad = grads[i].view(-1)
+        if part.data_ptr() != grad.data_ptr():  # else it is the gradient itself
+            grad.copy_(part)
     state.commits.flag(bad.any())
+
+
+def _span(grads: Sequence[torch.Tensor], members: Sequence[int],
+          dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The gradients ``members`` as one flat view of their storage, where they lie back to
+    back in that order with ``dtype``; else None."""
+    first = grads[members[0]]
+    storage, n = first.untyped_storage().data_ptr(), 0
+    for i in members:
+        g = grads[i]
+        if (g.dtype != dtype or not g.is_contiguous() or g.untyped_storage().data_ptr() != storage
+                or g.storage_offset() != first.storage_offset() + n):
+            return None
+        n += g.numel()
+    return first.as_strided((n,), (1,))  # from first's own storage offset
 
 
 def _send_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],

@@ -34,6 +34,14 @@ def mlp() -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(48, 10))
 
 
+def wide() -> torch.nn.Module:
+    """Two weights over the group size's floor (1 MiB): groups of their own, in one bucket."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 600), torch.nn.Tanh(), torch.nn.Linear(600, 600),
+                               torch.nn.Tanh(), torch.nn.Linear(600, 600), torch.nn.Tanh(),
+                               torch.nn.Linear(600, 10))
+
+
 def batch(step: int, rank: int):
     """This rank's batch at ``step``: ``(x (8, 32), y (8, 10))``, different on every rank."""
     gen = torch.Generator().manual_seed(1000 * step + rank)
@@ -44,11 +52,11 @@ def loss_of(model, x, y) -> torch.Tensor:
     return (model(x) - y).square().mean()
 
 
-def wrap(model, state=None) -> DistributedDataParallel:
+def wrap(model, state=None, bucket_cap_mb=0.01, hook=hvd_topk.ddp.topk_hook) -> DistributedDataParallel:
     # Buckets of ~10 KB: several per model, most holding a weight (sparse) and biases (dense).
-    ddp = DistributedDataParallel(model, bucket_cap_mb=0.01)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
     if state is not None:
-        ddp.register_comm_hook(state, hvd_topk.ddp.topk_hook)
+        ddp.register_comm_hook(state, hook)
     return ddp
 
 
@@ -71,24 +79,31 @@ def observed_step(model, replica, ddp, state, x, y) -> dict:
     return record
 
 
-def observed_run(rank: int, budget=None, **settings) -> dict:
+def observed_run(rank: int, budget=None, model_fn=mlp, bucket_cap_mb=0.01, **settings) -> dict:
     """Three observed steps (``observed_step``) of SGD with the hook under ``settings``; the
-    byte counters and the state's sparse allreduce regions after them. ``budget``: the
-    in-flight budget instead of the default (0: each bucket's hook first finishes the one
-    before)."""
-    model = mlp()
+    byte counters and the state's sparse allreduce regions after them; the large gradients
+    (over 1 MiB) of each bucket the hook saw. ``budget``: the in-flight budget instead of the
+    default (0: each group's exchange is finished before the next group's selection)."""
+    model = model_fn()
     replica = copy.deepcopy(model)
     state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, **settings)
     if budget is not None:
         state.in_flight.budget = budget
-    ddp = wrap(model, state)
+    large = []
+
+    def hook(state, bucket):
+        large.append(sum(g.numel() * g.element_size() > 1 << 20 for g in bucket.gradients()))
+        return hvd_topk.ddp.topk_hook(state, bucket)
+
+    ddp = wrap(model, state, bucket_cap_mb, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []
     for step in range(3):
         steps.append(observed_step(model, replica, ddp, state, *batch(step, rank)))
         opt.step()
     return {"steps": steps, "steps_counted": state.steps, "comm_totals": state.comm_totals.as_dict(),
-            "comm_stats": state.comm_stats.as_dict(), "regions": state.state_dict()["sparse_allreduce"]}
+            "comm_stats": state.comm_stats.as_dict(), "regions": state.state_dict()["sparse_allreduce"],
+            "large": large}
 
 
 EXACT = {"warmup_steps": 2, "warmup_ratio": 0.25}
@@ -115,6 +130,16 @@ def exact_bounded(rank: int, world: int) -> dict:
 def sar_bounded(rank: int, world: int) -> dict:
     """``sar`` with an in-flight budget of 0."""
     return observed_run(rank, budget=0, **SAR)
+
+
+def groups(rank: int, world: int) -> dict:
+    """``exact`` on ``wide()`` in DDP's default buckets: a bucket of several groups."""
+    return observed_run(rank, model_fn=wide, bucket_cap_mb=25, **EXACT)
+
+
+def groups_bounded(rank: int, world: int) -> dict:
+    """``groups`` with an in-flight budget of 0: a bucket's groups finished one by one."""
+    return observed_run(rank, budget=0, model_fn=wide, bucket_cap_mb=25, **EXACT)
 
 
 def ratio_one(rank: int, world: int) -> dict:
@@ -293,7 +318,8 @@ def no_sync(rank: int, world: int) -> dict:
     return {"syncs": [(op, where) for op, where in found if where != "outside hvd_topk"]}
 
 
-SCENARIOS = {f.__name__: f for f in (exact, sar, exact_bounded, sar_bounded, ratio_one, identical, resume,
+SCENARIOS = {f.__name__: f for f in (exact, sar, exact_bounded, sar_bounded, groups, groups_bounded,
+                                     ratio_one, identical, resume,
                                      identical_sar, resume_sar,
                                      nonfinite, disagree, adam, no_sync)}
 
