@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["num_selected", "index_dtype", "GroupLayout", "StepTables", "expand_counts", "segment_views",
-           "sample_plan", "SAMPLED_MIN_NUMEL"]
+           "sample_plan", "SAMPLED_MIN_NUMEL", "group_runs"]
 
 # Below this many elements a segment has no sample: all its entries are candidates (small
 # tensors cost little either way).
@@ -45,6 +45,24 @@ def num_selected(numel: int, ratio: float) -> int:
 def index_dtype(numel: int) -> torch.dtype:
     """int32 indices while every index fits (numel < 2**31), int64 beyond."""
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def group_runs(items: Sequence[Any], nbytes: Callable[[Any], int], key: Callable[[Any], Any],
+               cap: Callable[[Any], int]) -> List[List[Any]]:
+    """``items`` in order, cut into the runs that form groups: a run ends where the next item
+    has another ``key`` (one pipeline run per key), or where it would take the run past
+    ``cap(item)`` bytes (an item larger than that is a run alone). Both engines group by it:
+    the Horovod planner over a step's gradients, the DDP hook over a bucket's."""
+    runs: List[List[Any]] = []
+    total, last = 0, None
+    for item in items:
+        b, k = nbytes(item), key(item)
+        if not runs or k != last or total + b > cap(item):
+            runs.append([])
+            total, last = 0, k
+        runs[-1].append(item)
+        total += b
+    return runs
 
 
 def sample_plan(n: int, k: int) -> Optional[Tuple[int, int]]:

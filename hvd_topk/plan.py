@@ -17,6 +17,7 @@ from horovod.common.util import split_list
 from horovod.torch import mpi_ops
 
 from .exchange import EXCHANGES, ring_allreduce_bytes
+from .layout import group_runs
 from .settings import in_flight_budget
 
 __all__ = ["Group", "InGroup", "Planner", "check_user_groups"]
@@ -161,27 +162,26 @@ class Planner:
             return self.plan
         user_group = self._user_group_index(trained)
         trained_bytes = sum(p.numel() * p.element_size() for p in trained)
-        groups, current, by_user_group = [], None, {}
-        kinds = {}
-        for p in reversed(trained):
-            kind = "dense" if p.is_complex() else comp.exchange_for(p, world)
-            kinds[p] = kind
-            if kind == "dense":
-                continue
+        kinds = {p: "dense" if p.is_complex() else comp.exchange_for(p, world) for p in trained}
+        sparse = [p for p in reversed(trained) if kinds[p] != "dense"]
+
+        def gkey(p):
             correction = corrections.get(p)
-            gkey = (p.device, p.dtype, correction.key() if correction else None, kind)
-            if user_group is not None:
-                current = by_user_group.get((user_group[p], gkey))
-                if current is None:
-                    current = by_user_group[(user_group[p], gkey)] = Group(gkey)
-                    groups.append(current)
-            else:
-                nbytes = p.numel() * p.element_size()
-                if (current is None or current.key != gkey
-                        or current.nbytes + nbytes > comp.group_bytes(p.device, kind, trained_bytes)):
-                    current = Group(gkey)
-                    groups.append(current)
-            current.add(p, self._names.get(p), correction)
+            return (p.device, p.dtype, correction.key() if correction else None, kinds[p])
+
+        if user_group is not None:
+            by_user_group = {}
+            for p in sparse:
+                by_user_group.setdefault((user_group[p], gkey(p)), []).append(p)
+            runs = list(by_user_group.values())
+        else:
+            runs = group_runs(sparse, lambda p: p.numel() * p.element_size(), gkey,
+                              lambda p: comp.group_bytes(p.device, kinds[p], trained_bytes))
+        groups = []
+        for run in runs:
+            groups.append(Group(gkey(run[0])))
+            for p in run:
+                groups[-1].add(p, self._names.get(p), corrections.get(p))
         self.plan = {p: g for g in groups for p in g.params}
         self._key = key
         self.budget = in_flight_budget(trained_bytes)

@@ -10,6 +10,7 @@ from hvd_topk._cpu_kernel import add_at, zero_at
 from hvd_topk import index_dtype, num_selected, select_topk
 from hvd_topk import layout, selection
 from hvd_topk.headers import FLAG_INEXACT
+from hvd_topk.layout import group_runs
 from hvd_topk.selection import SAMPLED_MIN_NUMEL, GroupLayout, select_group, update_
 
 
@@ -166,6 +167,14 @@ def test_update_momentum_and_nesterov_are_sgds():
     v2, u2 = v.clone(), u.clone()
     update_(v2, g, layout, u=u2, momentum=0.9, nesterov=True)
     assert torch.equal(v2, v + (g + 0.9 * (u * 0.9 + g)))
+
+
+def test_group_runs_cut_at_key_changes_and_the_cap():
+    """Runs end at a change of key or where the cap would be passed; a larger item is alone."""
+    items = [("a", 4), ("a", 4), ("a", 4), ("b", 1), ("b", 20), ("b", 1), ("a", 1)]
+    runs = group_runs(items, nbytes=lambda it: it[1], key=lambda it: it[0], cap=lambda it: 8)
+    assert [[b for _, b in run] for run in runs] == [[4, 4], [4], [1], [20], [1], [1]]
+    assert group_runs([], nbytes=len, key=len, cap=len) == []
 
 
 def test_group_layout_validates():

@@ -11,12 +11,12 @@ the same plan, knows every rank's ``k`` and hence the size of every payload.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..cost import choose_exchange
-from ..layout import GroupLayout, index_dtype, num_selected
+from ..layout import GroupLayout, group_runs, index_dtype, num_selected
 from ..packing import payload_nbytes
 from ..settings import TopKSettings
 
@@ -105,7 +105,9 @@ def build_plan(names: Sequence[str], grads: Sequence[torch.Tensor], settings: To
         if not members:
             continue
         cap = settings.group_bytes_for(grads[members[0]].device, exchange, trained_bytes)
-        for part in _split(members, [grads[i].numel() * grads[i].element_size() for i in members], cap):
+        for part in group_runs(members, lambda i: grads[i].numel() * grads[i].element_size(),
+                               key=lambda i: None, cap=lambda i, c=cap: c):
+            part = tuple(part)
             layout = GroupLayout(tuple(sizes[i] for i in part),
                                  tuple(num_selected(sizes[i], ratio) for i in part))
             span = layout.numel if exchange == "allgather" else max(layout.sizes)
@@ -113,18 +115,3 @@ def build_plan(names: Sequence[str], grads: Sequence[torch.Tensor], settings: To
                                       settings.value_dtype or grads[part[0]].dtype, index_dtype(span)))
     dense = tuple(i for i, kind in enumerate(kinds) if kind == "dense")
     return BucketPlan(tuple(names), sizes, tuple(groups), dense, ratio)
-
-
-def _split(members: Sequence[int], nbytes: Sequence[int], cap: int) -> List[Tuple[int, ...]]:
-    """``members`` in order, cut into runs of at most ``cap`` bytes (a larger one alone)."""
-    parts: List[Tuple[int, ...]] = []
-    run: List[int] = []
-    total = 0
-    for i, b in zip(members, nbytes):
-        if run and total + b > cap:
-            parts.append(tuple(run))
-            run, total = [], 0
-        run.append(i)
-        total += b
-    parts.append(tuple(run))
-    return parts
