@@ -252,7 +252,9 @@ class TopKState:
 
 def _parameter_names(model) -> Tuple[Dict[int, str], int]:
     """``(id(parameter) -> name, bytes of the parameters that take gradients)``: the names
-    find a bucket's parameters in this process (the names, never the ids, key the state)."""
+    find a bucket's parameters in this process (the names, never the ids, key the state).
+    The bytes are counted once, like DDP's buckets, which DDP builds at construction from
+    the parameters that require grad then; they size the groups and the in-flight budget."""
     pairs = model.named_parameters() if isinstance(model, torch.nn.Module) else model
     names: Dict[int, str] = {}
     seen: Dict[str, int] = {}
