@@ -76,15 +76,19 @@ def _select(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor])
     """Steps 2-3 for a group: ``(chosen, residual, velocity)`` (``selection.Selection``, the
     group's buffers)."""
     layout = group.layout
-    g = torch.cat([grads[i].reshape(-1) for i in group.members])  # (n,)
+    # A lone gradient is read where it lies in the bucket (no copy of the group); several are
+    # joined into a buffer of the group's own, which step 1 may then overwrite.
+    owned = len(group.members) > 1
+    g = (torch.cat([grads[i].reshape(-1) for i in group.members]) if owned
+         else grads[group.members[0]].reshape(-1))  # (n,)
     residual, velocity = state.buffers(group.names, layout.sizes, g, residual=True)
     clip = state.settings.local_clip_norm
     if clip is not None:  # DGC 3.3, to local_clip_norm / sqrt(P)
-        g = clip_local(g, layout, 1.0, clip / math.sqrt(state.world_size))
+        g, owned = clip_local(g, layout, 1.0, clip / math.sqrt(state.world_size)), True
     adam = state.adam
     moments = adam.moments(group.names, layout, g) if adam and adam.covers(group.names) else None
     chosen = select(residual, g, layout, velocity=velocity, momentum=state.momentum,
-                    nesterov=state.nesterov, adam=moments, fused=clip is None, owned=True)
+                    nesterov=state.nesterov, adam=moments, fused=clip is None, owned=owned)
     return chosen, residual, velocity
 
 
