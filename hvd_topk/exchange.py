@@ -24,8 +24,9 @@ import torch
 
 from .collectives import sparse_allgather_async, sparse_alltoall_async
 from .cost import allgather_time
-from .exchange_core import (EXCHANGES, QUANTILES, cheapest_exchange, exchange_bytes, gradient_costs,
-                            local_indices, region_sizes, ring_allreduce_bytes, scatter_add_, traffic)
+from .exchange_core import (EXCHANGES, QUANTILES, SCATTER_ENTRIES, cheapest_exchange, exchange_bytes,
+                            gradient_costs, local_indices, region_sizes, ring_allreduce_bytes, scatter_add_,
+                            traffic)
 from .interface import SAME_MODEL, Exchange, RankMismatchError, SparseContext
 from .packing import pack_header, payload_rows
 from .layout import GroupLayout
@@ -35,8 +36,6 @@ __all__ = ["sparse_allgather_async", "sparse_alltoall_async", "scatter_add_", "e
            "ring_allreduce_bytes", "region_sizes", "cheapest_exchange", "gradient_costs",
            "AllgatherExchange", "local_indices", "EXCHANGES", "QUANTILES"]
 
-#: Gathered entries ``AllgatherExchange.receive`` copies out at once (at least one rank's).
-_SCATTER_ENTRIES = 1 << 20
 
 
 def _slot_bounds(layout: GroupLayout, device: torch.device,
@@ -97,7 +96,7 @@ class AllgatherExchange(Exchange):
         if ctx.k:
             # A few ranks' entries at a time (rank order kept: the same bits), so that the
             # copies a scatter needs stay near one payload however many ranks there are.
-            per = max(1, _SCATTER_ENTRIES // ctx.k)
+            per = max(1, SCATTER_ENTRIES // ctx.k)
             bounds = _slot_bounds(ctx.layout, gathered.device, rows.spec[2][1])
             for first in range(0, rows.rows, per):
                 _scatter_rows(out, rows.part(1, first, first + per), rows.part(2, first, first + per),

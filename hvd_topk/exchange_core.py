@@ -25,13 +25,17 @@ from .settings import TopKSettings
 
 __all__ = ["EXCHANGES", "QUANTILES", "MEMORY_BUDGET", "header_words", "region_sizes",
            "ring_allreduce_bytes", "traffic", "temporaries", "fits_memory", "exchange_bytes",
-           "cheapest_exchange", "gradient_sizes", "gradient_costs", "scatter_add_", "local_indices"]
+           "cheapest_exchange", "gradient_sizes", "gradient_costs", "scatter_add_", "local_indices",
+           "SCATTER_ENTRIES"]
 
 #: The exchanges a gradient can take, cheapest first when the model ties.
 EXCHANGES = ("dense", "allgather", "sparse_allreduce")
 #: The sparse allreduce's load statistics per (owner, tensor), in its allgather row: the
 #: demand, then QUANTILES - 1 inner quantiles (``sparse_allreduce.refresh_bounds``).
 QUANTILES = 8
+#: Gathered entries a receive reads at once (the allgather's on both engines): its copies of
+#: values and positions stay near this many entries whatever the world size and ``K``.
+SCATTER_ENTRIES = 1 << 20
 
 
 def header_words(segments: int) -> int:

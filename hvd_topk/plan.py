@@ -45,7 +45,6 @@ class Group:
         self.correction = None  # its params' MomentumCorrection / AdamCorrection, or None
         self.params = []
         self.names = []
-        self.nbytes = 0
         self.ready = {}  # param -> the gradient to compress (this step)
         self.ctx = None  # the compressor's SparseContext, once compressed
         self.alltoall = None  # the sparse allreduce's phase 1: wait() -> the received rows
@@ -57,7 +56,6 @@ class Group:
         """Plan ``p`` (named ``name``, with its ``correction`` or None) into the group."""
         self.params.append(p)
         self.names.append(name)
-        self.nbytes += p.numel() * p.element_size()
         self.correction = correction
 
     def drop(self, p):

@@ -10,7 +10,8 @@ A tensor some rank flagged is NaN. A buffer of the wrong size raises ``ValueErro
 import pytest
 import torch
 
-from hvd_topk.ddp.hook import SCATTER_ENTRIES, scatter_gathered
+from hvd_topk.ddp.hook import scatter_gathered
+from hvd_topk.exchange_core import SCATTER_ENTRIES
 from hvd_topk.ddp.plan import SparseGroup
 from hvd_topk.layout import GroupLayout
 from hvd_topk.packing import pack_header

@@ -104,6 +104,55 @@ HVD_TOPK_CLONES uint32_t momentum_block(float* __restrict v, float* __restrict u
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
+// The scattered writes of a step, each a cache miss that the hardware prefetcher does not
+// foresee (positions ~1/ratio apart): the lines are asked for kAhead positions early. The
+// same bits as the torch ops they stand for (selection.residual_write_'s scatter_ of 0,
+// exchange_core.scatter_add_'s index_add_, which adds in index order too).
+namespace {
+
+constexpr int64_t kAhead = 16;
+
+template <typename I>
+void check_positions(const I* ip, int64_t m, int64_t n) {
+  for (int64_t j = 0; j < m; ++j) {
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < n, "position ", static_cast<int64_t>(ip[j]), " out of [0, ", n, ")");
+  }
+}
+
+template <typename I>
+void zero_at_impl(float* vp, float* up, const I* ip, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) {
+    if (j + kAhead < m) {
+      __builtin_prefetch(vp + ip[j + kAhead], 1);
+      if (up) __builtin_prefetch(up + ip[j + kAhead], 1);
+    }
+    vp[ip[j]] = 0.0f;
+    if (up) up[ip[j]] = 0.0f;
+  }
+}
+
+template <typename I>
+void add_at_impl(float* op, const I* ip, const float* xp, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) {
+    if (j + kAhead < m) __builtin_prefetch(op + ip[j + kAhead], 1);
+    op[ip[j]] += xp[j];
+  }
+}
+
+void check_positions_tensor(const torch::Tensor& idx, int64_t n) {
+  TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1 && idx.is_contiguous() &&
+                  (idx.scalar_type() == torch::kLong || idx.scalar_type() == torch::kInt),
+              "positions: a 1-D contiguous int32/int64 CPU tensor expected");
+  if (idx.scalar_type() == torch::kLong) {
+    check_positions(idx.data_ptr<int64_t>(), idx.numel(), n);
+  } else {
+    check_positions(idx.data_ptr<int32_t>(), idx.numel(), n);
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
 // The whole of error feedback's step for one tensor, in one call (compression.py's fast path):
 //
 //   (momentum correction, u non-empty)  u_i = finite(m u_i + alpha finite(g_i));  v_i = v_i + u_i
@@ -291,15 +340,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
     }
     TORCH_CHECK(o == k, "topk_update: selected ", o, " of ", k);
   }
-  // The sent entries are ~1/ratio apart: one cache miss each, which the hardware prefetcher
-  // does not foresee; ask for the lines kAhead entries early.
-  constexpr int64_t kAhead = 16;
-  if (zero_v) {
-    for (int64_t j = 0; j < k; ++j) {
-      if (j + kAhead < k) __builtin_prefetch(vp + ip[j + kAhead], 1);
-      vp[ip[j]] = 0.0f;
-    }
-  }
+  // The sent entries are ~1/ratio apart: one cache miss each (see zero_at_impl).
+  if (zero_v) zero_at_impl(vp, nullptr, ip, k);
   if (mom) {  // u where sent, read (and masked) in the same touch of its cache line
     for (int64_t j = 0; j < k; ++j) {
       if (j + kAhead < k) __builtin_prefetch(up + ip[j + kAhead], 1);
@@ -310,54 +352,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool, bool> topk_update(
   return {idx, vals, uvals, g_finite, v_finite};
 }
 
-// ------------------------------------------------------------------------------------------
-// The scattered writes of a step, each a cache miss that the hardware prefetcher does not
-// foresee (positions ~1/ratio apart): the lines are asked for kAhead positions early. The
-// same bits as the torch ops they stand for (selection.residual_write_'s scatter_ of 0,
-// exchange_core.scatter_add_'s index_add_, which adds in index order too).
-namespace {
-
-constexpr int64_t kAhead = 16;
-
-template <typename I>
-void check_positions(const I* ip, int64_t m, int64_t n) {
-  for (int64_t j = 0; j < m; ++j) {
-    TORCH_CHECK(ip[j] >= 0 && ip[j] < n, "position ", static_cast<int64_t>(ip[j]), " out of [0, ", n, ")");
-  }
-}
-
-template <typename I>
-void zero_at_impl(float* vp, float* up, const I* ip, int64_t m) {
-  for (int64_t j = 0; j < m; ++j) {
-    if (j + kAhead < m) {
-      __builtin_prefetch(vp + ip[j + kAhead], 1);
-      if (up) __builtin_prefetch(up + ip[j + kAhead], 1);
-    }
-    vp[ip[j]] = 0.0f;
-    if (up) up[ip[j]] = 0.0f;
-  }
-}
-
-template <typename I>
-void add_at_impl(float* op, const I* ip, const float* xp, int64_t m) {
-  for (int64_t j = 0; j < m; ++j) {
-    if (j + kAhead < m) __builtin_prefetch(op + ip[j + kAhead], 1);
-    op[ip[j]] += xp[j];
-  }
-}
-
-void check_positions_tensor(const torch::Tensor& idx, int64_t n) {
-  TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1 && idx.is_contiguous() &&
-                  (idx.scalar_type() == torch::kLong || idx.scalar_type() == torch::kInt),
-              "positions: a 1-D contiguous int32/int64 CPU tensor expected");
-  if (idx.scalar_type() == torch::kLong) {
-    check_positions(idx.data_ptr<int64_t>(), idx.numel(), n);
-  } else {
-    check_positions(idx.data_ptr<int32_t>(), idx.numel(), n);
-  }
-}
-
-}  // namespace
 
 // v[idx] = 0 and, if u is not empty, u[idx] = 0 (the commit: residual and velocity where sent).
 void zero_at(torch::Tensor v, torch::Tensor u, torch::Tensor idx) {

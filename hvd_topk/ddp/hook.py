@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..exchange_core import scatter_add_, traffic
+from ..exchange_core import SCATTER_ENTRIES, scatter_add_, traffic
 from ..headers import build_header, flagged_segments
 from ..interface import SparseContext
 from ..packing import Rows, pack_header
@@ -27,11 +27,7 @@ from .in_flight import ExchangeWork
 from .plan import BucketPlan, SparseGroup
 from .state import TopKState
 
-__all__ = ["topk_hook", "scatter_gathered", "SCATTER_ENTRIES"]
-
-#: Gathered entries a receive reads at once (``scatter_gathered``): its copies of values and
-#: positions stay near this many entries whatever the world size and the warm-up's ``K``.
-SCATTER_ENTRIES = 1 << 20
+__all__ = ["topk_hook", "scatter_gathered"]
 
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

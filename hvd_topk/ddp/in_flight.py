@@ -46,8 +46,7 @@ class ExchangeWork:
                 return
             results = []
             for f in self._futures:
-                f.wait()
-                value = f.value()
+                value = f.wait()
                 results += value if isinstance(value, (list, tuple)) else [value]
             for part in self._finish:
                 part()
