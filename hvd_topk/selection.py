@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._cpu_kernel import _EMPTY, cpu_kernel, zero_at
+from ._cpu_kernel import cpu_kernel, zero_at
 from .layout import (SAMPLED_MIN_NUMEL, GroupLayout, expand_counts, index_dtype, num_selected,
                      sample_plan, segment_views)
 from .positions import PositionSet
@@ -264,6 +264,8 @@ def fused_update_and_select(v: torch.Tensor, u: Optional[torch.Tensor], g: torch
                                                        m, zero_v, zero_u)
     return idx, vals, (u_vals if u is not None else None), g_ok and v_ok
 
+
+_EMPTY = torch.empty(0)
 
 
 @dataclass
