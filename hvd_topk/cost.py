@@ -39,7 +39,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .exchange_core import (EXCHANGES, cheapest_exchange, fits_memory, gradient_costs, gradient_sizes,
-                            region_sizes, ring_allreduce_bytes, traffic)
+                            region_sizes, ring_allreduce_bytes, temporaries, traffic)
 from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings
 
 __all__ = ["CostModel", "COMPUTE_NS", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US", "cost_model",
@@ -160,7 +160,8 @@ def fastest_exchange(times: Mapping[str, float], allowed) -> str:
 
 def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float,
                     compute: Optional[Mapping[str, float]] = None,
-                    sparse_exchanges: Sequence[str] = EXCHANGES[1:]) -> str:
+                    sparse_exchanges: Sequence[str] = EXCHANGES[1:],
+                    memory_limit: Optional[int] = None) -> str:
     """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for one gradient over ``world``
     ranks at ``ratio``: dense below ``min_numel`` and for what is not a dense floating
     tensor; under ``"auto"`` the fastest by the time model (a dense allreduce among the
@@ -171,8 +172,13 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
     its ``exchange_core.MEMORY_BUDGET`` times the gradient's bytes is no candidate
     (``exchange_core.fits_memory``; float32 with int32 indices: the sparse allreduce above a
     density of 1/64, the allgather beyond ``1 / ratio`` ranks). ``sparse_exchanges``: those
-    the engine has, what ``"auto"`` chooses among (the DDP hook: ``("allgather",)``). Host
-    numbers only: every rank takes the same decision."""
+    the engine has, what ``"auto"`` chooses among. ``memory_limit`` (bytes; the DDP hook
+    passes its in-flight budget, an eighth of the model): with ``density_aware``, a sparse
+    exchange whose temporaries at ``ratio`` exceed both this limit and its temporaries at
+    ``settings.ratio`` is no candidate either -- the warm-up's high ratios never make one
+    gradient's exchange hold more than the larger of the two; such a gradient is allreduced
+    densely (no residual is owed while it is). Host numbers only: every rank takes the same
+    decision."""
     if not tensor.dtype.is_floating_point or tensor.is_sparse:
         return "dense"
     n = tensor.numel()
@@ -183,6 +189,15 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
         _, k, grad_bytes, value_bytes, index_bytes = gradient_sizes(settings, tensor, ratio)
         allowed = ("dense",) + tuple(e for e in allowed if fits_memory(
             e, n, k, world, grad_bytes, value_bytes, index_bytes, settings.region_capacity))
+        if memory_limit is not None and ratio > settings.ratio:
+            k_final = gradient_sizes(settings, tensor, settings.ratio)[1]
+
+            def held(exchange: str, selected: int) -> int:
+                return temporaries(exchange, (selected,), max(world, 2), value_bytes, index_bytes,
+                                   settings.region_capacity)
+
+            allowed = tuple(e for e in allowed
+                            if e == "dense" or held(e, k) <= max(memory_limit, held(e, k_final)))
     if len(allowed) == 1:
         return allowed[0]
     if settings.exchange != "auto":

@@ -35,7 +35,7 @@ EXCHANGES = ("dense", "allgather", "sparse_allreduce")
 QUANTILES = 8
 #: Gathered entries a receive reads at once (the allgather's on both engines): its copies of
 #: values and positions stay near this many entries whatever the world size and ``K``.
-SCATTER_ENTRIES = 1 << 20
+SCATTER_ENTRIES = 1 << 18
 
 
 def header_words(segments: int) -> int:

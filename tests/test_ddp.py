@@ -37,7 +37,8 @@ from hvd_topk.layout import num_selected
 from hvd_topk.settings import TopKSettings
 
 SCENARIOS = ("exact", "sar", "exact_bounded", "sar_bounded", "groups", "groups_bounded", "ratio_one",
-             "identical", "resume", "identical_sar", "resume_sar", "nonfinite", "disagree", "adam", "no_sync")
+             "dense_large", "identical", "resume", "identical_sar", "resume_sar", "nonfinite", "disagree",
+             "adam", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -204,6 +205,19 @@ def test_ratio_one_equals_default_allreduce(ranks):
                 torch.testing.assert_close(hooked[name], plain[name], **DENSE_TOL)
 
 
+def test_large_dense_gradients_reduced_in_place_with_momentum(ranks):
+    """Gradients sent dense, the large ones reduced where they lie in the bucket: the
+    average of DDP's default allreduce, under Nesterov momentum correction ``u = m u + avg``,
+    ``avg + m u``, within the dense tolerance."""
+    for result in ranks.load("dense_large"):
+        velocity = {}
+        for hooked, plain in result["pairs"]:
+            for name, avg in plain.items():
+                u = velocity[name] = 0.9 * velocity.get(name, torch.zeros_like(avg)) + avg
+                torch.testing.assert_close(hooked[name], avg + 0.9 * u, **DENSE_TOL)
+        assert result["dense_bytes"] == 3 * 4 * sum(g.numel() for g in result["pairs"][0][1].values())
+
+
 def test_ranks_bit_identical(ranks):
     results = ranks.load("identical")
     for name, p in results[0]["params"].items():
@@ -347,6 +361,26 @@ def test_bucket_split_follows_the_horovod_paths_rule():
     plan = build_plan(["w"], [big], TopKSettings(0.01, exchange="allgather"), 0.01, 256)
     assert plan.sparse == ()  # named, but it would move more bytes than a dense allreduce
     assert build_plan(["i"], [torch.zeros(100_000, dtype=torch.int64)], auto, 0.01, 2).sparse == ()
+
+
+def test_warmup_sends_large_gradients_dense_while_their_exchange_outweighs_the_budget():
+    """With the model's trained bytes, a gradient whose allgather would gather more than half
+    the in-flight budget (an eighth of the model) at the warm-up's ratio, and more than it
+    will at the final ratio, is allreduced densely; the small ones and the final ratio are
+    untouched."""
+    s = TopKSettings(0.01)
+    big, small = torch.zeros(1 << 20), torch.zeros(1 << 14)  # 4 MiB and 64 KiB
+    trained = 16 << 20  # half the budget: 1 MiB; big at 0.25: P K 8 = 4 MiB gathered
+    plan = build_plan(["w", "v"], [big, small], s, 0.25, 2, trained_bytes=trained)
+    assert (plan.sparse, plan.dense) == ((1,), (0,))
+    assert build_plan(["w"], [big], s, 0.25, 2).sparse == (0,)  # no model size known: no limit
+    assert build_plan(["w"], [big], s, 0.05, 2, trained_bytes=trained).sparse == (0,)  # 0.8 MiB
+    # 8 ranks, the allgather named: at the final ratio it gathers 8 * 10486 * 8 bytes, over the
+    # limit (0.5 MiB, half the budget's floor); a warm-up ratio that selects as many still
+    # goes sparse, one that selects more does not.
+    named = TopKSettings(0.01, exchange="allgather")
+    for ratio, sparse in ((0.01, (0,)), (0.01 + 1e-9, (0,)), (0.011, ())):
+        assert build_plan(["w"], [big], named, ratio, 8, trained_bytes=1 << 20).sparse == sparse, ratio
 
 
 @pytest.mark.parametrize("kwargs,error,words", [

@@ -9,6 +9,7 @@ No ``from __future__ import annotations`` here: DDP checks the hook's annotation
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,15 +47,15 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     for group in plan.groups:
         state.in_flight.make_room()  # past the budget, the oldest exchanges are finished first
         send = _send_allgather if group.exchange == "allgather" else _send_sparse_allreduce
-        sent, gathered = [], []
-        receive = send(state, group, grads, sent, gathered)
-        works.append(ExchangeWork(sent, [receive], gathered))
-        futures += sent
+        started, buffers = [], []
+        receive = send(state, group, grads, started, buffers)
+        works.append(ExchangeWork(started, [receive], buffers[:1], buffers[1:]))
+        futures += started
         state.in_flight.add(works[-1])  # past the budget, the older ones (this bucket's too) now
     if plan.dense:
-        summed, velocity = _send_dense(state, plan, grads, futures)
-        receive = [lambda: _receive_dense(state, plan, grads, summed, velocity)]
-        works.append(ExchangeWork(futures[-1:], receive, []))
+        pieces = _send_dense(state, plan, grads, futures)
+        receive = [lambda: _receive_dense(state, grads, pieces)]
+        works.append(ExchangeWork(futures[-len(pieces):], receive, []))
     buffer = bucket.buffer()
 
     def done(_) -> torch.Tensor:
@@ -102,7 +103,7 @@ def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.
     state.counter.add_ms("compress_ms", t0)
     work = _ALL_GATHER(gathered, payload, group=state.process_group, async_op=True)
     futures.append(work.get_future())
-    buffers += [gathered, payload]
+    buffers += [gathered, payload]  # what step 5 reads, then what was sent
     state.counter.sparse((payload.numel(), gathered.numel(), (state.world_size - 1) * payload.numel()),
                          "allgather", len(group.members))
 
@@ -241,31 +242,71 @@ def _span(grads: Sequence[torch.Tensor], members: Sequence[int],
     return first.as_strided((n,), (1,))  # from first's own storage offset
 
 
+def _not_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool on ``t``'s device: whether ``t`` holds a NaN or an Inf. ``aminmax``: one pass
+    and two scalars (min and max carry any NaN and the infinities), where ``isfinite(t)`` would
+    make temporaries of some 5 bytes an entry and take about 30 times as long on CPU."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+@dataclass
+class _DensePiece:
+    """Dense gradients of a bucket reduced by one allreduce: their bucket positions, the
+    flat buffer summed (``in_place``: the gradient itself, a view of the bucket) and their
+    velocity (momentum correction), or None."""
+    members: Tuple[int, ...]
+    summed: torch.Tensor
+    in_place: bool
+    velocity: Optional[torch.Tensor] = None
+
+
+#: A dense gradient of at least this many bytes is allreduced where it lies in the bucket; the
+#: smaller ones are joined into one buffer (one collective for them all).
+_IN_PLACE_BYTES = 1 << 20
+
+
 def _send_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
-                futures: List[torch.futures.Future]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The dense gradients back to back, the start of their allreduce (a sum), and their
-    velocity with momentum correction (taken here: the callbacks, on the collectives'
-    threads, touch no shared state but tensors)."""
-    flat = torch.cat([grads[i].reshape(-1) for i in plan.dense])  # (n_dense,)
-    _, velocity = state.buffers(plan.dense_names, plan.dense_sizes, flat, residual=False)
-    work = dist.all_reduce(flat, group=state.process_group, async_op=True)
-    futures.append(work.get_future())
+                futures: List[torch.futures.Future]) -> List[_DensePiece]:
+    """The dense gradients' allreduces (sums), started: a gradient of at least
+    ``_IN_PLACE_BYTES`` is reduced where it lies in the bucket (no copy: during the warm-up
+    the large ones may be sent dense, most of the model), the smaller ones back to back in
+    one buffer of their own. Returns the pieces, each with its velocity under momentum
+    correction (taken here: the callbacks, on the collectives' threads, touch no shared state
+    but tensors)."""
+    alone = [i for i in plan.dense if grads[i].numel() * grads[i].element_size() >= _IN_PLACE_BYTES]
+    joined = tuple(i for i in plan.dense if i not in alone)
+    pieces = [_DensePiece((i,), grads[i].view(-1), True) for i in alone]
+    if joined:
+        pieces.append(_DensePiece(joined, torch.cat([grads[i].reshape(-1) for i in joined]), False))  # (n,)
+    for piece in pieces:
+        _, piece.velocity = state.buffers(tuple(plan.names[i] for i in piece.members),
+                                          tuple(plan.sizes[i] for i in piece.members), piece.summed,
+                                          residual=False)
+        work = dist.all_reduce(piece.summed, group=state.process_group, async_op=True)
+        futures.append(work.get_future())
     for i in plan.dense:
         state.counter.dense(grads[i], state.world_size)
-    return flat, velocity
+    return pieces
 
 
-def _receive_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
-                   summed: torch.Tensor, velocity: Optional[torch.Tensor]) -> None:
+def _receive_dense(state: TopKState, grads: Sequence[torch.Tensor], pieces: Sequence[_DensePiece]) -> None:
     """The average into the dense gradients; with momentum correction, heavy-ball momentum
     of the average (what a momentum SGD would apply to them)."""
-    avg = summed.div_(state.world_size)  # (n_dense,)
-    state.commits.flag(~torch.isfinite(avg).all())
-    if velocity is not None:
-        velocity.mul_(state.momentum).add_(avg)
-        avg = avg.add(velocity, alpha=state.momentum) if state.nesterov else velocity
-    for i, part in zip(plan.dense, torch.split(avg, plan.dense_sizes)):
-        grads[i].view(-1).copy_(part)
+    for piece in pieces:
+        avg = piece.summed.div_(state.world_size)  # (n,)
+        state.commits.flag(_not_finite(avg))
+        if piece.velocity is not None:
+            piece.velocity.mul_(state.momentum).add_(avg)
+            if state.nesterov:
+                avg.add_(piece.velocity, alpha=state.momentum)
+            else:
+                avg.copy_(piece.velocity)
+        if not piece.in_place:
+            for i, part in zip(piece.members, torch.split(avg, [grads[i].numel() for i in piece.members])):
+                grads[i].view(-1).copy_(part)
 
 
 # ``all_gather_single`` where torch has it (``all_gather_into_tensor``, the same collective,

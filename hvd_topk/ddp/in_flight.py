@@ -22,19 +22,20 @@ __all__ = ["ExchangeWork", "InFlight"]
 
 class ExchangeWork:
     """One exchange of a bucket (a group's, or its dense allreduce): its collectives, the
-    buffers they fill and send (``buffers``: the gathered buffer and the payload sent) and its
-    step 5 (``finish``), run once: by DDP's callback when the bucket's collectives complete, or
-    earlier by the hook, for a later group (``InFlight``). Then the buffers are emptied
-    (``Tensor.set_()``), and so are the collectives' own results (Gloo's allgather returns
-    views of the gathered buffer, and keeps the payload): DDP keeps the futures until
-    backward is over, and with them every buffer they reach."""
+    buffers they fill (``received``: the gathered buffer) and send (``sent``: the payload) and
+    its step 5 (``finish``), run once: by DDP's callback when the bucket's collectives
+    complete, or earlier by the hook, for a later group (``InFlight``). The buffers sent are
+    emptied (``Tensor.set_()``) as soon as the collectives are done, before step 5 makes its
+    own temporaries; the received ones after it, and so are the collectives' own results
+    (Gloo's allgather returns views of the gathered buffer, and keeps the payload): DDP keeps
+    the futures until backward is over, and with them every buffer they reach."""
 
     def __init__(self, futures: Sequence[torch.futures.Future], finish: Sequence[Callable[[], None]],
-                 buffers: Sequence[torch.Tensor]) -> None:
+                 received: Sequence[torch.Tensor], sent: Sequence[torch.Tensor] = ()) -> None:
         self._futures = list(futures)
         self._finish = list(finish)
-        self._buffers = list(buffers)
-        self.nbytes = sum(b.numel() * b.element_size() for b in buffers)  # what it holds while in flight
+        self._received, self._sent = list(received), list(sent)
+        self.nbytes = sum(b.numel() * b.element_size() for b in received + list(sent))  # held in flight
         self._lock = threading.Lock()  # DDP's callback may run on a collective's thread
         self._done = False
 
@@ -48,12 +49,14 @@ class ExchangeWork:
             for f in self._futures:
                 value = f.wait()
                 results += value if isinstance(value, (list, tuple)) else [value]
+            for buf in self._sent:
+                buf.set_()
             for part in self._finish:
                 part()
-            for buf in self._buffers + [t for t in results if isinstance(t, torch.Tensor)]:
+            for buf in self._received + [t for t in results if isinstance(t, torch.Tensor)]:
                 buf.set_()
             self._done = True
-            self._futures, self._finish, self._buffers = [], [], []
+            self._futures, self._finish, self._received, self._sent = [], [], [], []
 
 
 class InFlight:

@@ -145,10 +145,17 @@ def groups_bounded(rank: int, world: int) -> dict:
 def ratio_one(rank: int, world: int) -> dict:
     """Ratio 1 (every entry sent, density_aware off so the sparse path runs) against DDP's
     default allreduce, from the same parameters at every step."""
-    hooked, plain = mlp(), mlp()
+    hooked = mlp()
     state = hvd_topk.ddp.TopKState(hooked, ratio=1.0, min_numel=MIN_NUMEL, warmup_steps=0,
                                    density_aware=False)
-    ddp_hooked, ddp_plain = wrap(hooked, state), wrap(plain)
+    return {"pairs": against_default(hooked, mlp(), state, rank)}
+
+
+def against_default(hooked, plain, state, rank: int, bucket_cap_mb=0.01) -> list:
+    """Three steps of ``hooked`` under the hook with ``state`` and of ``plain`` under DDP's
+    default allreduce, from ``plain``'s parameters at every step (SGD on ``plain``): each
+    step's ``(hooked's gradients, plain's)``."""
+    ddp_hooked, ddp_plain = wrap(hooked, state, bucket_cap_mb), wrap(plain, bucket_cap_mb=bucket_cap_mb)
     opt = torch.optim.SGD(plain.parameters(), lr=0.1)
     pairs = []
     for step in range(3):
@@ -161,7 +168,17 @@ def ratio_one(rank: int, world: int) -> dict:
             loss_of(ddp, x, y).backward()
         pairs.append((grads(hooked), grads(plain)))
         opt.step()
-    return {"pairs": pairs}
+    return pairs
+
+
+def dense_large(rank: int, world: int) -> dict:
+    """``wide()`` with every gradient allreduced densely (``min_numel`` above them all; the
+    weights, over 1 MiB, reduced where they lie in the bucket, the rest joined) under
+    momentum correction, against DDP's default allreduce from the same parameters."""
+    hooked = wide()
+    state = hvd_topk.ddp.TopKState(hooked, ratio=0.01, min_numel=1 << 30, momentum=0.9, nesterov=True)
+    pairs = against_default(hooked, wide(), state, rank, bucket_cap_mb=25)
+    return {"pairs": pairs, "dense_bytes": state.comm_totals.as_dict()["dense_bytes"]}
 
 
 def train(state_kwargs: dict, steps: int, rank: int, checkpoint_at=None) -> dict:
@@ -319,7 +336,7 @@ def no_sync(rank: int, world: int) -> dict:
 
 
 SCENARIOS = {f.__name__: f for f in (exact, sar, exact_bounded, sar_bounded, groups, groups_bounded,
-                                     ratio_one, identical, resume,
+                                     ratio_one, dense_large, identical, resume,
                                      identical_sar, resume_sar,
                                      nonfinite, disagree, adam, no_sync)}
 
