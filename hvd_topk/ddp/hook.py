@@ -260,7 +260,7 @@ class _DensePiece:
     members: Tuple[int, ...]
     summed: torch.Tensor
     in_place: bool
-    velocity: Optional[torch.Tensor] = None
+    velocity: Optional[torch.Tensor]
 
 
 #: A dense gradient of at least this many bytes is allreduced where it lies in the bucket; the
@@ -278,14 +278,15 @@ def _send_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor
     but tensors)."""
     alone = [i for i in plan.dense if grads[i].numel() * grads[i].element_size() >= _IN_PLACE_BYTES]
     joined = tuple(i for i in plan.dense if i not in alone)
-    pieces = [_DensePiece((i,), grads[i].view(-1), True) for i in alone]
+    parts = [((i,), grads[i].view(-1), True) for i in alone]
     if joined:
-        pieces.append(_DensePiece(joined, torch.cat([grads[i].reshape(-1) for i in joined]), False))  # (n,)
-    for piece in pieces:
-        _, piece.velocity = state.buffers(tuple(plan.names[i] for i in piece.members),
-                                          tuple(plan.sizes[i] for i in piece.members), piece.summed,
-                                          residual=False)
-        work = dist.all_reduce(piece.summed, group=state.process_group, async_op=True)
+        parts.append((joined, torch.cat([grads[i].reshape(-1) for i in joined]), False))  # (n,)
+    pieces = []
+    for members, summed, in_place in parts:
+        _, velocity = state.buffers(tuple(plan.names[i] for i in members),
+                                    tuple(plan.sizes[i] for i in members), summed, residual=False)
+        pieces.append(_DensePiece(members, summed, in_place, velocity))
+        work = dist.all_reduce(summed, group=state.process_group, async_op=True)
         futures.append(work.get_future())
     for i in plan.dense:
         state.counter.dense(grads[i], state.world_size)
