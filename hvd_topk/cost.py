@@ -173,7 +173,7 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
     (``exchange_core.fits_memory``; float32 with int32 indices: the sparse allreduce above a
     density of 1/64, the allgather beyond ``1 / ratio`` ranks). ``sparse_exchanges``: those
     the engine has, what ``"auto"`` chooses among. ``memory_limit`` (bytes; the DDP hook
-    passes its in-flight budget, an eighth of the model): with ``density_aware``, a sparse
+    passes half its in-flight budget, a sixteenth of the model): with ``density_aware``, a sparse
     exchange whose temporaries at ``ratio`` exceed both this limit and its temporaries at
     ``settings.ratio`` is no candidate either -- the warm-up's high ratios never make one
     gradient's exchange hold more than the larger of the two; such a gradient is allreduced

@@ -270,15 +270,16 @@ _IN_PLACE_BYTES = 1 << 20
 
 def _send_dense(state: TopKState, plan: BucketPlan, grads: Sequence[torch.Tensor],
                 futures: List[torch.futures.Future]) -> List[_DensePiece]:
-    """The dense gradients' allreduces (sums), started: a gradient of at least
-    ``_IN_PLACE_BYTES`` is reduced where it lies in the bucket (no copy: during the warm-up
-    the large ones may be sent dense, most of the model), the smaller ones back to back in
+    """The dense gradients' allreduces (sums), started: a contiguous gradient of at least
+    ``_IN_PLACE_BYTES`` is reduced where it lies in the bucket (``_span``; no copy: during the
+    warm-up the large ones may be sent dense, most of the model), the others back to back in
     one buffer of their own. Returns the pieces, each with its velocity under momentum
     correction (taken here: the callbacks, on the collectives' threads, touch no shared state
     but tensors)."""
-    alone = [i for i in plan.dense if grads[i].numel() * grads[i].element_size() >= _IN_PLACE_BYTES]
-    joined = tuple(i for i in plan.dense if i not in alone)
-    parts = [((i,), grads[i].view(-1), True) for i in alone]
+    spans = {i: _span(grads, (i,), grads[i].dtype) for i in plan.dense
+             if grads[i].numel() * grads[i].element_size() >= _IN_PLACE_BYTES}
+    parts = [((i,), span, True) for i, span in spans.items() if span is not None]
+    joined = tuple(i for i in plan.dense if spans.get(i) is None)
     if joined:
         parts.append((joined, torch.cat([grads[i].reshape(-1) for i in joined]), False))  # (n,)
     pieces = []

@@ -35,7 +35,7 @@ class ExchangeWork:
         self._futures = list(futures)
         self._finish = list(finish)
         self._received, self._sent = list(received), list(sent)
-        self.nbytes = sum(b.numel() * b.element_size() for b in received + list(sent))  # held in flight
+        self.nbytes = sum(b.numel() * b.element_size() for b in self._received + self._sent)  # held in flight
         self._lock = threading.Lock()  # DDP's callback may run on a collective's thread
         self._done = False
 

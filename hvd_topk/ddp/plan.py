@@ -78,14 +78,6 @@ class BucketPlan:
         """Bucket positions of the gradients Top-K sends, in bucket order."""
         return tuple(sorted(i for g in self.groups for i in g.members))
 
-    @property
-    def dense_names(self) -> Tuple[str, ...]:
-        return tuple(self.names[i] for i in self.dense)
-
-    @property
-    def dense_sizes(self) -> Tuple[int, ...]:
-        return tuple(self.sizes[i] for i in self.dense)
-
 
 def build_plan(names: Sequence[str], grads: Sequence[torch.Tensor], settings: TopKSettings,
                ratio: float, world: int, trained_bytes: Optional[int] = None) -> BucketPlan:
