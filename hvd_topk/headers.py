@@ -96,13 +96,17 @@ def resolve(ctxs: Sequence[SparseContext], extra: Optional[torch.Tensor] = None
     return redo, nonfinite, flat[at:]
 
 
-def flagged_segments(ctx: SparseContext, headers: torch.Tensor) -> torch.Tensor:
+def flagged_segments(ctx: SparseContext, headers: torch.Tensor,
+                     signature: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(S,)`` bool on the headers' device: the tensors of ``ctx`` some rank flagged non-finite,
-    or all of them where some sparse allreduce owner flagged a mismatch. ``headers``: every
-    rank's ``(P, header_words)``. ``resolve``'s reading on the device, for an engine that may
-    not read back (the DDP hook)."""
+    or all of them where some sparse allreduce owner flagged a mismatch or, with
+    ``signature`` (this rank's: an int or a ``(1,)`` int32 tensor), some rank's signature
+    differs from it. ``headers``: every rank's ``(P, header_words)``. ``resolve``'s reading on
+    the device, for an engine that may not read back (the DDP hook)."""
     flags = headers[:, 2:] if ctx.header_words > 2 else headers[:, 1:2]  # (P, S)
     mismatch = (headers[:, 1] & FLAG_MISMATCH).ne(0).any()
+    if signature is not None:
+        mismatch = mismatch | headers[:, 0].ne(signature).any()
     return (flags & FLAG_NONFINITE).ne(0).any(0) | mismatch
 
 

@@ -18,7 +18,10 @@ ALLOWED_WRITES = {("*", "p", "grad"), ("stats.py", "stats", "*")}
 # Horovod's optimizer class is what hvd.DistributedOptimizer itself builds on; GradScaler keeps
 # its scale in ``_scale`` (reading it there is what avoids a host sync).
 ALLOWED_PRIVATE = {"_DistributedOptimizer", "_allreduce_grad_async", "_grouped_allreduce_grad_async",
-                   "_scale", "_foreach_norm"}
+                   "_scale", "_foreach_norm",
+                   # torch's own: a tensor's version counter and the autograd engine's
+                   # end-of-backward callbacks (torch's FSDP uses both; no public equivalent)
+                   "_version", "_execution_engine"}
 
 
 def _tree(path):

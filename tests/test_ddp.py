@@ -38,7 +38,7 @@ from hvd_topk.settings import TopKSettings
 
 SCENARIOS = ("exact", "sar", "exact_bounded", "sar_bounded", "groups", "groups_bounded", "ratio_one",
              "dense_large", "identical", "resume", "identical_sar", "resume_sar", "nonfinite", "disagree",
-             "adam", "no_sync")
+             "adam", "adam_clip", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -175,14 +175,15 @@ def test_sparse_allreduce_against_reference(ranks):
 def test_byte_counters(ranks):
     """``state.comm_totals`` / ``comm_stats``: what each rank sent and received over the three
     ``exact`` steps: the weights' payloads (``k`` float32 values and int32 indices each, plus
-    a flag word per tensor), the biases at their size; the link carries ``P - 1`` payloads and
+    a header of two words, signature and flags, per tensor: one tensor per group here), the
+    biases at their size; the link carries ``P - 1`` payloads and
     a ring allreduce's share of the biases."""
     world = ranks.world
     rec = ranks.load("exact")[0]["steps"]
     weights = [g.numel() for g in rec[0]["grad_in"].values() if g.numel() >= MIN_NUMEL]
     biases = sum(g.numel() for g in rec[0]["grad_in"].values() if g.numel() < MIN_NUMEL)
     ks = sum(num_selected(n, r["ratio"]) for r in rec for n in weights)
-    payloads = 8 * ks + 4 * len(weights) * 3
+    payloads = 8 * ks + 8 * len(weights) * 3
     dense = 4 * biases * 3
     for result in ranks.load("exact"):
         totals, last = result["comm_totals"], result["comm_stats"]
@@ -306,6 +307,15 @@ def test_adam_correction_through_the_optimizer_pairing(ranks):
                 torch.testing.assert_close(rec["after"][n], p, rtol=1e-5, atol=1e-7, msg=f"{n} step {t}")
     for res in results:
         assert res["opt_state"] == {n: n in dense for n in params}
+
+
+def test_changing_corrected_gradients_after_backward_warns_once(ranks):
+    """``clip_grad_norm_`` after ``backward()`` scales the averaged Adam steps: one warning, at
+    that step, with either gradient layout; plain steps warn nothing."""
+    for result in ranks.load("adam_clip"):
+        for view, seen in result.items():
+            assert [len(w) for w in seen] == [0, 0, 1, 0], (view, seen)
+            assert "local_clip_norm" in seen[2][0]
 
 
 def test_hook_makes_no_host_sync(ranks):

@@ -15,6 +15,12 @@ run Adam on it again:
   ``p -= update`` after AdamW's decoupled decay ``p *= 1 - lr * weight_decay``
   (``AdamCorrection.apply``); Adam's coupled decay is added to the local gradient before.
 
+Since those gradients are steps, scaling them between ``backward()`` and ``step()`` (a
+``clip_grad_norm_``, a ``GradScaler``'s ``unscale_``) scales the update instead of a
+gradient. The pairing notices it without reading a value: at the end of each backward pass
+(after DDP has written the gradients) it notes their version counters, and before the step
+it warns, once, if one moved; ``TopKState(local_clip_norm=...)`` is the clip that applies.
+
 Everything else the optimizer does is unchanged: the tensors sent dense (biases, small ones)
 get its own Adam step on their average, schedulers change ``lr`` (read at every step), and
 ``optimizer.load_state_dict`` rebuilds the pairing (torch makes new param groups). The pairing
@@ -25,6 +31,7 @@ holds no state of its own: the moments live in the hook's ``CompressorState`` (i
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Dict, Sequence
 
 import torch
@@ -57,6 +64,8 @@ class AdamPairing:
         self._state = rank_state
         self._sent: Dict[torch.Tensor, object] = {}  # this step's corrected params -> correction
         self._stash: Dict[torch.Tensor, torch.Tensor] = {}
+        self._versions: Dict[torch.Tensor, int] = {}  # p -> p.grad._version after backward
+        self._warned = False
         self.rebuild()
         if self._by_name:
             optimizer.register_step_pre_hook(self._hide)
@@ -117,10 +126,36 @@ class AdamPairing:
     def start_adam(self, name, exp_avg, exp_avg_sq, step, max_exp_avg_sq=None) -> None:
         self._state.start_adam(name, exp_avg, exp_avg_sq, step, max_exp_avg_sq)
 
+    # -- the end of backward -------------------------------------------------------------------
+    def backward_started(self) -> None:
+        """From the hook's first bucket of a backward pass: note the corrected gradients'
+        versions once DDP has written them. DDP queues its own end-of-backward callback (which
+        waits for the buckets and writes the gradients) after the first bucket's hook, so a
+        callback queued now runs before it; the one it queues runs after it."""
+        engine = torch.autograd.Variable._execution_engine
+        try:
+            engine.queue_callback(lambda: engine.queue_callback(self._note_versions))
+        except RuntimeError:  # not inside a backward pass (DDP's Join shadows one): nothing to note
+            self._versions = {}
+
+    def _note_versions(self) -> None:
+        self._versions = {p: p.grad._version for p in self._sent if p.grad is not None}
+
     # -- the optimizer's step hooks -------------------------------------------------------------
     def _hide(self, optimizer, args, kwargs) -> None:
         """Before the optimizer's step: the corrected params' gradients (their averaged Adam
-        step) are taken away, so the optimizer skips them."""
+        step) are taken away, so the optimizer skips them. Warns once if one was changed in
+        place since backward (see the module's docstring)."""
+        versions, self._versions = self._versions, {}
+        if not self._warned and any(p.grad is not None and p in versions and p.grad._version != versions[p]
+                                    for p in self._sent):
+            self._warned = True
+            warnings.warn(
+                "hvd_topk.ddp: the gradients of parameters under Adam correction were changed in place "
+                "between backward() and optimizer.step() (clip_grad_norm_, GradScaler.unscale_, ...). "
+                "They hold each parameter's averaged Adam step, not a gradient, so this scaled the update. "
+                "Clip each rank's gradient with TopKState(local_clip_norm=...) instead; with AMP, use bf16 "
+                "autocast without a GradScaler.", stacklevel=3)
         self._stash = {p: p.grad for p in self._sent if p.grad is not None}
         for p in self._stash:
             p.grad = None

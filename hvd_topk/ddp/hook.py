@@ -91,11 +91,14 @@ def _select(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor])
 
 def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
                     futures: List[torch.futures.Future], buffers: List[torch.Tensor]) -> Callable[[], None]:
-    """Steps 2-4 by the allgather: select, pack ``[flags | K values | K positions]``, start
-    the allgather. Returns step 5, to run once it is done."""
+    """Steps 2-4 by the allgather: select, pack ``[header | K values | K positions]`` (the
+    Horovod path's header: signature and flags, ``headers.build_header``), start the
+    allgather. Returns step 5, to run once it is done."""
     t0 = time.perf_counter()
     chosen, residual, velocity = _select(state, group, grads)
-    header = chosen.bad.to(device=chosen.positions.device, dtype=torch.int32)  # (S,) 1: not finite
+    ctx = _context(state, group, grads, "allgather")
+    signature = state.signatures.get(ctx, chosen.positions.device)
+    header = build_header(ctx, signature, chosen.bad, chosen.inexact).to(chosen.positions.device)
     payload = pack_header(header, to_wire(chosen.values, group.value_dtype),
                           chosen.positions.to(group.index_dtype))  # (nbytes,) uint8
     state.commits.add(residual, velocity, chosen.positions, group.value_dtype)
@@ -107,7 +110,16 @@ def _send_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.
     state.counter.sparse((payload.numel(), gathered.numel(), (state.world_size - 1) * payload.numel()),
                          "allgather", len(group.members))
 
-    return lambda: _receive_allgather(state, group, grads, gathered)
+    return lambda: _receive_allgather(state, ctx, group, grads, gathered, signature)
+
+
+def _context(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor], exchange: str,
+             regions=None) -> SparseContext:
+    """The group's ``SparseContext``: what its header's signature digests (shapes, dtype,
+    ``k``'s, wire dtypes) and the header's layout."""
+    world, shapes = state.world_size, tuple(grads[i].shape for i in group.members)
+    return SparseContext(group.names, shapes, grads[group.members[0]].dtype, group.layout, group.value_dtype,
+                         group.index_dtype, divisor=world, world=world, exchange=exchange, regions=regions)
 
 
 def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
@@ -121,10 +133,7 @@ def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence
     t0 = time.perf_counter()
     chosen, residual, velocity = _select(state, group, grads)
     world, sar = state.world_size, state.sparse_allreduce
-    shapes = tuple(grads[i].shape for i in group.members)
-    ctx = SparseContext(group.names, shapes, grads[group.members[0]].dtype, group.layout, group.value_dtype,
-                        group.index_dtype, divisor=world, world=world, exchange="sparse_allreduce",
-                        regions=sar.plan(group.layout, world))
+    ctx = _context(state, group, grads, "sparse_allreduce", sar.plan(group.layout, world))
     sent = to_wire(chosen.values, group.value_dtype)
     signature = state.signatures.get(ctx, sent.device)
     ctx.sending(build_header(ctx, signature, chosen.bad, chosen.inexact).to(sent.device))
@@ -145,23 +154,26 @@ def _send_sparse_allreduce(state: TopKState, group: SparseGroup, grads: Sequence
     return lambda: _receive_sparse_allreduce(state, group, grads, ctx, gathered, travels, selection, step)
 
 
-def _receive_allgather(state: TopKState, group: SparseGroup, grads: Sequence[torch.Tensor],
-                       gathered: torch.Tensor) -> None:
+def _receive_allgather(state: TopKState, ctx: SparseContext, group: SparseGroup,
+                       grads: Sequence[torch.Tensor], gathered: torch.Tensor, signature: torch.Tensor
+                       ) -> None:
     """Step 5 of the allgather: every rank's values divided by ``P`` and summed in rank order
     straight into the group's gradients (views of the bucket's buffer); a tensor some rank
-    flagged becomes NaN (``scatter_gathered``)."""
+    flagged, or every tensor of the group where some rank's signature differs from this
+    rank's, becomes NaN (``scatter_gathered``), and nothing of the step leaves the residuals."""
     outs = [grads[i].view(-1) for i in group.members]
-    bad = scatter_gathered(gathered, group, outs, state.world_size)
+    bad = scatter_gathered(gathered, ctx, outs, state.world_size, signature)
     state.commits.flag(bad.any())
 
 
-def scatter_gathered(gathered: torch.Tensor, group: SparseGroup, outs: Sequence[torch.Tensor], world: int,
-                     limit: int = SCATTER_ENTRIES) -> torch.Tensor:
-    """Sum ``world`` gathered payloads of ``group`` into ``outs`` (its tensors, flat): each
-    tensor is set to 0 (NaN where some rank flagged it), then every rank's values, divided by
-    ``world``, are scatter-added at their positions, rank after rank. One write per entry and
-    the ``P * K`` adds: no group-sized buffer, no copy back. The same bits on every rank (the
-    Horovod path's scatter-add), and the same bits for any ``limit``.
+def scatter_gathered(gathered: torch.Tensor, ctx: SparseContext, outs: Sequence[torch.Tensor], world: int,
+                     signature: Optional[torch.Tensor] = None, limit: int = SCATTER_ENTRIES) -> torch.Tensor:
+    """Sum ``world`` gathered payloads of ``ctx``'s group into ``outs`` (its tensors, flat):
+    each tensor is set to 0 (NaN where some rank flagged it, or everywhere if some rank's
+    signature is not ``signature``), then every rank's values, divided by ``world``, are
+    scatter-added at their positions, rank after rank. One write per entry and the ``P * K``
+    adds: no group-sized buffer, no copy back. The same bits on every rank (the Horovod path's
+    scatter-add), and the same bits for any ``limit``.
 
     The payloads are read ``limit`` entries at a time (``packing.Rows``): whole payloads of a
     few ranks while ``K <= limit``, else one rank's values and positions cut into slices of at
@@ -170,24 +182,27 @@ def scatter_gathered(gathered: torch.Tensor, group: SparseGroup, outs: Sequence[
     still arrive in rank order.
 
     Arguments:
-        gathered: ``(world * nbytes,)`` uint8, every rank's ``[flags | K values | K positions]``.
-        group: the group; its layout gives each tensor's ``k``, offset and size.
+        gathered: ``(world * nbytes,)`` uint8, every rank's ``[header | K values | K positions]``.
+        ctx: the group (its layout gives each tensor's ``k``, offset and size; its header's
+            words and wire dtypes).
         outs: each tensor of the group, flat (the gradients themselves).
         world: ranks.
+        signature: this rank's signature of the group (an int or a ``(1,)`` int32 tensor);
+            ``None``: not compared.
         limit: entries read at once.
 
     Returns:
-        ``(S,)`` bool: the tensors some rank flagged (not finite). Raises ``ValueError`` when
-        ``gathered`` is not ``world`` payloads of this group.
+        ``(S,)`` bool: the tensors some rank flagged (not finite, or another signature).
+        Raises ``ValueError`` when ``gathered`` is not ``world`` payloads of this group.
     """
-    layout = group.layout
+    layout = ctx.layout
     pieces = [(s, first, min(limit, k - first))  # (segment, first slot in it, slots)
               for s, k in enumerate(layout.ks) for first in range(0, k, limit)]
     # packing.payload_spec with the values and the positions each cut into the pieces.
-    spec = ([(layout.segments, torch.int32)] + [(w, group.value_dtype) for _, _, w in pieces]
-            + [(w, group.index_dtype) for _, _, w in pieces])
+    spec = ([(ctx.header_words, torch.int32)] + [(w, ctx.value_dtype) for _, _, w in pieces]
+            + [(w, ctx.index_dtype) for _, _, w in pieces])
     rows = Rows(gathered, world, spec)
-    bad = rows.part(0).ne(0).any(0)  # (S,) some rank's gradient was not finite
+    bad = flagged_segments(ctx, rows.part(0), signature)  # (S,)
     fill = torch.zeros((), dtype=outs[0].dtype, device=gathered.device).masked_fill(bad, float("nan"))  # (S,)
     for out, value in zip(outs, fill):
         out.fill_(value)  # 0, or NaN for a flagged tensor (NaN plus any value stays NaN)

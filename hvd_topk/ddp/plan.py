@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..cost import choose_exchange
+from ..exchange_core import header_words
 from ..layout import GroupLayout, group_runs, index_dtype, num_selected
 from ..packing import payload_nbytes
 from ..settings import TopKSettings, in_flight_budget
@@ -49,9 +50,10 @@ class SparseGroup:
     index_dtype: torch.dtype
 
     def payload_bytes(self) -> int:
-        """Bytes one rank's allgather payload holds: a flag word per sent tensor, ``K`` values,
-        ``K`` indices."""
-        return payload_nbytes(self.layout.k, self.value_dtype, self.index_dtype, self.layout.segments)
+        """Bytes one rank's allgather payload holds: its header (signature and flags,
+        ``exchange_core.header_words``), ``K`` values, ``K`` indices."""
+        words = header_words(self.layout.segments)
+        return payload_nbytes(self.layout.k, self.value_dtype, self.index_dtype, words)
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,18 @@ class TopKState:
        the tensor flagged;
     3. select per tensor its ``k = max(1, ceil(ratio * n))`` largest ``|c|`` (the set
        ``torch.topk`` picks), ``ratio`` being the warm-up's at this step;
-    4. allgather every rank's payload ``[flags | k values | k indices]`` per tensor: every
-       rank knows every ``k``, so payloads have a fixed size and nothing waits for a count.
+    4. allgather every rank's payload ``[header | K values | K indices]`` per group (the
+       Horovod path's header: a signature of shapes, dtype, ``k``'s and wire dtypes, and the
+       flags): every rank knows every ``k``, so payloads have a fixed size and nothing waits
+       for a count.
        Or the sparse allreduce (``hvd_topk.sparse_allreduce``, after Ok-Topk): each rank's
        entries go by ``all_to_all_single`` to the owner of their region, which sums them and
        keeps its region's largest sums; an allgather of the owners' rows follows;
     5. every rank scatter-adds (``exchange_core.scatter_add_``) the ``P * K`` values divided by
        ``P``, in rank order (the sparse allreduce: each owner's kept sums): the same bits
-       everywhere; a tensor some rank flagged becomes NaN (as dense DDP would give);
+       everywhere; a tensor some rank flagged becomes NaN (as dense DDP would give), and so
+       does every tensor of a group some rank sent with another signature (ranks that
+       disagree on the step, the ratio or the wire dtypes);
     6. once the step is over (at the next step's first bucket, or ``state_dict()``): the sent
        entries (the sparse allreduce: those some owner kept) leave the residual
        (``residual = c - sent``) -- unless some gradient of the
@@ -180,6 +184,8 @@ class TopKState:
             self.sparse_allreduce.prune()
             self.signatures.prune()
             self._in_step = True
+            if self.adam is not None:
+                self.adam.backward_started()
         params, grads = bucket.parameters(), bucket.gradients()
         names = tuple(self._name(p) for p in params)
         ratio = self.current_ratio()

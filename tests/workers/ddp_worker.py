@@ -14,6 +14,7 @@ import faulthandler
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -298,6 +299,32 @@ def adam(rank: int, world: int) -> dict:
             "initial": {n: p.detach().clone() for n, p in mlp().named_parameters()}}
 
 
+def adam_clip(rank: int, world: int) -> dict:
+    """AdamW with the Adam pairing, with and without ``gradient_as_bucket_view``: two plain
+    steps, then ``clip_grad_norm_`` between ``backward()`` and ``step()`` (the loop users
+    write), then a plain step again. The warnings each step raised."""
+    out = {}
+    for view in (False, True):
+        model = mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, warmup_steps=0, optimizer=opt)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.01, gradient_as_bucket_view=view)
+        ddp.register_comm_hook(state, hvd_topk.ddp.topk_hook)
+        seen = []
+        for step in range(4):
+            x, y = batch(step, rank)
+            opt.zero_grad()
+            loss_of(ddp, x, y).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if step == 2:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            seen.append([str(w.message) for w in caught if "Adam correction" in str(w.message)])
+        out[view] = seen
+    return out
+
+
 def no_sync(rank: int, world: int) -> dict:
     """The ops of the hook and of its callbacks that would force a host sync on CUDA, on the
     torch path (the CPU kernel off), at the warm-up's ratio and after it, by the allgather
@@ -338,7 +365,7 @@ def no_sync(rank: int, world: int) -> dict:
 SCENARIOS = {f.__name__: f for f in (exact, sar, exact_bounded, sar_bounded, groups, groups_bounded,
                                      ratio_one, dense_large, identical, resume,
                                      identical_sar, resume_sar,
-                                     nonfinite, disagree, adam, no_sync)}
+                                     nonfinite, disagree, adam, adam_clip, no_sync)}
 
 
 def main(out: Path, names) -> None:
