@@ -29,6 +29,9 @@ parameters' own bytes:
 - ``temporaries``: the most a step's own temporaries took above what the step started with
   (payloads, gathered buffers, selections): what scales with ``k`` and a group;
 - ``after warm-up``: ``peak`` over the steps after the warm-up (its ratio reached);
+- on CPU, a second table splits the steady growth (``breakdown``): the tensors reachable from
+  Python, the free chunks glibc's heap keeps, the other anonymous memory (Horovod's and
+  Gloo's buffers, Python's objects) and file-backed pages (code paged in);
 - ``vs dense``: the column before it minus the dense run's ``peak`` with the same optimizer:
   the memory hvd_topk adds.
 
@@ -103,6 +106,44 @@ class RssSampler:
 
     def peak(self) -> int:
         return max(self._peak, self.now())
+
+
+def breakdown() -> dict:
+    """Where this process's resident memory lies (CPU), in bytes: ``anon`` and ``file``
+    (``/proc/self/smaps_rollup``); ``tensors``, the CPU tensor storages reachable from Python
+    (each storage once); ``heap_free``, the free chunks glibc's arenas keep (``mallinfo2``;
+    freed small blocks it has not returned). The rest of ``anon`` is what no Python tensor
+    holds: Horovod's and Gloo's buffers, Python's objects, the heap's other blocks."""
+    import ctypes
+    import gc
+    import warnings
+
+    import torch
+
+    out = {}
+    with open("/proc/self/smaps_rollup") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[-1] == "kB"}
+    out["anon"], out["file"] = fields["Anonymous"], fields["Rss"] - fields["Anonymous"]
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu" and not o.is_meta:
+                st = o.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+    out["tensors"] = sum(storages.values())
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        m = libc.mallinfo2()
+        out["heap_free"] = m.fordblks
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        out["heap_free"] = 0
+    return out
 
 
 def build(args, device, rank):
@@ -190,6 +231,7 @@ def run_one(args) -> None:
     else:
         hvd.allreduce(torch.zeros(1), name="bench_memory.ready")
     start = used() if cuda else sampler.reset()
+    before_run = None if cuda else breakdown()
     peak, peak_step, temporaries, after_warmup = 0, 0, 0, 0
     warmup = comp.settings.warmup_steps if comp is not None else 0
     for t in range(args.steps):
@@ -208,13 +250,14 @@ def run_one(args) -> None:
         if t >= warmup:
             after_warmup = max(after_warmup, top - start)
     steady = used() - start
+    grown = {} if cuda else {key: value - before_run[key] for key, value in breakdown().items()}
     grads = [p.grad for p in params if p.grad is not None]
     held = hvd_topk.held_bytes(opt, comp, exclude=params + grads)
     if rank == 0:
         print("RESULT " + json.dumps({"method": method, "optimizer": opt_name, "param_bytes": param_bytes,
                                       "peak": peak, "peak_step": peak_step, "steady": steady,
                                       "after_warmup": after_warmup,
-                                      "held": held, "temporaries": temporaries}), flush=True)
+                                      "held": held, "temporaries": temporaries, "grown": grown}), flush=True)
 
 
 def ddp_setup(method, opt_name, model, base, device):
@@ -293,6 +336,17 @@ def table(rows, args) -> str:
                      f"({r['peak'] / 1e6:.0f} MB, step {r['peak_step']}) | {vs} | {fmt(after / p)} | "
                      f"{vs_after} | {fmt(r['steady'] / p)} | {fmt(r['held'] / p)} | "
                      f"{r['temporaries'] / p:.3f}x ({r['temporaries'] / 1e6:.1f} MB) |")
+    if all(r.get("grown") for r in rows):
+        lines += ["", "Where the steady growth lies (`breakdown()`: after the last step minus before "
+                  "the first):",
+                  "", "| optimizer | method | anonymous | tensors | free in glibc's heap | other anonymous "
+                  "| file-backed |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            g = r["grown"]
+            rest = g["anon"] - g["tensors"] - g["heap_free"]
+            cells = [g["anon"], g["tensors"], g["heap_free"], rest, g["file"]]
+            lines.append(f"| {r['optimizer']} | {r['method']} | "
+                         + " | ".join(f"{c / p:+.2f}x" for c in cells) + " |")
     return "\n".join(lines)
 
 
