@@ -77,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--cache", default=str(REPO / "bench_out" / "lm_cache"), metavar="DIR",
                    help="each run's result, reused when run again")
-    p.add_argument("--out", default=str(REPO / "docs" / "convergence_lm_families.md"),
-                   help="Markdown table; .json and .png beside it")
+    p.add_argument("--out", default=str(REPO / "bench_out" / "convergence_lm_families.md"),
+                   help="Markdown table; .json and .png beside it (the docs' copy: "
+                        "docs/convergence_lm_families.md)")
     args = p.parse_args(argv)
     needs_hf = {"gpt2", "llama"} & set(args.families)
     if needs_hf and importlib.util.find_spec("transformers") is None:
