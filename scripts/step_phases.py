@@ -11,7 +11,9 @@ backward (which includes ``compress``: Horovod's hooks run in it), ``synchronize
 for the exchange, which includes ``decompress``) and ``step()``; then, for Top-K methods,
 ``compress`` on its own and ``synchronize()``'s parts (``CommStats``): ``agree`` (the ranks'
 model and trained-set agreement), ``collectives`` (blocked in Horovod's waits), ``scatter``
-(decompressing) and ``check`` (every flag resolved: the one host sync). With ``--trace
+(decompressing) and ``check`` (every flag resolved: the one host sync); then the process's
+system time and minor page faults per step (all threads), and the page faults of forward
+alone (memory the allocator gave back and asks for again). With ``--trace
 PATH``, Horovod's timeline of the timed steps is written there and summarised per activity
 (ms per step, summed over tensors, which overlap): ``NEGOTIATE_*`` is the time from the first
 rank's request to the last one's (ranks waiting for each other, plus the background thread's
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -77,15 +80,17 @@ def main(args: argparse.Namespace) -> dict:
     x = torch.randn(batch, 3, 32, 32)  # (B, C, H, W)
     y = torch.randint(0, 10, (batch,))
     names = ["step", "forward", "backward", "synchronize", "optimizer step", "compress", "agree",
-             "collectives", "scatter", "check"]
+             "collectives", "scatter", "check", "system time", "page faults", "of which in forward"]
     rows = []
     for i in range(args.warmup + args.steps):
         if i == args.warmup and args.trace and args.method != "none":
             hvd.start_timeline(args.trace)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         t1 = time.perf_counter()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         loss.backward()
         t2 = time.perf_counter()
         if args.method != "none":
@@ -97,17 +102,23 @@ def main(args: argparse.Namespace) -> dict:
         else:
             opt.step()
         t4 = time.perf_counter()
+        r4 = resource.getrusage(resource.RUSAGE_SELF)
+        # The process's system time (s) and minor page faults, all threads (page faults are
+        # counted as if seconds, /1e3: the table prints every column times 1e3).
+        kernel = (r4.ru_stime - r0.ru_stime, (r4.ru_minflt - r0.ru_minflt) / 1e3,
+                  (r1.ru_minflt - r0.ru_minflt) / 1e3)
         stats = getattr(opt, "comm_stats", None)  # hvd_topk's optimizer only
         parts = ([getattr(stats, f) / 1e3 for f in ("compress_ms", "agree_ms", "collective_ms", "scatter_ms",
                                                      "check_ms")] if stats is not None else [0.0] * 5)
         if i >= args.warmup:
-            rows.append((t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, *parts))
+            rows.append((t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, *parts, *kernel))
     medians = {n: 1e3 * statistics.median(col) for n, col in zip(names, zip(*rows))}
     if args.trace and args.method != "none":
         hvd.stop_timeline()
     if hvd.rank() == 0:
-        print(f"{args.model} {args.method}: " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in medians.items()),
-              flush=True)
+        counts = ("page faults", "of which in forward")
+        print(f"{args.model} {args.method}: " + ", ".join(f"{n} {v:.0f}" if n in counts else f"{n} {v:.1f} ms"
+                                                          for n, v in medians.items()), flush=True)
         if args.trace and args.method != "none":
             summary = timeline_summary(args.trace, args.steps)
             print(f"{args.model} {args.method} timeline (ms/step): "
