@@ -38,7 +38,7 @@ from hvd_topk.settings import TopKSettings
 
 SCENARIOS = ("exact", "sar", "exact_bounded", "sar_bounded", "groups", "groups_bounded", "ratio_one",
              "dense_large", "identical", "resume", "identical_sar", "resume_sar", "nonfinite", "disagree",
-             "adam", "adam_clip", "no_sync")
+             "nonfinite_policy", "adam", "adam_clip", "no_sync")
 MIN_NUMEL = 256  # the worker's: the weights are sparse, the biases dense
 DENSE_TOL = {"rtol": 1e-6, "atol": 1e-8}
 
@@ -255,6 +255,20 @@ def test_nonfinite_tensor_is_nan_everywhere_and_nothing_is_lost(ranks):
         # the finite step did send: its residuals lost their sent entries
         c = finite["grad_in"]["0.weight"].reshape(-1)  # the first step's residual started empty
         assert not torch.equal(finite["residual_after"]["0.weight"], c)
+
+
+def test_nonfinite_policy_at_the_optimizer_step(ranks):
+    """``nonfinite="raise"``: ``FloatingPointError`` from ``optimizer.step()`` on every rank at
+    the poisoned step only, parameters untouched; ``"skip"``: the step applies nothing on
+    every rank and training goes on, finite."""
+    for result in ranks.load("nonfinite_policy"):
+        raised = result["raise"]["steps"]
+        assert [s["raised"] is not None for s in raised] == [False, True, False]
+        assert [s["moved"] for s in raised] == [True, False, True]
+        skip = result["skip"]
+        assert [s["raised"] for s in skip["steps"]] == [None] * 3
+        assert [s["moved"] for s in skip["steps"]] == [True, False, True]
+        assert all(s["finite"] for s in skip["steps"] + raised) and skip["skipped"] == 1
 
 
 def test_ranks_with_other_settings_all_raise(ranks):

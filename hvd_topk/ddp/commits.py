@@ -71,6 +71,10 @@ class DeferredCommits:
     def __len__(self) -> int:
         return len(self._selections)
 
+    def flagged(self) -> Optional[torch.Tensor]:
+        """0-dim device bool: whether some flag of the step so far is set; None if none came."""
+        return torch.stack(self._flags).any() if self._flags else None
+
     def commit(self) -> None:
         """Write every selection of the step: sent entries leave the residual (and, with
         masking, the velocity) where every flag is False, else everything stays owed."""

@@ -15,6 +15,7 @@ from ..sparse_allreduce import SparseAllreduceExchange
 from ..state import CompressorState, GroupCache
 from ..stats import CommCounter, CommStats
 from .adam import AdamPairing
+from .guard import NonfiniteGuard
 from .commits import DeferredCommits
 from .in_flight import InFlight
 from .plan import BucketPlan, build_plan
@@ -87,6 +88,10 @@ class TopKState:
             means on the Horovod engine): each rank sends its own Adam step, and the optimizer
             applies the averaged step to the sparse tensors instead of running Adam on it.
             Not with a ``GradScaler`` (it would unscale the step); bf16 autocast needs none.
+        nonfinite: ``None`` (default): a tensor some rank's gradient left with a NaN/Inf
+            reaches the optimizer as NaN, as with dense DDP; ``"raise"`` / ``"skip"``: the
+            Horovod engine's policy, at ``optimizer``'s step (needs ``optimizer``, any
+            ``torch.optim`` optimizer; ``ddp.guard.NonfiniteGuard``; ``skipped_steps``).
         **settings: the ``TopKSettings`` keywords in ``HOOK_SETTINGS`` (``warmup_steps``,
             ``min_numel``, ``value_dtype``, ``exchange``, ...), with the same meaning and
             defaults.
@@ -107,8 +112,9 @@ class TopKState:
     __slots__ = (
         # what it is: the settings and the group it reduces over
         "settings", "momentum", "nesterov", "process_group", "world_size",
-        # Adam correction's pairing with the training loop's optimizer, or None
-        "adam",
+        # Adam correction's pairing with the training loop's optimizer, or None; the
+        # nonfinite policy at its step, or None
+        "adam", "guard",
         # the model: parameter -> name, in this process only
         "_names",
         # per-rank state: residuals, velocities, steps (one state_dict)
@@ -130,7 +136,7 @@ class TopKState:
     def __init__(self, model: Union[torch.nn.Module, Iterable[Tuple[str, torch.Tensor]]], ratio: float = 0.01,
                  *, process_group: Optional[dist.ProcessGroup] = None, momentum: float = 0.0,
                  nesterov: bool = False, optimizer: Optional[torch.optim.Optimizer] = None,
-                 **settings: Any) -> None:
+                 nonfinite: Optional[str] = None, **settings: Any) -> None:
         unknown = sorted(set(settings) - set(HOOK_SETTINGS))
         if unknown:
             raise TypeError(f"TopKState() got settings the DDP hook does not take: {unknown}; it takes "
@@ -143,19 +149,24 @@ class TopKState:
         if self.settings.adam_correction and optimizer is None:
             raise ValueError("adam_correction=True needs optimizer=, the torch.optim.Adam or AdamW "
                              "the loop steps")
+        if nonfinite is not None and optimizer is None:
+            raise ValueError(f"nonfinite={nonfinite!r} needs optimizer=, the optimizer the loop steps")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
-        _agree(f"{self.settings}, momentum={self.momentum}, nesterov={self.nesterov}", process_group)
+        _agree(f"{self.settings}, momentum={self.momentum}, nesterov={self.nesterov}, nonfinite={nonfinite}",
+               process_group)
         self._names, self.trained_bytes = _parameter_names(model)
         self.in_flight = InFlight(in_flight_budget(self.trained_bytes))
         self.rank_state = CompressorState()
+        self.commits = DeferredCommits(self.settings.momentum_masking)
+        # before the Adam pairing's hooks: a skipped step hides every gradient from both
+        self.guard = NonfiniteGuard(optimizer, self.commits.flagged, nonfinite) if nonfinite else None
         self.adam = None
         if optimizer is not None and self.settings.adam_correction is not False:
             self.adam = AdamPairing(optimizer, self._names, self.settings, self.rank_state) or None
         if self.adam is not None and self.momentum:
             raise ValueError("momentum correction is for SGD, Adam correction for Adam/AdamW: not both")
-        self.commits = DeferredCommits(self.settings.momentum_masking)
         self._in_step = False
         self._plans = GroupCache()  # bucket's names -> BucketPlan at the step's ratio
         self.sparse_allreduce = SparseAllreduceExchange(self.settings.region_capacity,
@@ -164,6 +175,11 @@ class TopKState:
         self.counter, self.comm_stats, self.comm_totals = CommCounter(log_every=0), CommStats(), CommStats()
         logger.info("hvd_topk.ddp: Top-K %s over %d ranks, momentum %s, %d parameters", self.settings,
                     self.world_size, self.momentum, len(self._names))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps the ``nonfinite="skip"`` policy skipped."""
+        return self.guard.skipped_steps if self.guard is not None else 0
 
     @property
     def steps(self) -> int:

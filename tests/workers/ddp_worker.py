@@ -261,6 +261,38 @@ def nonfinite(rank: int, world: int) -> dict:
     return {"steps": out, "poisoned": poisoned}
 
 
+def nonfinite_policy(rank: int, world: int) -> dict:
+    """``nonfinite="raise"`` and ``"skip"`` with AdamW (Adam correction paired): at step 1 the
+    gradient of ``2.weight`` holds NaNs on rank ``world - 1``. Per policy and step: whether
+    ``optimizer.step()`` raised, whether the parameters moved, and the skipped steps."""
+    out = {}
+    for policy in ("raise", "skip"):
+        model = mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, warmup_steps=0, optimizer=opt,
+                                       nonfinite=policy)
+        ddp = wrap(model, state)
+        poisoned = rank == world - 1
+        hook = model[2].weight.register_hook(
+            lambda g: g.index_fill(1, torch.tensor([3]), float("nan")) if poisoned and state.steps == 1 else g)
+        steps = []
+        for step in range(3):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            loss_of(ddp, *batch(step, rank)).backward()
+            try:
+                opt.step()
+                raised = None
+            except FloatingPointError as e:
+                raised = str(e)
+            moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+            finite = all(bool(p.isfinite().all()) for p in model.parameters())
+            steps.append({"raised": raised, "moved": moved, "finite": finite})
+        hook.remove()
+        out[policy] = {"steps": steps, "skipped": state.skipped_steps}
+    return out
+
+
 def disagree(rank: int, world: int) -> dict:
     """The last rank asks for another ratio: every rank's error."""
     try:
@@ -365,7 +397,7 @@ def no_sync(rank: int, world: int) -> dict:
 SCENARIOS = {f.__name__: f for f in (exact, sar, exact_bounded, sar_bounded, groups, groups_bounded,
                                      ratio_one, dense_large, identical, resume,
                                      identical_sar, resume_sar,
-                                     nonfinite, disagree, adam, adam_clip, no_sync)}
+                                     nonfinite, nonfinite_policy, disagree, adam, adam_clip, no_sync)}
 
 
 def main(out: Path, names) -> None:
