@@ -272,9 +272,10 @@ def nonfinite_policy(rank: int, world: int) -> dict:
         state = hvd_topk.ddp.TopKState(model, ratio=0.05, min_numel=MIN_NUMEL, warmup_steps=0, optimizer=opt,
                                        nonfinite=policy)
         ddp = wrap(model, state)
-        poisoned = rank == world - 1
-        hook = model[2].weight.register_hook(
-            lambda g: g.index_fill(1, torch.tensor([3]), float("nan")) if poisoned and state.steps == 1 else g)
+        def poison(g, state=state, poisoned=rank == world - 1):
+            return g.index_fill(1, torch.tensor([3]), float("nan")) if poisoned and state.steps == 1 else g
+
+        hook = model[2].weight.register_hook(poison)
         steps = []
         for step in range(3):
             before = [p.detach().clone() for p in model.parameters()]
