@@ -11,8 +11,8 @@ import torch
 
 from .layout import GroupLayout, segment_views
 
-__all__ = ["finite_probe", "stacked_probe", "AdamSettings", "AdamMoments", "adam_direction_", "adam_update_",
-           "update_", "clip_local"]
+__all__ = ["finite_probe", "stacked_probe", "nonfinite_flag", "AdamSettings", "AdamMoments",
+           "adam_direction_", "adam_update_", "update_", "clip_local"]
 
 
 def finite_probe(g: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
@@ -201,6 +201,18 @@ def stacked_probe(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).lt(float("inf")).logical_not_()
 
 
+
+
+def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool on ``t``'s device: whether one (large) tensor holds a NaN or an Inf.
+    ``aminmax``: one pass and two scalars (min and max carry any NaN and the infinities),
+    where ``isfinite(t)`` would make temporaries of some 5 bytes an entry and take about 30
+    times as long on CPU, and ``stacked_probe``'s max-abs norm about 11 times (5.3M entries:
+    1.5 against 16.9 ms); ``stacked_probe`` is for many small tensors at once."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def clip_local(g: torch.Tensor, layout: GroupLayout, inv, limit: float) -> torch.Tensor:

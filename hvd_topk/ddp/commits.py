@@ -79,8 +79,8 @@ class DeferredCommits:
         """Write every selection of the step: sent entries leave the residual (and, with
         masking, the velocity) where every flag is False, else everything stays owed."""
         selections, self._selections = self._selections, []
-        flags, self._flags = self._flags, []
-        bad = torch.stack(flags).any() if flags else None  # 0-dim, on the gradients' device
+        bad = self.flagged()  # 0-dim, on the gradients' device
+        self._flags = []
         for sel in selections:
             pos, _ = sel.sent.positions()  # (K,)
             bufs = [b for b in (sel.residual, sel.velocity) if b is not None]

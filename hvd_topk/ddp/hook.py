@@ -22,7 +22,7 @@ from ..packing import Rows, pack_header
 from ..positions import PositionSet
 from ..selection import segment_views, select
 from ..sparse_allreduce import was_kept
-from ..update import clip_local
+from ..update import clip_local, nonfinite_flag
 from ..wire import to_wire
 from .in_flight import ExchangeWork
 from .plan import BucketPlan, SparseGroup
@@ -257,16 +257,6 @@ def _span(grads: Sequence[torch.Tensor], members: Sequence[int],
     return first.as_strided((n,), (1,))  # from first's own storage offset
 
 
-def _not_finite(t: torch.Tensor) -> torch.Tensor:
-    """0-dim bool on ``t``'s device: whether ``t`` holds a NaN or an Inf. ``aminmax``: one pass
-    and two scalars (min and max carry any NaN and the infinities), where ``isfinite(t)`` would
-    make temporaries of some 5 bytes an entry and take about 30 times as long on CPU."""
-    if t.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t)
-    return ~(torch.isfinite(lo) & torch.isfinite(hi))
-
-
 @dataclass
 class _DensePiece:
     """Dense gradients of a bucket reduced by one allreduce: their bucket positions, the
@@ -314,7 +304,7 @@ def _receive_dense(state: TopKState, grads: Sequence[torch.Tensor], pieces: Sequ
     of the average (what a momentum SGD would apply to them)."""
     for piece in pieces:
         avg = piece.summed.div_(state.world_size)  # (n,)
-        state.commits.flag(_not_finite(avg))
+        state.commits.flag(nonfinite_flag(avg))
         if piece.velocity is not None:
             piece.velocity.mul_(state.momentum).add_(avg)
             if state.nesterov:
