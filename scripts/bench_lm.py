@@ -28,8 +28,8 @@ Needs ``transformers`` for ``gpt2`` and ``llama``: ``HVD_TOPK_EXTRAS=test,bench
     python scripts/bench_lm.py --steps 2400 --families transformer
 
 ``--merge`` adds the seeds of an earlier run's JSON (this script's, or any JSON holding its
-records) to the configurations it shares with this grid, so that a grid run seed by seed, on
-different days or machines, gives one table of means::
+records) to the configurations it shares with this grid, and a seed found there is not run
+again, so that a grid run seed by seed, on different days or machines, gives one table of means::
 
     python scripts/bench_lm.py --seeds 1 --merge docs/convergence_lm_families.json
 """
@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--topk-flags", default="",
                    help="more train_lm.py flags for the Top-K runs (an ablation: '--warmup-steps 300')")
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
-                   help="earlier runs' JSON: their seeds of the same configurations join the means")
+                   help="earlier runs' JSON: their seeds of the same configurations join the means "
+                        "(and are not run again)")
     p.add_argument("--eval-every", type=int, default=100, help="validation interval in steps")
     p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
@@ -124,14 +125,18 @@ def run_grid(args) -> list:
         if method != "dense":
             flags += args.topk_flags.split()
         last, best = [], []
+        before = earlier.get((family, corpus, lr, steps, method, tuple(flags)), {})
         for seed in args.seeds:
+            if seed in before:  # merged: not run again
+                last.append(before[seed][0])
+                best.append(before[seed][1])
+                continue
             evals, final = run_lm(flags, args, seed, steps)
             last.append(final)
             best.append(min(e[1] for e in evals))
             print(f"{family} {corpus} lr {lr:g} {steps} steps {method} seed {seed}: "
                   f"last {final:.4f} best {best[-1]:.4f}", flush=True)
         seeds = list(args.seeds)
-        before = earlier.get((family, corpus, lr, steps, method, tuple(flags)), {})
         for seed, (seed_last, seed_best) in sorted(before.items()):
             if seed not in seeds:
                 seeds.append(seed)

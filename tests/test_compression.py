@@ -220,3 +220,22 @@ def test_a_regrouped_residual_keeps_its_values_and_frees_the_old_buffer():
     gc.collect()
     assert gone() is None
     assert torch.equal(new[:5], torch.arange(5.0)) and torch.equal(memory.get("b"), torch.tensor([3.0, 4.0]))
+
+
+def test_probe_flags_nonfinite_tensors_large_and_small_alike():
+    """The dense tensors' NaN/Inf probe: large CPU tensors are probed one by one, the small
+    ones together; the flags are the same, in the tensors' order, for every dtype."""
+    from hvd_topk.update import CPU_PROBE_ONE_BY_ONE, stacked_probe
+
+    big = CPU_PROBE_ONE_BY_ONE
+    tensors = [torch.randn(5), torch.randn(big), torch.randn(3, dtype=torch.float64),
+               torch.randn(big + 1, dtype=torch.bfloat16), torch.zeros(0),
+               torch.randn(big, dtype=torch.complex64), torch.randn(big, dtype=torch.float64)]
+    assert stacked_probe(tensors).tolist() == [False] * 7
+    tensors[1][7] = float("nan")
+    tensors[2][0] = float("inf")
+    tensors[3][-1] = float("-inf")
+    tensors[5][9] = complex(0, float("inf"))
+    tensors[6][0] = 1e300  # finite, beyond float32
+    assert stacked_probe(tensors).tolist() == [False, True, True, True, False, True, False]
+    assert stacked_probe([torch.full((big,), float("nan"))]).tolist() == [True]
