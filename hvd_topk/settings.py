@@ -48,8 +48,9 @@ class TopKSettings:
     Arguments:
         ratio: fraction of each tensor's entries to send, in (0, 1]. 0.01 sends 1%.
         value_dtype: dtype of the values on the wire (``torch.float16`` / ``torch.bfloat16``
-            halve the value bytes; the rounding error stays in the residual). ``None``: the
-            gradient's dtype.
+            halve the value bytes; each rank's rounding error stays in its residual; the
+            sparse allreduce's owner rounds the average it sends once more, at most half an
+            ulp of it, and that rounding is not kept). ``None``: the gradient's dtype.
         min_numel: tensors with fewer entries (biases, norms) are allreduced densely.
         exchange: ``"allgather"`` (every rank receives every rank's ``k`` entries),
             ``"sparse_allreduce"`` (an alltoall to the owner of each region, which sums and

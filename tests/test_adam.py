@@ -220,7 +220,8 @@ def test_adam_correction_required_where_it_does_not_fit():
 
 
 CHECKS = ["adam_dense_first", "adam_all_options", "adam_all_options_grouped", "adam_coupled_maximize",
-          "adam_ratio_one", "adam_elastic_state"]
+          "adam_ratio_one", "adam_elastic_state", "adam_sparse_allreduce",
+          "adam_sparse_allreduce_bf16"]
 
 
 @pytest.mark.parametrize("backend", ["gloo", "mpi"])

@@ -187,6 +187,45 @@ def check_adam_starts_from_the_dense_warm_up():
     assert_same_on_all_ranks(model, "adam after a dense warm-up")
 
 
+def check_adam_sparse_allreduce_conserves_every_step(value_dtype, steps=5):
+    """The sparse allreduce with Adam correction and a bfloat16 autocast forward: what the
+    ranks owed before a step plus their Adam steps, less what they owe after it, summed over
+    the ranks, is what the step applied, on every rank -- error feedback loses nothing:
+    entries an owner does not keep, and each sender's rounding to ``value_dtype``, stay owed.
+    With narrow values the owner's average is rounded to ``value_dtype`` once more, and that
+    rounding is nobody's (the bound: half an ulp of the applied value)."""
+    lr, b1, b2, eps = 0.01, 0.9, 0.95, 1e-3
+    model = make_model()
+    comp = hvd_topk.TopKCompressor(0.05, exchange="sparse_allreduce", min_numel=0, density_aware=False,
+                                   warmup_steps=0, value_dtype=value_dtype)
+    opt = hvd_topk.DistributedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0),
+        named_parameters=model.named_parameters(), compression=comp)
+    names, state = dict(model.named_parameters()), comp.state
+    ulp = 0.0 if value_dtype is None else torch.finfo(value_dtype).eps
+    for step in range(steps):
+        owed = {n: (state.residuals.get(n).clone() if n in state.residuals else torch.zeros(p.numel()))
+                for n, p in names.items()}
+        opt.zero_grad()
+        x, y = batch(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        before = {n: p.detach().clone() for n, p in names.items()}
+        opt.step()
+        assert opt.comm_stats.sparse_tensors == 6, opt.comm_stats
+        for n, p in names.items():
+            t = state.adam_steps[n]
+            m, s = state.exp_avg.get(n), state.exp_avg_sq.get(n)
+            direction = (m / (1 - b1 ** t)) / (s.sqrt() / math.sqrt(1 - b2 ** t) + eps)
+            moved = owed[n] + lr * direction.clamp(-10, 10) - state.residuals.get(n)
+            total = hvd.allreduce(moved, op=hvd.Sum)
+            applied = hvd.size() * (before[n] - p.detach()).reshape(-1)
+            off = (total - applied).abs() - (ulp / 2 + 1e-5) * applied.abs()
+            assert (off <= 1e-6).all(), f"step {step} {n}: owed and applied differ by {float(off.max())} more"
+        assert_same_on_all_ranks(model, "adam sparse allreduce")
+
+
 CHECKS = {
     "adam_dense_first": check_adam_starts_from_the_dense_warm_up,
     "adam_elastic_state": check_adam_elastic_state,
@@ -194,6 +233,8 @@ CHECKS = {
     "adam_all_options_grouped": lambda: check_adam_all_options(grouped=True),
     "adam_coupled_maximize": check_adam_coupled_weight_decay_maximize,
     "adam_ratio_one": check_adam_ratio_one_is_dense_adam,
+    "adam_sparse_allreduce": lambda: check_adam_sparse_allreduce_conserves_every_step(None),
+    "adam_sparse_allreduce_bf16": lambda: check_adam_sparse_allreduce_conserves_every_step(torch.bfloat16),
 }
 
 if __name__ == "__main__":
