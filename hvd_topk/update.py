@@ -184,9 +184,9 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
 
 
 #: On CPU, tensors of at least this many entries are probed one by one (``nonfinite_flag``):
-#: there the max-abs norm of one large tensor takes 10-17 times as long as ``aminmax`` (one
-#: core: 62 against 3.7 ms for 5.3M float32 entries, 0.65 against 0.03 ms for 65K), while the
-#: one multi-tensor kernel stays the cheaper way to probe many small ones.
+#: there the max-abs norm of one large tensor takes 7 to 20 times as long as ``aminmax`` (one
+#: core: 15-18 against 0.8-2.1 ms for 4M float32 entries, 0.65 against 0.03 ms for 65K), while
+#: the one multi-tensor kernel stays the cheaper way to probe many small ones.
 CPU_PROBE_ONE_BY_ONE = 1 << 15
 
 
@@ -223,7 +223,7 @@ def nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
     """0-dim bool on ``t``'s device: whether one (large) tensor holds a NaN or an Inf.
     ``aminmax``: one pass and two scalars (min and max carry any NaN and the infinities),
     where ``isfinite(t)`` would make temporaries of some 5 bytes an entry and take about 30
-    times as long on CPU, and a max-abs norm 10-17 times (``CPU_PROBE_ONE_BY_ONE``);
+    times as long on CPU, and a max-abs norm 7-20 times (``CPU_PROBE_ONE_BY_ONE``);
     ``stacked_probe`` is for many tensors at once, and calls this for large ones on CPU."""
     if t.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=t.device)
