@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._cpu_kernel import cpu_kernel
 from .layout import GroupLayout, segment_views
 
 __all__ = ["finite_probe", "stacked_probe", "nonfinite_flag", "AdamSettings", "AdamMoments",
@@ -183,10 +184,12 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
 
 
 
-#: On CPU, tensors of at least this many entries are probed one by one (``nonfinite_flag``):
-#: there the max-abs norm of one large tensor takes 7 to 20 times as long as ``aminmax`` (one
-#: core: 15-18 against 0.8-2.1 ms for 4M float32 entries, 0.65 against 0.03 ms for 65K), while
-#: the one multi-tensor kernel stays the cheaper way to probe many small ones.
+#: On CPU, while the CPU kernel is in force (``cpu_kernel()``), tensors of at least this many
+#: entries are probed one by one (``nonfinite_flag``): there the max-abs norm of one large
+#: tensor takes 7 to 20 times as long as ``aminmax`` (one core: 15-18 against 0.8-2.1 ms for 4M
+#: float32 entries, 0.65 against 0.03 ms for 65K), while the one multi-tensor kernel stays the
+#: cheaper way to probe many small ones. The generic torch path (the kernel off) probes as CUDA
+#: tensors are probed, so that its ops on CPU count what a GPU launches.
 CPU_PROBE_ONE_BY_ONE = 1 << 15
 
 
@@ -194,8 +197,9 @@ def stacked_probe(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """``(len(tensors),)`` bool on the first tensor's device, True where a tensor holds a
     NaN/Inf. Their max-abs norms in one multi-tensor kernel (``torch._foreach_norm``, as
     ``clip_grad_norm_`` uses; a max cannot overflow), stacked: no host sync, and a handful of
-    kernels for the hundred small tensors (norms, biases) a model leaves dense. On CPU the
-    large ones (``CPU_PROBE_ONE_BY_ONE`` entries) are probed by ``nonfinite_flag`` instead."""
+    kernels for the hundred small tensors (norms, biases) a model leaves dense. On CPU with
+    the CPU kernel in force the large ones (``CPU_PROBE_ONE_BY_ONE`` entries) are probed by
+    ``nonfinite_flag`` instead."""
     if not tensors:
         return None
     device = tensors[0].device
@@ -203,7 +207,7 @@ def stacked_probe(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     # An empty tensor has no max-abs norm; it is finite: probe one zero in its place.
     real = [t if t.numel() else t.new_zeros(1) for t in real]
     large = [i for i, t in enumerate(real) if t.device.type == "cpu" and t.numel() >= CPU_PROBE_ONE_BY_ONE]
-    if large:
+    if large and cpu_kernel() is not None:
         flags = [None] * len(real)
         for i in large:
             flags[i] = nonfinite_flag(real[i]).to(device)

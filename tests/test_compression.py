@@ -223,11 +223,18 @@ def test_a_regrouped_residual_keeps_its_values_and_frees_the_old_buffer():
 
 
 def test_probe_flags_nonfinite_tensors_large_and_small_alike():
-    """The dense tensors' NaN/Inf probe: large CPU tensors are probed one by one, the small
-    ones together; the flags are the same, in the tensors' order, for every dtype."""
+    """The dense tensors' NaN/Inf probe: large CPU tensors are probed one by one (with the
+    CPU kernel in force), the small ones together; the flags are the same, in the tensors'
+    order, for every dtype, on both paths."""
+    from hvd_topk import cpu_kernel, use_cpu_kernel
     from hvd_topk.update import CPU_PROBE_ONE_BY_ONE, stacked_probe
 
-    big = CPU_PROBE_ONE_BY_ONE
+    for kernel in ([False, True] if cpu_kernel() is not None else [False]):
+        with use_cpu_kernel(kernel):
+            _probe_flags(CPU_PROBE_ONE_BY_ONE, stacked_probe)
+
+
+def _probe_flags(big, stacked_probe):
     tensors = [torch.randn(5), torch.randn(big), torch.randn(3, dtype=torch.float64),
                torch.randn(big + 1, dtype=torch.bfloat16), torch.zeros(0),
                torch.randn(big, dtype=torch.complex64), torch.randn(big, dtype=torch.float64)]
