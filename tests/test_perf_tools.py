@@ -76,8 +76,8 @@ def test_netem_script_parses():
 
 def test_bench_lm_merges_an_earlier_runs_seeds(tmp_path, monkeypatch):
     """``bench_lm.py --merge``: an earlier JSON's seeds join this run's means for the same
-    configuration and flags (found anywhere in the document); other flags, and a seed this
-    run has, are not taken from it."""
+    configuration and flags (found anywhere in the document), and a seed found there is not
+    run again; other flags are not taken from it."""
     bench_lm = load("bench_lm")
     args = bench_lm.parse_args(["--families", "transformer", "--corpora", "pydoc", "--lrs", "3e-3",
                                 "--seeds", "1", "--methods", "dense", "topk1", "--cache", str(tmp_path)])
@@ -92,14 +92,18 @@ def test_bench_lm_merges_an_earlier_runs_seeds(tmp_path, monkeypatch):
         record("topk1", [2], [5.0], ["--warmup-steps", "300"])]}]}))
     args.merge = [str(earlier)]
 
-    def run_lm(flags, args, seed, steps):  # this run's seed 1: dense 2.0, Top-K 1% 2.1
+    ran = []
+
+    def run_lm(flags, args, seed, steps):  # this run's seed 1: Top-K 1% 2.1
+        ran.append((flags[-1], seed))
         final = 2.1 if flags[-1] == "0.01" else 2.0
         return [(steps, final)], final
 
     monkeypatch.setattr(bench_lm, "run_lm", run_lm)
     records = {r["method"]: r for r in bench_lm.run_grid(args)}
-    assert records["dense"]["seeds"] == [1, 0] and records["dense"]["last"] == [2.0, 1.0]
+    assert ran == [("0.01", 1)]  # dense's seed 1 is the earlier JSON's
+    assert records["dense"]["seeds"] == [1, 0] and records["dense"]["last"] == [9.0, 1.0]
     assert records["topk1"]["seeds"] == [1, 0] and records["topk1"]["last"] == [2.1, 1.2]
     table = bench_lm.table(list(records.values()), args)
-    assert "1.5000 / 1.5000" in table and "1.6500 (+10.00% **miss**)" in table
+    assert "5.0000 / 5.0000" in table and "1.6500 (-67.00%)" in table
     assert "Mean of seeds 0 1" in table
