@@ -183,7 +183,6 @@ def update_(v: torch.Tensor, g: torch.Tensor, layout: GroupLayout, *, alpha=1.0,
     return bad
 
 
-
 #: On CPU, while the CPU kernel is in force (``cpu_kernel()``), tensors of at least this many
 #: entries are probed one by one (``nonfinite_flag``): there the max-abs norm of one large
 #: tensor takes 7 to 20 times as long as ``aminmax`` (one core: 15-18 against 0.8-2.1 ms for 4M

@@ -21,6 +21,14 @@ import hvd_topk
 RTOL, ATOL = 1e-5, 1e-7
 
 
+def clipped_direction(m, den, t, tv, b1, b2, eps):
+    """One rank's Adam direction ``m_hat / (sqrt(s_hat) + eps)`` (``t`` steps of the first
+    moment, ``tv`` of the second), clipped to +-10 (``adam_clip``): ``lr`` times it is what
+    the step adds to what the rank owes. torch.optim.Adam's own arithmetic (``sqrt(s) /
+    sqrt(1 - b2^t)``, not ``sqrt(s / ...)``), so that fp16 wire values round alike."""
+    return ((m / (1 - b1 ** t)) / (den.sqrt() / math.sqrt(1 - b2 ** tv) + eps)).clamp(-10, 10)
+
+
 class Reference:
     """The written-out Adam correction of one rank: state per parameter name."""
 
@@ -40,10 +48,7 @@ class Reference:
             s.mul_(b2).addcmul_(g, g, value=1 - b2)  # as torch.optim.Adam rounds it
             smax.copy_(torch.maximum(smax, s))
         den = smax if group["amsgrad"] else s
-        # torch.optim.Adam's own arithmetic (sqrt(s) / sqrt(1 - b2^t), not sqrt(s / ...)), so
-        # that fp16 wire values round alike
-        d = (m / (1 - b1 ** t)) / (den.sqrt() / math.sqrt(1 - b2 ** tv) + group["eps"])
-        r.add_(d.clamp(-10, 10), alpha=group["lr"])  # the displacement owed; adam_clip=10
+        r.add_(clipped_direction(m, den, t, tv, b1, b2, group["eps"]), alpha=group["lr"])  # owed
         # ranked by r * m / (sqrt(s) + eps) where positive (adam_select="agreement")
         sent, _ = own_topk(r, ratio, value_dtype, weight=m / (den.sqrt() + group["eps"]))
         r -= sent
@@ -216,9 +221,8 @@ def check_adam_sparse_allreduce_conserves_every_step(value_dtype, steps=5):
         assert opt.comm_stats.sparse_tensors == 6, opt.comm_stats
         for n, p in names.items():
             t = state.adam_steps[n]
-            m, s = state.exp_avg.get(n), state.exp_avg_sq.get(n)
-            direction = (m / (1 - b1 ** t)) / (s.sqrt() / math.sqrt(1 - b2 ** t) + eps)
-            moved = owed[n] + lr * direction.clamp(-10, 10) - state.residuals.get(n)
+            d = clipped_direction(state.exp_avg.get(n), state.exp_avg_sq.get(n), t, t, b1, b2, eps)
+            moved = owed[n] + lr * d - state.residuals.get(n)
             total = hvd.allreduce(moved, op=hvd.Sum)
             applied = hvd.size() * (before[n] - p.detach()).reshape(-1)
             off = (total - applied).abs() - (ulp / 2 + 1e-5) * applied.abs()
