@@ -9,8 +9,8 @@ through ``exchange.sparse_allgather_async`` and comes back through Horovod's own
 No Horovod file is copied or patched.
 
 Here: the hook, ``synchronize()`` and ``step()``; their parts are in ``plan.py``, ``agreement.py``,
-``synchronize.py``, ``stats.py``, ``scaling.py``, ``clipping.py``, ``nonfinite.py``,
-``corrections.py``, and the state methods in ``optimizer_state.py``.
+``synchronize.py``, ``stats.py``, ``scaling.py``, ``clipping.py``, ``nonfinite.py``, ``corrections.py``;
+the state methods in ``optimizer_state.py``, those for params trained later in ``param_groups.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .compression import RankMismatchError, SparseCompressor
 from .corrections import CorrectionSet
 from .nonfinite import NonfinitePolicy, check_policy
 from .optimizer_state import RankState, StateMethods, TopKDistributedOptimizer, with_step_guard
+from .param_groups import ParamGroupMethods
 from .plan import InGroup, Planner, check_user_groups
 from .scaling import LossScale, check_grad_scaler
 from .stats import CommCounter, CommStats
@@ -81,6 +82,7 @@ class _TopKMethods:
         if planner.planned:
             return planner.plan
         self._take_broadcast_state()
+        self._hook_trained()  # params unfrozen or added since the optimizer was built
         plan = planner.plan_step(self.param_groups, self._requires_update, self.process_set.size(),
                                  self._corrections)
         self._agreement.launch(planner.trained_set, planner.groups_digest, self._compression.steps)
@@ -93,9 +95,8 @@ class _TopKMethods:
         if self._sparse and p not in self._planner.trained_set:
             return None, None  # frozen, or not updated by the optimizer: not exchanged
         if p.grad is None:
-            # Trainable but unused on this rank (dynamic graph), maybe used on others: send
-            # zeros so every rank takes part in the same collectives. Its residual then sends
-            # what it still owes, as for any trained parameter.
+            # Trainable but unused on this rank (dynamic graph), maybe used on others: zeros, so
+            # every rank takes part in the same collectives (its residual still sends what it owes).
             p.grad = torch.zeros_like(p)
         if self._sparse and self.sparse_as_dense and p.grad.is_sparse:
             # Horovod's sparse_as_dense: exchanged dense (through Top-K if planned so), made
@@ -106,15 +107,13 @@ class _TopKMethods:
         self._counter.gradient(grad)
         group = plan.get(p) if self._sparse else None
         if group is not None and (grad.is_sparse or grad.dtype != p.dtype):
-            # A sparse (embedding) gradient takes Horovod's own path; the group's other
-            # gradients may all be ready.
+            # A sparse (embedding) gradient takes Horovod's path; the group's others may be ready.
             self._launch_if_complete(self._planner.drop(p))
             group = None
         if group is None:
             self._counter.dense(grad, self.process_set.size())
             if not self._sparse or grad.is_sparse:
-                # Horovod's own path: its compressors, or its allgather for sparse gradients
-                # (which never calls compress()).
+                # Horovod's own path: its compressors, or its sparse allgather (no compress()).
                 return _HorovodOptimizer._allreduce_grad_async(self, p)
             return self._step_exchange.send_dense(p, grad, self._parameter_names.get(p))
         correction = self._corrections.get(p)
@@ -129,17 +128,15 @@ class _TopKMethods:
         self._step_exchange.launch_if_complete(group, self.state, self._planner.budget)
 
     def _grouped_allreduce_grad_async(self, ps):
-        # Horovod's grouped allreduce (``groups`` with its compressors), counted in comm_stats.
-        for p in ps:
+        for p in ps:  # Horovod's grouped allreduce (``groups`` with its compressors), counted
             self._counter.gradient(p.grad)
             self._counter.dense(p.grad, self.process_set.size())
         return _HorovodOptimizer._grouped_allreduce_grad_async(self, ps)
 
     def _clip_and_release(self, p):
-        """``clip_grad_norm``: hold each gradient of the step (sparse and dense alike) until
-        the last trained one is in, then send them all, clipped (``GradClipper``). So nothing
-        is compressed or sent before backward ends: the cost in overlap is in docs/performance.md
-        ("Migrating")."""
+        """``clip_grad_norm``: hold each gradient of the step (sparse and dense alike) until the
+        last trained one is in, then send them all, clipped (``GradClipper``): nothing is sent
+        before backward ends (the cost in overlap: docs/performance.md, "Migrating")."""
         self._groups_of_step()
         if p not in self._planner.trained_set:
             return None, None  # frozen, or not updated by the optimizer: not exchanged
@@ -154,11 +151,11 @@ class _TopKMethods:
             return self._allreduce_grad_async(p)  # Horovod's hook stores this one
 
     def synchronize(self):
-        """Horovod's ``synchronize()``: the averaged (``hvd.Sum``: summed) gradients in ``p.grad``.
-        With a sparse compressor the ranks first check that they train the same model
-        (else ``RankMismatchError`` on every rank), and the step has one host sync."""
+        """Horovod's ``synchronize()``: the averaged (``hvd.Sum``: summed) gradients in ``p.grad``. Sparse:
+        the ranks first check that they train the same model (else ``RankMismatchError``); one host sync."""
         if not self._sparse:
             t0 = time.perf_counter()
+            self._hook_trained()  # params unfrozen or added since the optimizer was built
             _HorovodOptimizer.synchronize(self)
             return self._finish_step(time.perf_counter() - t0)
         if not self.process_set.included():
@@ -193,13 +190,19 @@ class _TopKMethods:
             self._plan_reset()
         self._finish_step(time.perf_counter() - t0)
 
+    def zero_grad(self, set_to_none=True):
+        """Horovod's guard (not between ``backward()`` and the step), then the wrapped
+        optimizer's ``zero_grad(set_to_none)``: ``False`` zeroes the gradients in place."""
+        if self._handles:
+            return _HorovodOptimizer.zero_grad(self)  # raises Horovod's AssertionError
+        return super(self.__class__, self).zero_grad(set_to_none)
+
     def _plan_reset(self):
         for part in (self._planner, self._step_exchange, self._agreement, self._clipper):
             if part is not None:
                 part.end_step()
 
-    def _forget_plan(self):
-        """A state was loaded: the next step plans again."""
+    def _forget_plan(self):  # a state was loaded: the next step plans again
         self._plan_reset()
         self._planner.forget()
 
@@ -211,9 +214,8 @@ class _TopKMethods:
         self._plan_reset()
 
     def _exchange(self):
-        """Horovod's synchronize() for a sparse compressor: start what backward did not, wait
-        for every collective, scatter each group (no host sync), then one ``check`` of every
-        flag of the step -- its one host sync -- and the rare redo (``StepExchange``)."""
+        """synchronize() with a sparse compressor: start what backward did not, wait for every collective,
+        scatter each group (no host sync), one ``check`` of the step's flags (its host sync), rare redos."""
         handles, exchange = self._handles, self._step_exchange
         done = {p for p, (h, _) in handles.items() if h is not None}
         for p in [p for p in self._planner.trained if p not in done]:
@@ -233,8 +235,7 @@ class _TopKMethods:
         self._loss_scale.end_step()
         if self._sparse:
             if self._nonfinite.pending:
-                # The step will not be applied (step() raises or skips, a GradScaler skips it):
-                # what the other tensors were about to send stays in their residuals.
+                # Not applied (step() raises or skips, or a GradScaler does): what was to be sent stays owed.
                 self._compression.unsend()
             self._compression.step_done()
         self.comm_stats = self._counter.finish(waited_s, self.comm_totals)
@@ -246,10 +247,9 @@ class _TopKMethods:
         raises or skips the step, on every rank alike."""
         if self._should_synchronize:
             if self._synchronized:
-                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
-                              "context after optimizer.synchronize(). This can cause training "
-                              "slowdown. You may want to consider using "
-                              "optimizer.skip_synchronize() context if you use "
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context "
+                              "after optimizer.synchronize(). This can cause training slowdown. You may "
+                              "want to consider using optimizer.skip_synchronize() context if you use "
                               "optimizer.synchronize() in your code.", stacklevel=2)
             self._step_sync = True
             try:
@@ -386,7 +386,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     check_grad_scaler(grad_scaler)
 
     attrs = dict(_HorovodOptimizer.__dict__)
-    for methods in (StateMethods, _TopKMethods):
+    for methods in (StateMethods, ParamGroupMethods, _TopKMethods):
         attrs.update({k: v for k, v in methods.__dict__.items()
                       if k not in ("__dict__", "__weakref__", "__module__", "__qualname__")})
     attrs["__doc__"] = optimizer.__class__.__doc__

@@ -1,10 +1,11 @@
-"""Frozen layers stay frozen (2 ranks, Gloo): see tests/workers/frozen_worker.py."""
+"""Frozen layers stay frozen, and layers unfrozen or added after the optimizer was built are
+exchanged like the others (2 ranks, Gloo): see tests/workers/frozen_worker.py."""
 
 import pytest
 from launch import run_ranks
 
 RUNS_THROUGH = ["frozen", "frozen_momentum", "stock_reference", "lr_zero", "removed",
-                "unused_on_one_rank"]
+                "unused_on_one_rank", "frozen_when_built", "add_param_group"]
 DISAGREE = "'0.weight' is frozen (requires_grad=False) on rank(s) [0] but trained on rank(s) [1]"
 
 

@@ -1,4 +1,5 @@
-"""Frozen, removed, lr=0 and unused parameters on 2 ranks (run by tests/test_frozen.py).
+"""Frozen, removed, lr=0 and unused parameters on 2 ranks (run by tests/test_frozen.py); and
+parameters trained later than the optimizer was built (unfrozen, or added by add_param_group).
 
 The issue's case: an MLP (64-512-512-10), SGD, ``TopKCompressor(0.01, warmup_steps=0)``, the
 first layer frozen on every rank after step 3. A frozen parameter must not move (stock
@@ -203,7 +204,77 @@ def check_disagree(name, group_bytes):
     raise AssertionError("ranks that disagree about freezing trained without an error")
 
 
+def late_optimizer(model, kind, params=None, names=None):
+    """``kind``: "sgd" (Top-K 1%, momentum correction), "adamw" (Top-K 1%, Adam correction),
+    "dense" (hvd_topk with Horovod's uncompressed allreduce)."""
+    params = model.parameters() if params is None else params
+    names = model.named_parameters() if names is None else names
+    if kind == "adamw":
+        base = torch.optim.AdamW(params, lr=0.01)
+    else:
+        base = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    comp = (hvd.Compression.none if kind == "dense" else
+            hvd_topk.TopKCompressor(0.01, warmup_steps=0, min_numel=1024))
+    return hvd_topk.DistributedOptimizer(base, named_parameters=names, compression=comp)
+
+
+def assert_exchanged(model, opt, p, step, dense):
+    """One more step by hand: after synchronize(), ``p.grad`` is the same on every rank (the
+    exchanged update); with Horovod's allreduce, exactly the mean of the ranks' gradients."""
+    x, y = batch(step)
+    loss = nn.functional.cross_entropy(model(x), y)
+    local = torch.autograd.grad(loss, [p], retain_graph=True)[0]  # no hook fires for this one
+    opt.zero_grad()
+    loss.backward()
+    opt.synchronize()
+    g = hvd.allgather(p.grad.detach().reshape(1, -1))
+    assert torch.equal(g, g[:1].expand_as(g)), "the late parameter's update differs between ranks"
+    if dense:
+        torch.testing.assert_close(p.grad, hvd.allreduce(local, name=f"late.{step}"), rtol=RTOL, atol=ATOL)
+    with opt.skip_synchronize():
+        opt.step()
+
+
+def check_frozen_when_built(kind):
+    """The first layer frozen when the optimizer is built (a backbone during a head's warm-up),
+    unfrozen after step 3: from then on it is exchanged like every other parameter (stock
+    Horovod never hooks it, and each rank steps it with its own gradient)."""
+    model = make_model()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    opt = late_optimizer(model, kind)
+    train(model, opt, 3)
+    sparse_before = opt.comm_stats.sparse_tensors
+    before = model[0].weight.detach().clone()
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    train(model, opt, 2, start=3)
+    if kind != "dense":
+        assert opt.comm_stats.sparse_tensors == sparse_before + 1, (sparse_before, opt.comm_stats)
+    assert_exchanged(model, opt, model[0].weight, 5, kind == "dense")
+    assert not torch.equal(before, model[0].weight), "the unfrozen layer did not move"
+    assert_same_on_all_ranks(model, f"unfrozen late ({kind})")
+
+
+def check_add_param_group(kind):
+    """``optimizer.add_param_group`` after step 3 for the last layer, whose params were not
+    named when the optimizer was built: exchanged like the others (named
+    ``allreduce.noname.1.*``), the ranks identical, its corrections in force."""
+    model = make_model()
+    head = model[4]
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("4.")]
+    opt = late_optimizer(model, kind, params=[p for _, p in named], names=named)
+    opt.add_param_group({"params": list(head.parameters()), "lr": 0.02})
+    train(model, opt, 3)
+    assert_exchanged(model, opt, head.weight, 3, kind == "dense")
+    assert_same_on_all_ranks(model, f"add_param_group ({kind})")
+    names = {opt._parameter_names[p] for p in head.parameters()}
+    assert names == {"allreduce.noname.1.0", "allreduce.noname.1.1"}, names
+
+
 CHECKS = {
+    "frozen_when_built": lambda: [check_frozen_when_built(k) for k in ("sgd", "adamw", "dense")],
+    "add_param_group": lambda: [check_add_param_group(k) for k in ("sgd", "adamw", "dense")],
     "frozen": lambda: check_frozen(0.0),
     "frozen_momentum": lambda: check_frozen(0.9),
     "stock_reference": check_stock_reference,
