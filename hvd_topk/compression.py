@@ -19,7 +19,8 @@ from . import sparse_allreduce as sar
 from .cost import choose_exchange, gradient_times
 from .exchange import EXCHANGES, AllgatherExchange, gradient_costs
 from .headers import Signatures, build_header, mark_nonfinite, resolve
-from .interface import AdamSettings, ComplexContext, Exchange, RankMismatchError, SparseContext
+from .interface import (AdamSettings, ComplexContext, Exchange, RankMismatchError, SparseContext,
+                        CopiedContext)
 from .layout import GroupLayout, index_dtype, num_selected
 from .packing import FLAG_INEXACT
 from .positions import PositionSet
@@ -31,7 +32,7 @@ from .update import clip_local
 from .wire import scaled_wire
 
 __all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "AdamSettings", "RankMismatchError",
-           "ComplexContext"]
+           "ComplexContext", "CopiedContext"]
 
 _ERROR_STOCK = (
     "TopKCompressor.compress() was called without a parameter name, which is what the stock "
@@ -251,6 +252,8 @@ class TopKCompressor(SparseCompressor):
             return payload
         if isinstance(ctx, ComplexContext):
             return torch.view_as_complex(payload)
+        if isinstance(ctx, CopiedContext):
+            return payload.to(ctx.dtype)
         if ctx.exchange != "allgather":
             raise ValueError("decompress() takes an allgathered payload; a sparse allreduce goes "
                              "through reduce_regions() and scatter() (hvd_topk.DistributedOptimizer)")

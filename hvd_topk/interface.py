@@ -20,8 +20,8 @@ from .update import AdamSettings
 if TYPE_CHECKING:  # the sparse allreduce's plan type, for annotations only
     from .sparse_allreduce import RegionPlan
 
-__all__ = ["RankMismatchError", "AdamSettings", "SparseContext", "ComplexContext", "Exchange",
-           "crc", "header_words", "SAME_MODEL"]
+__all__ = ["RankMismatchError", "AdamSettings", "SparseContext", "ComplexContext", "CopiedContext",
+           "Exchange", "crc", "header_words", "SAME_MODEL"]
 
 SAME_MODEL = ("Every rank must hold the same model (parameter names, shapes and dtypes) and "
               "the same TopKCompressor settings.")
@@ -139,6 +139,16 @@ class SparseContext:
 class ComplexContext:
     """Context of a complex gradient the optimizer allreduced as its real view (Horovod has
     no complex dtypes); ``decompress`` turns the result back into a complex tensor."""
+
+
+class CopiedContext:
+    """Context of a gradient the optimizer allreduced as a copy Horovod can reduce: contiguous
+    (a ``channels_last`` conv weight's is not), and float32 where the gradient's dtype has no
+    Horovod collective (bfloat16); ``decompress`` returns the average in the gradient's dtype
+    (rounded once)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
 
 
 class Exchange(abc.ABC):

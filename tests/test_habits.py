@@ -3,15 +3,15 @@ optimizer.state_dict() checkpoints (each rank its own file: bit-identical resume
 scheduler too; rank 0's
 file on every rank; rank 0's state sent by hvd.broadcast_optimizer_state), states that do not
 fit, clip_grad_norm=, the warning for clipping after synchronize(), backward_passes_per_step,
-OneCycleLR's momentum cycle, torch.compile, zero_grad(set_to_none=False) and a channels_last
-CNN. One run of the worker per backend."""
+OneCycleLR's momentum cycle, torch.compile, zero_grad(set_to_none=False), a channels_last
+CNN and bfloat16 parameters. One run of the worker per backend."""
 
 import pytest
 from launch import run_ranks
 
 CHECKS = ["own_files", "own_files_scheduler", "rank0_file", "rank0_broadcast", "mismatch", "clip_grad_norm",
           "synchronize_warning", "backward_passes_per_step", "one_cycle_momentum", "torch_compile",
-          "zero_grad_in_place", "channels_last"]
+          "zero_grad_in_place", "channels_last", "bfloat16_params"]
 
 
 @pytest.mark.parametrize("backend", ["gloo", "mpi"])
