@@ -19,8 +19,7 @@ from . import sparse_allreduce as sar
 from .cost import choose_exchange, gradient_times
 from .exchange import EXCHANGES, AllgatherExchange, gradient_costs
 from .headers import Signatures, build_header, mark_nonfinite, resolve
-from .interface import (AdamSettings, ComplexContext, Exchange, RankMismatchError, SparseContext,
-                        CopiedContext)
+from .interface import AdamSettings, ComplexContext, CopiedContext, Exchange, RankMismatchError, SparseContext
 from .layout import GroupLayout, index_dtype, num_selected
 from .packing import FLAG_INEXACT
 from .positions import PositionSet
@@ -250,10 +249,8 @@ class TopKCompressor(SparseCompressor):
         comes back in its shape, a group as its flat ``(n,)`` buffer."""
         if ctx is None:
             return payload
-        if isinstance(ctx, ComplexContext):
-            return torch.view_as_complex(payload)
-        if isinstance(ctx, CopiedContext):
-            return payload.to(ctx.dtype)
+        if isinstance(ctx, (ComplexContext, CopiedContext)):
+            return ctx.restore(payload)  # a dense gradient reduced in a form Horovod takes
         if ctx.exchange != "allgather":
             raise ValueError("decompress() takes an allgathered payload; a sparse allreduce goes "
                              "through reduce_regions() and scatter() (hvd_topk.DistributedOptimizer)")

@@ -140,6 +140,10 @@ class ComplexContext:
     """Context of a complex gradient the optimizer allreduced as its real view (Horovod has
     no complex dtypes); ``decompress`` turns the result back into a complex tensor."""
 
+    @staticmethod
+    def restore(reduced: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_complex(reduced)
+
 
 class CopiedContext:
     """Context of a gradient the optimizer allreduced as a copy Horovod can reduce: contiguous
@@ -149,6 +153,9 @@ class CopiedContext:
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
+
+    def restore(self, reduced: torch.Tensor) -> torch.Tensor:
+        return reduced.to(self.dtype)
 
 
 class Exchange(abc.ABC):
