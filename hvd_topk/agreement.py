@@ -32,6 +32,10 @@ class ModelAgreement:
     def __init__(self, process_set, names):
         self._process_set = process_set
         self._names = names  # param -> name (Horovod's)
+        # The step's allgather is in flight during backward: its name must differ between the
+        # optimizers of one process (a GAN's two), and be the same on every rank.
+        own = zlib.crc32("\n".join(sorted(str(n) for n in names.values())).encode())
+        self._collective = f"hvd_topk.trained_set.{own:08x}"
         self._check_model = True  # compare the ranks' parameters at the next check()
         self._handle = None  # handle of this step's allgather of the digests
         self._digest_of = None  # the trained set whose digest is _trained_digest
@@ -58,7 +62,7 @@ class ModelAgreement:
             self._handle = mpi_ops.allgather_async(
                 torch.tensor([self._digest(trained_set), groups_digest, steps & 0x7FFFFFFF],
                              dtype=torch.int32),
-                name="hvd_topk.trained_set", process_set=self._process_set)
+                name=self._collective, process_set=self._process_set)
 
     def end_step(self):
         """The step is over (or abandoned): forget its allgather's handle."""

@@ -4,7 +4,7 @@ scheduler too; rank 0's
 file on every rank; rank 0's state sent by hvd.broadcast_optimizer_state), states that do not
 fit, clip_grad_norm=, the warning for clipping after synchronize(), backward_passes_per_step,
 OneCycleLR's momentum cycle, torch.compile, zero_grad(set_to_none=False), a channels_last
-CNN and bfloat16 parameters. One run of the worker per backend."""
+CNN, bfloat16 parameters and a GAN's two optimizers. One run of the worker per backend."""
 
 import pytest
 from launch import run_ranks
@@ -21,3 +21,13 @@ def test_user_habits(tmp_path, backend):
     for check in CHECKS:
         for rank in range(2):
             assert f"rank {rank}/2 {check}: OK" in out, out
+
+
+def test_two_optimizers_in_one_backward():
+    """A GAN's two hvd_topk optimizers start their steps' collectives in the same backward;
+    Horovod's cycle at 50 ms keeps the first in flight while the second starts, so names
+    that collide fail every time instead of by chance."""
+    out = run_ranks("habits_worker.py", "two_optimizers", backend="gloo", np=2, timeout=300,
+                    env={"HOROVOD_CYCLE_TIME": "50"})
+    for rank in range(2):
+        assert f"rank {rank}/2 two_optimizers: OK" in out, out

@@ -6,8 +6,8 @@ stopping; rank 0's file on every rank, or rank 0's state sent by
 not fit raise; ``clip_grad_norm=`` clips each rank's gradient exactly as
 ``torch.nn.utils.clip_grad_norm_`` would, before error feedback; the warning for clipping
 after ``synchronize()``; ``backward_passes_per_step``, ``OneCycleLR`` cycling SGD's momentum,
-``torch.compile``, ``zero_grad(set_to_none=False)``, a ``channels_last`` CNN and bfloat16
-parameters. Files go to
+``torch.compile``, ``zero_grad(set_to_none=False)``, a ``channels_last`` CNN, bfloat16
+parameters and two optimizers in one process (a GAN). Files go to
 ``$HVD_TOPK_HABITS_DIR``.
 """
 
@@ -372,6 +372,40 @@ def check_bfloat16_params():
             assert torch.equal(g, g[:1].expand_as(g)), f"bfloat16 params {kind}: {name} differs between ranks"
 
 
+def check_two_optimizers():
+    """A GAN's loop: two models, each with its own hvd_topk optimizer (SGD and AdamW). The
+    generator's backward also reaches the discriminator's parameters, so both optimizers'
+    hooks run in one backward (each starts its step's collectives there: their names must
+    not collide); the discriminator's are then synchronized and dropped, as Horovod asks."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    disc = make_model()
+    g_opt = hvd_topk.DistributedOptimizer(
+        torch.optim.SGD(gen.parameters(), lr=0.05, momentum=0.9), named_parameters=gen.named_parameters("g"),
+        compression=hvd_topk.TopKCompressor(0.01, min_numel=1024))
+    d_opt = hvd_topk.DistributedOptimizer(
+        torch.optim.AdamW(disc.parameters(), lr=0.01), named_parameters=disc.named_parameters("d"),
+        compression=hvd_topk.TopKCompressor(0.01, min_numel=1024))
+    start = [p.detach().clone() for p in (*gen.parameters(), *disc.parameters())]
+    for step in range(3):
+        x, y = batch(step)
+        d_opt.zero_grad()
+        nn.functional.cross_entropy(disc(gen(x).detach()), y).backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        (-nn.functional.cross_entropy(disc(gen(x)), y)).backward()  # reaches disc's params too
+        g_opt.step()
+        d_opt.synchronize()
+        with d_opt.skip_synchronize():
+            d_opt.zero_grad()
+    stats = (g_opt.comm_stats, d_opt.comm_stats)
+    assert stats[0].sparse_tensors == 2 and stats[1].sparse_tensors == 3, stats
+    end = list((*gen.parameters(), *disc.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(start, end)), "a parameter did not move"
+    assert_same_on_all_ranks(gen, "two optimizers: generator")
+    assert_same_on_all_ranks(disc, "two optimizers: discriminator")
+
+
 CHECKS = {"own_files": check_own_files, "own_files_scheduler": check_own_files_scheduler,
           "rank0_file": check_rank0_file,
           "rank0_broadcast": check_rank0_broadcast, "mismatch": check_mismatch,
@@ -379,7 +413,7 @@ CHECKS = {"own_files": check_own_files, "own_files_scheduler": check_own_files_s
           "backward_passes_per_step": check_backward_passes_per_step,
           "one_cycle_momentum": check_one_cycle_momentum, "torch_compile": check_torch_compile,
           "zero_grad_in_place": check_zero_grad_in_place, "channels_last": check_channels_last,
-          "bfloat16_params": check_bfloat16_params}
+          "bfloat16_params": check_bfloat16_params, "two_optimizers": check_two_optimizers}
 
 if __name__ == "__main__":
     rank_checks.main(CHECKS)
