@@ -29,12 +29,14 @@ class ModelAgreement:
     change. Host data only (CPU tensors whatever the model's device).
     """
 
-    def __init__(self, process_set, names):
+    def __init__(self, process_set, names, param_groups):
         self._process_set = process_set
         self._names = names  # param -> name (Horovod's)
         # The step's allgather is in flight during backward: its name must differ between the
-        # optimizers of one process (a GAN's two), and be the same on every rank.
-        own = zlib.crc32("\n".join(sorted(str(n) for n in names.values())).encode())
+        # optimizers of one process (a GAN's two, even when both were given every name of the
+        # model), and be the same on every rank: the names of the params this one updates.
+        mine = sorted(str(names.get(p)) for g in param_groups for p in g["params"])
+        own = zlib.crc32("\n".join(mine).encode())
         self._collective = f"hvd_topk.trained_set.{own:08x}"
         self._check_model = True  # compare the ranks' parameters at the next check()
         self._handle = None  # handle of this step's allgather of the digests

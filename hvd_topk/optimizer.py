@@ -63,7 +63,7 @@ class _TopKMethods:
         self._loss_scale = LossScale(grad_scaler)
         self._nonfinite = NonfinitePolicy(nonfinite)
         self._planner = Planner(compression, names, groups if self._sparse else None)
-        self._agreement = ModelAgreement(process_set, names)
+        self._agreement = ModelAgreement(process_set, names, self.param_groups)
         self._rank_state = RankState(compression, process_set, names)
         self._corrections = CorrectionSet()
         if self._sparse:

@@ -40,36 +40,35 @@ class ParamGroupMethods:
         super(self.__class__, self).add_param_group(param_group)
         if "_planner" not in vars(self):
             return  # torch's __init__ adding the first groups: Horovod hooks those
-        index = len(self.param_groups) - 1
-        taken = set(self._parameter_names.values())
-        for j, p in enumerate(self.param_groups[-1]["params"]):
-            if p not in self._parameter_names:
-                name = f"allreduce.noname.{index}.{j}"
-                if name in taken:
-                    raise ValueError(f"add_param_group: the name {name!r} for an unnamed parameter is "
-                                     "taken; pass every parameter in named_parameters when building "
-                                     "the optimizer")
-                self._parameter_names[p] = name
         if self._sparse:
             self._corrections.rebuild(self, self._compression)
         self._agreement.recheck()  # the ranks compare their models, new params included
         self._hook_trained()
 
     def _hook_trained(self):
-        """Hook every param of the param groups that requires grad and that Horovod has not
-        hooked (see the module docstring); a set lookup per param when there is none.
-        Called at the start of each step (and by ``add_param_group``)."""
-        hooked = self._requires_update
-        new = [p for g in self.param_groups for p in g["params"] if p.requires_grad and p not in hooked]
+        """Name the params of the param groups that have no name, and hook those that require
+        grad and that Horovod has not hooked (see the module docstring); two set lookups per
+        param when there are none. Called at the start of each step and by ``add_param_group``."""
+        hooked, names = self._requires_update, self._parameter_names
+        new, unnamed = [], []
+        for i, g in enumerate(self.param_groups):
+            for j, p in enumerate(g["params"]):
+                if p not in names:
+                    unnamed.append((i, j, p))
+                if p.requires_grad and p not in hooked:
+                    new.append(p)
+        taken = set(names.values())
+        for i, j, p in unnamed:  # Horovod's name for an unnamed param: the same on every rank
+            names[p] = f"allreduce.noname.{i}.{j}"
+            if names[p] in taken:
+                raise ValueError(f"the name {names[p]!r} for an unnamed parameter of param group {i} is "
+                                 "taken: pass every parameter in named_parameters")
         if not new:
             return
         # Horovod's own condition for hooking at all (one rank: synchronize() sends them).
         hooks = self.process_set.included() and (mpi_ops.size() > 1
                                                  or os.environ.get("HOROVOD_ELASTIC") == "1")
         for p in new:
-            if p not in self._parameter_names:
-                raise ValueError("a parameter in param_groups has no name: add parameters through "
-                                 "optimizer.add_param_group, or name them in named_parameters")
             hooked.add(p)
             self._allreduce_delay.setdefault(p, self.backward_passes_per_step)
             if self._groups is not None:  # Horovod's grouped allreduce: a group of its own

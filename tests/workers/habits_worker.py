@@ -380,11 +380,12 @@ def check_two_optimizers():
     torch.manual_seed(0)
     gen = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
     disc = make_model()
+    both = nn.ModuleDict({"g": gen, "d": disc})  # each optimizer is given every name, as is usual
     g_opt = hvd_topk.DistributedOptimizer(
-        torch.optim.SGD(gen.parameters(), lr=0.05, momentum=0.9), named_parameters=gen.named_parameters("g"),
+        torch.optim.SGD(gen.parameters(), lr=0.05, momentum=0.9), named_parameters=both.named_parameters(),
         compression=hvd_topk.TopKCompressor(0.01, min_numel=1024))
     d_opt = hvd_topk.DistributedOptimizer(
-        torch.optim.AdamW(disc.parameters(), lr=0.01), named_parameters=disc.named_parameters("d"),
+        torch.optim.AdamW(disc.parameters(), lr=0.01), named_parameters=both.named_parameters(),
         compression=hvd_topk.TopKCompressor(0.01, min_numel=1024))
     start = [p.detach().clone() for p in (*gen.parameters(), *disc.parameters())]
     for step in range(3):
