@@ -10,7 +10,7 @@ import time
 import torch
 from horovod.torch import mpi_ops
 
-from .compression import ComplexContext, RankMismatchError, CopiedContext
+from .compression import ComplexContext, CopiedContext, RankMismatchError
 from .exchange import sparse_allgather_async, sparse_alltoall_async
 from .plan import InGroup
 from .selection import segment_views, stacked_probe
