@@ -134,7 +134,7 @@ class ModelAgreement:
                 if p not in trained_set:
                     mine[self._names.get(p)] = (
                         "frozen (requires_grad=False)" if not p.requires_grad
-                        else "frozen when the optimizer was built (Horovod hooks no such param)")
+                        else "unfrozen after this step's backward began")
         in_groups = set(p for g in param_groups for p in g["params"])
         for p in requires_update - in_groups:
             mine[self._names.get(p)] = "not in the optimizer's param_groups"
