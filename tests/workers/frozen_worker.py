@@ -9,6 +9,7 @@ gradient equals the mean over ranks of each rank's own top-k of (kept residual +
 computed here with torch.topk. Tolerance rtol 1e-6 / atol 1e-7 (summation order only).
 """
 
+import copy
 import os
 
 import horovod.torch as hvd
@@ -257,19 +258,33 @@ def check_frozen_when_built(kind):
 
 
 def check_add_param_group(kind):
-    """``optimizer.add_param_group`` after step 3 for the last layer, whose params were not
-    named when the optimizer was built: exchanged like the others (named
-    ``allreduce.noname.1.*``), the ranks identical, its corrections in force."""
-    model = make_model()
-    head = model[4]
-    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("4.")]
-    opt = late_optimizer(model, kind, params=[p for _, p in named], names=named)
-    opt.add_param_group({"params": list(head.parameters()), "lr": 0.02})
+    """``optimizer.add_param_group`` for the last layer, whose params were not named when the
+    optimizer was built: exchanged like the others (named ``allreduce.noname.1.*``), the
+    ranks identical, its corrections in force; a checkpoint taken after step 3 and loaded
+    into an optimizer built the same way resumes bit-identically (the names, and so the
+    residuals' keys, are the same in every run)."""
+    def build():
+        model = make_model()
+        named = [(n, p) for n, p in model.named_parameters() if not n.startswith("4.")]
+        opt = late_optimizer(model, kind, params=[p for _, p in named], names=named)
+        opt.add_param_group({"params": list(model[4].parameters()), "lr": 0.02})
+        return model, opt
+
+    model, opt = build()
     train(model, opt, 3)
-    assert_exchanged(model, opt, head.weight, 3, kind == "dense")
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    assert_exchanged(model, opt, model[4].weight, 3, kind == "dense")
+    train(model, opt, 2, start=4)
     assert_same_on_all_ranks(model, f"add_param_group ({kind})")
-    names = {opt._parameter_names[p] for p in head.parameters()}
+    names = {opt._parameter_names[p] for p in model[4].parameters()}
     assert names == {"allreduce.noname.1.0", "allreduce.noname.1.1"}, names
+    resumed, opt2 = build()
+    resumed.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    assert_exchanged(resumed, opt2, resumed[4].weight, 3, kind == "dense")
+    train(resumed, opt2, 2, start=4)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"add_param_group ({kind}): {name} differs after the resume"
 
 
 CHECKS = {
