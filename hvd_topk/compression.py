@@ -19,7 +19,7 @@ from . import sparse_allreduce as sar
 from .cost import choose_exchange, gradient_times
 from .exchange import EXCHANGES, AllgatherExchange, gradient_costs
 from .headers import Signatures, build_header, mark_nonfinite, resolve
-from .interface import AdamSettings, ComplexContext, CopiedContext, Exchange, RankMismatchError, SparseContext
+from .interface import AdamSettings, DenseFormContext, Exchange, RankMismatchError, SparseContext
 from .layout import GroupLayout, index_dtype, num_selected
 from .packing import FLAG_INEXACT
 from .positions import PositionSet
@@ -31,7 +31,7 @@ from .update import clip_local
 from .wire import scaled_wire
 
 __all__ = ["TopKCompressor", "SparseCompressor", "SparseContext", "AdamSettings", "RankMismatchError",
-           "ComplexContext", "CopiedContext"]
+           "DenseFormContext"]
 
 _ERROR_STOCK = (
     "TopKCompressor.compress() was called without a parameter name, which is what the stock "
@@ -249,7 +249,7 @@ class TopKCompressor(SparseCompressor):
         comes back in its shape, a group as its flat ``(n,)`` buffer."""
         if ctx is None:
             return payload
-        if isinstance(ctx, (ComplexContext, CopiedContext)):
+        if isinstance(ctx, DenseFormContext):
             return ctx.restore(payload)  # a dense gradient reduced in a form Horovod takes
         if ctx.exchange != "allgather":
             raise ValueError("decompress() takes an allgathered payload; a sparse allreduce goes "

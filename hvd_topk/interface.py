@@ -20,8 +20,8 @@ from .update import AdamSettings
 if TYPE_CHECKING:  # the sparse allreduce's plan type, for annotations only
     from .sparse_allreduce import RegionPlan
 
-__all__ = ["RankMismatchError", "AdamSettings", "SparseContext", "ComplexContext", "CopiedContext",
-           "Exchange", "crc", "header_words", "SAME_MODEL"]
+__all__ = ["RankMismatchError", "AdamSettings", "SparseContext", "DenseFormContext", "Exchange",
+           "crc", "header_words", "SAME_MODEL"]
 
 SAME_MODEL = ("Every rank must hold the same model (parameter names, shapes and dtypes) and "
               "the same TopKCompressor settings.")
@@ -136,26 +136,31 @@ class SparseContext:
         return int(self.header[1]) if self.header is not None else 0
 
 
-class ComplexContext:
-    """Context of a complex gradient the optimizer allreduced as its real view (Horovod has
-    no complex dtypes); ``decompress`` turns the result back into a complex tensor."""
-
-    @staticmethod
-    def restore(reduced: torch.Tensor) -> torch.Tensor:
-        return torch.view_as_complex(reduced)
-
-
-class CopiedContext:
-    """Context of a gradient the optimizer allreduced as a copy Horovod can reduce: contiguous
-    (a ``channels_last`` conv weight's is not), and float32 where the gradient's dtype has no
-    Horovod collective (bfloat16); ``decompress`` returns the average in the gradient's dtype
+class DenseFormContext:
+    """Context of a gradient the optimizer allreduced in a form Horovod can reduce, Horovod
+    reducing contiguous tensors of its real dtypes only: a complex gradient as its real view
+    (the mean of the (re, im) view is the mean), a bfloat16 one as a float32 copy, a
+    non-contiguous one (a ``channels_last`` conv weight's) as a contiguous copy.
+    ``form`` makes that form, ``restore`` gives the average back in the gradient's dtype
     (rounded once)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
+    @staticmethod
+    def needed(grad: torch.Tensor) -> bool:
+        """Whether Horovod cannot reduce ``grad`` as it is."""
+        return grad.is_complex() or grad.dtype == torch.bfloat16 or not grad.is_contiguous()
+
+    @staticmethod
+    def form(grad: torch.Tensor) -> torch.Tensor:
+        if grad.is_complex():
+            return torch.view_as_real(grad.contiguous())  # a view where it is contiguous
+        wide = torch.float32 if grad.dtype == torch.bfloat16 else grad.dtype
+        return grad.to(wide, memory_format=torch.contiguous_format, copy=True)
+
     def restore(self, reduced: torch.Tensor) -> torch.Tensor:
-        return reduced.to(self.dtype)
+        return torch.view_as_complex(reduced) if self.dtype.is_complex else reduced.to(self.dtype)
 
 
 class Exchange(abc.ABC):

@@ -57,7 +57,7 @@ class ParamGroupMethods:
                     unnamed.append((i, j, p))
                 if p.requires_grad and p not in hooked:
                     new.append(p)
-        taken = set(names.values())
+        taken = set(names.values()) if unnamed else ()
         for i, j, p in unnamed:  # Horovod's name for an unnamed param: the same on every rank
             names[p] = f"allreduce.noname.{i}.{j}"
             if names[p] in taken:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import time
 
-import torch
 from horovod.torch import mpi_ops
 
-from .compression import ComplexContext, CopiedContext, RankMismatchError
+from .compression import DenseFormContext, RankMismatchError
 from .exchange import sparse_allgather_async, sparse_alltoall_async
 from .plan import InGroup
 from .selection import segment_views, stacked_probe
@@ -55,14 +54,8 @@ class StepExchange:
         for a gradient a sparse compressor leaves dense (Horovod's own would call compress());
         ``(handle, ctx)``. Its values are checked with the step's flags."""
         self._dense_checked.append(p)
-        if grad.is_complex():
-            # Horovod has no complex dtypes; the mean of the (re, im) view is the mean.
-            return self._allreduce_async(torch.view_as_real(grad), name), ComplexContext()
-        if grad.dtype == torch.bfloat16 or not grad.is_contiguous():
-            # Horovod reduces contiguous tensors of its dtypes only (no bfloat16: float32 here).
-            wide = torch.float32 if grad.dtype == torch.bfloat16 else grad.dtype
-            copy = grad.to(wide, memory_format=torch.contiguous_format, copy=True)
-            return self._allreduce_async(copy, name), CopiedContext(grad.dtype)
+        if DenseFormContext.needed(grad):  # complex, bfloat16 or not contiguous
+            return self._allreduce_async(DenseFormContext.form(grad), name), DenseFormContext(grad.dtype)
         return self._allreduce_async(grad, name), None
 
     def _allreduce_async(self, tensor, name):
