@@ -125,10 +125,9 @@ class TopKCompressor(SparseCompressor):
         """Seconds each exchange adds to a step for this gradient (``cost.gradient_times``)."""
         return gradient_times(self.settings, tensor, world, self.current_ratio())
 
-    def exchange_for(self, tensor: torch.Tensor, world: int) -> str:
-        """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for this gradient, the same on
-        every rank (``cost.choose_exchange``)."""
-        return choose_exchange(self.settings, tensor, world, self.current_ratio())
+    def exchange_for(self, tensor: torch.Tensor, world: int, trained_bytes: Optional[int] = None) -> str:
+        """This gradient's exchange, the same on every rank (``cost.choose_exchange``)."""
+        return choose_exchange(self.settings, tensor, world, self.current_ratio(), trained_bytes)
 
     def group_bytes(self, device, exchange: str = "allgather", trained_bytes: Optional[int] = None) -> int:
         """Gradient bytes compressed together (``TopKSettings.group_bytes_for``)."""
@@ -159,7 +158,7 @@ class TopKCompressor(SparseCompressor):
                        momentum: float = 0.0, nesterov: bool = False,
                        adam: Optional[AdamSettings] = None, scale: float = 1.0,
                        world: Optional[int] = None, exchange: str = "allgather",
-                       divisor: float = 1.0) -> Tuple[torch.Tensor, SparseContext]:
+                       divisor: float = 1.0, consumed: bool = False) -> Tuple[torch.Tensor, SparseContext]:
         """Steps 1-4 of the selection pipeline on a group, and its payload; the residual write
         (step 5) waits for the commit. See ``SparseCompressor.compress_group``."""
         _check_group(tensors, names, exchange, adam, momentum)
@@ -187,7 +186,7 @@ class TopKCompressor(SparseCompressor):
                                       s.adam_select) if adam is not None else None)
         chosen = select(residual, g, layout, alpha=inv, velocity=velocity, momentum=momentum,
                         nesterov=nesterov, adam=moments, fused=s.local_clip_norm is None,
-                        owned=len(tensors) > 1 or s.local_clip_norm is not None)  # 1.-4.
+                        owned=consumed or len(tensors) > 1 or s.local_clip_norm is not None)  # 1.-4.
         sent = PositionSet(chosen.positions, layout.numel)
         pend = self.selections[names] = Pending(residual, velocity, sent, chosen.bad, scale, ctx.value_dtype,
                                                 ranked=moments)

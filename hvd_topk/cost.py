@@ -40,7 +40,7 @@ import torch
 
 from .exchange_core import (EXCHANGES, cheapest_exchange, fits_memory, gradient_costs, gradient_sizes,
                             region_sizes, ring_allreduce_bytes, temporaries, traffic)
-from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings
+from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings, in_flight_budget
 
 __all__ = ["CostModel", "COMPUTE_NS", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US", "cost_model",
            "parse_compute_ns", "allgather_time", "sparse_allreduce_time",
@@ -159,9 +159,9 @@ def fastest_exchange(times: Mapping[str, float], allowed) -> str:
 
 
 def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ratio: float,
+                    trained_bytes: Optional[int] = None,
                     compute: Optional[Mapping[str, float]] = None,
-                    sparse_exchanges: Sequence[str] = EXCHANGES[1:],
-                    memory_limit: Optional[int] = None) -> str:
+                    sparse_exchanges: Sequence[str] = EXCHANGES[1:]) -> str:
     """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for one gradient over ``world``
     ranks at ``ratio``: dense below ``min_numel`` and for what is not a dense floating
     tensor; under ``"auto"`` the fastest by the time model (a dense allreduce among the
@@ -172,13 +172,18 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
     its ``exchange_core.MEMORY_BUDGET`` times the gradient's bytes is no candidate
     (``exchange_core.fits_memory``; float32 with int32 indices: the sparse allreduce above a
     density of 1/64, the allgather beyond ``1 / ratio`` ranks). ``sparse_exchanges``: those
-    the engine has, what ``"auto"`` chooses among. ``memory_limit`` (bytes; the DDP hook
-    passes half its in-flight budget, a sixteenth of the model): with ``density_aware``, a sparse
-    exchange whose temporaries at ``ratio`` exceed both this limit and its temporaries at
-    ``settings.ratio`` is no candidate either -- the warm-up's high ratios never make one
-    gradient's exchange hold more than the larger of the two; such a gradient is allreduced
-    densely (no residual is owed while it is). Host numbers only: every rank takes the same
-    decision."""
+    the engine has, what ``"auto"`` chooses among. ``trained_bytes``: the bytes of the
+    parameters the step trains (both engines pass it; ``None``: unknown). With
+    ``density_aware`` and during the warm-up, a sparse exchange whose temporaries at
+    ``ratio`` exceed both a quarter of the step's in-flight budget
+    (``settings.in_flight_budget``: a thirty-second of the model, at most 8 MiB, at least
+    256 KiB) and its temporaries at ``settings.ratio`` is no candidate either: the warm-up's
+    high ratios never make one gradient's exchange hold more than the larger of the two.
+    Beside the allgather's gathered buffer come its payload, the selection's own buffers
+    (the CPU kernel's candidates, 12 bytes each, about ``2 K`` of them) and, on Gloo, the
+    collective's own copy of the gathered buffer: about four times the limit, the budget.
+    Such a gradient is allreduced densely (no residual is owed while it is). Host numbers
+    only: every rank takes the same decision."""
     if not tensor.dtype.is_floating_point or tensor.is_sparse:
         return "dense"
     n = tensor.numel()
@@ -189,7 +194,8 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
         _, k, grad_bytes, value_bytes, index_bytes = gradient_sizes(settings, tensor, ratio)
         allowed = ("dense",) + tuple(e for e in allowed if fits_memory(
             e, n, k, world, grad_bytes, value_bytes, index_bytes, settings.region_capacity))
-        if memory_limit is not None and ratio > settings.ratio:
+        if trained_bytes is not None and ratio > settings.ratio:
+            memory_limit = in_flight_budget(trained_bytes) // 4
             k_final = gradient_sizes(settings, tensor, settings.ratio)[1]
 
             def held(exchange: str, selected: int) -> int:

@@ -160,7 +160,8 @@ class Planner:
             return self.plan
         user_group = self._user_group_index(trained)
         trained_bytes = sum(p.numel() * p.element_size() for p in trained)
-        kinds = {p: "dense" if p.is_complex() else comp.exchange_for(p, world) for p in trained}
+        kinds = {p: "dense" if p.is_complex() else comp.exchange_for(p, world, trained_bytes)
+                 for p in trained}
         sparse = [p for p in reversed(trained) if kinds[p] != "dense"]
 
         def gkey(p):

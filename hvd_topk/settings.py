@@ -28,15 +28,16 @@ DEFAULT_LINK_LATENCY_US = 50.0
 GROUP_BYTES = 32 << 20
 GROUP_BYTES_FLOOR = 1 << 20
 #: The in-flight budget of a step's payloads, sent and gathered (the Horovod path's
-#: ``StepExchange`` and the DDP hook): an eighth of the trained parameters' bytes, and at
-#: least this many bytes.
+#: ``StepExchange`` and the DDP hook): an eighth of the trained parameters' bytes, at most
+#: ``GROUP_BYTES`` (what a step holds beyond its gradients scales with a group, not with the
+#: model) and at least this many bytes.
 IN_FLIGHT_FLOOR = 1 << 20
 
 
 def in_flight_budget(trained_bytes: int) -> int:
     """Bytes of a step's payloads, sent and gathered, past which the oldest are finished
     (waited for and scattered) before more are sent."""
-    return max(IN_FLIGHT_FLOOR, int(trained_bytes) // 8)
+    return max(IN_FLIGHT_FLOOR, min(GROUP_BYTES, int(trained_bytes) // 8))
 
 
 @dataclass(frozen=True)

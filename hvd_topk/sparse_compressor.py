@@ -20,10 +20,10 @@ class SparseCompressor(Compressor, abc.ABC):
 
     Per step, the optimizer:
 
-    1. asks ``exchange_for(grad, world)`` for each gradient (``"dense"``: a dense allreduce;
-       ``"allgather"`` or ``"sparse_allreduce"``) and ``group_bytes(device, exchange,
-       trained_bytes)`` for how many bytes of gradients to compress together (a group takes
-       one exchange);
+    1. asks ``exchange_for(grad, world, trained_bytes)`` for each gradient (``"dense"``: a
+       dense allreduce; ``"allgather"`` or ``"sparse_allreduce"``) and ``group_bytes(device,
+       exchange, trained_bytes)`` for how many bytes of gradients to compress together (a
+       group takes one exchange);
     2. calls ``compress_group(grads, names, ..., exchange=...)`` for each group once its
        gradients are ready (in the backward hooks: no host sync allowed), and allgathers the
        payload -- or, for the sparse allreduce, alltoalls its ``world`` rows, then allgathers
@@ -39,9 +39,10 @@ class SparseCompressor(Compressor, abc.ABC):
     """
 
     @abc.abstractmethod
-    def exchange_for(self, tensor: torch.Tensor, world: int) -> str:
+    def exchange_for(self, tensor: torch.Tensor, world: int, trained_bytes: Optional[int] = None) -> str:
         """``"dense"``, ``"allgather"`` or ``"sparse_allreduce"`` for this gradient over
-        ``world`` ranks: the same on every rank (from sizes, dtypes, settings and the step)."""
+        ``world`` ranks in a step that trains ``trained_bytes`` of parameters (``None``:
+        unknown): the same on every rank (from sizes, dtypes, settings and the step)."""
         raise NotImplementedError
 
     def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
@@ -60,14 +61,15 @@ class SparseCompressor(Compressor, abc.ABC):
                        momentum: float = 0.0, nesterov: bool = False,
                        adam: Optional[AdamSettings] = None, scale: float = 1.0,
                        world: Optional[int] = None, exchange: str = "allgather",
-                       divisor: float = 1.0) -> Tuple[torch.Tensor, SparseContext]:
+                       divisor: float = 1.0, consumed: bool = False) -> Tuple[torch.Tensor, SparseContext]:
         """Compensate, select and pack a group of gradients as one payload; update their
         residuals when the step is committed. No value is read back to the host: the
         flags (a non-finite gradient, an inexact sample) travel in the payload's header, and
         ``check`` resolves them after the exchange.
 
         Arguments:
-            tensors: the gradients (any shapes; one floating dtype and device). Not modified.
+            tensors: the gradients (any shapes; one floating dtype and device). Not modified,
+                unless ``consumed``.
             names: their parameters' names, the keys of their residuals.
             momentum: > 0 applies DGC's momentum correction (SGD's momentum): ``u = m u + g``;
                 the residual accumulates ``u`` (Nesterov: ``g + m u``); the sent values are an
@@ -85,6 +87,9 @@ class SparseCompressor(Compressor, abc.ABC):
                 ``"sparse_allreduce"`` (``world`` equal rows, row j for rank j, to alltoall;
                 then ``reduce_regions``, an allgather, ``scatter``).
             divisor: what the sum over ranks is divided by (the world size for an average).
+            consumed: the caller reads the tensors no more (the exchange's result overwrites
+                them): step 1 may work in them (clean NaN/Inf, unscale, Adam's direction)
+                instead of in a copy of each, which would weigh like the group.
 
         Returns:
             ``(payload, ctx)``: ``(nbytes,)`` uint8 and a ``SparseContext``.

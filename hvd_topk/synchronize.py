@@ -80,11 +80,13 @@ class StepExchange:
             for p, name in zip(group.params, group.names):
                 group.correction.start(name, optimizer_state.get(p, {}), comp)
             kwargs = group.correction.compress_kwargs()
+        # consumed: the result overwrites the gradients (their own storage, or views of a new
+        # buffer), so step 1 works in them instead of in a copy of each.
         payload, ctx = comp.compress_group([group.ready[p] for p in group.params], group.names,
                                            scale=self._loss_scale.get(), world=world,
                                            exchange=group.exchange,
                                            divisor=world if self._op == mpi_ops.Average else 1,
-                                           **kwargs)  # (nbytes,) uint8
+                                           consumed=True, **kwargs)  # (nbytes,) uint8
         if group.exchange == "sparse_allreduce":
             # Phase 1 now (it overlaps the rest of backward); phase 2 in synchronize().
             group.launched(ctx, alltoall=sparse_alltoall_async(payload, world, name=group.name(),
@@ -124,7 +126,7 @@ class StepExchange:
 
     def _bound_in_flight(self, group, gathered_bytes, budget):
         """Keep the payloads of a step, sent and gathered, within a budget (an eighth of the
-        trained parameters' bytes, at least 1 MiB): past it, wait for the oldest groups'
+        trained parameters' bytes, at most 32 MiB, at least 1 MiB): past it, wait for the oldest groups'
         allgathers and scatter them now, so that Horovod lets their buffers go during backward
         instead of all waiting for synchronize(). At the warm-up's high ratios they would
         otherwise weigh about ``(world + 1) * ratio * 2`` times the model; at 1% the budget is

@@ -19,10 +19,14 @@ densely below ``min_numel``). ``--steps`` steps (longer than the default warm-up
 steps). Per method and optimizer (SGD momentum 0.9, AdamW), on rank 0, in units of the
 parameters' own bytes:
 
-- ``peak``: the largest growth of the process's resident memory (CPU; sampled every
-  millisecond by a thread, with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave
-  it) or of ``torch.cuda.max_memory_allocated`` (CUDA) over any step, from just before the
-  first step, and the step where it happened;
+- ``peak``: the largest growth over any step, from just before the first step, and the step
+  where it happened, of ``torch.cuda.max_memory_allocated`` (CUDA) or, on CPU, in two tables:
+  the process's resident memory (sampled every millisecond by a thread, with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave it), and the bytes allocated
+  through malloc by every thread (``scripts/malloc_count.c``, built into ``build/`` and
+  preloaded into each rank where a C compiler is found: the CPU's counterpart of
+  ``max_memory_allocated``, which neither glibc's habits of keeping or returning freed memory
+  nor code paged in move);
 - ``steady``: the growth after the last step;
 - ``held``: the bytes of the tensors the optimizer and compressor keep alive after the last
   step (``hvd_topk.held_bytes``: residuals, velocities, moments, caches);
@@ -53,6 +57,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,6 +111,75 @@ class RssSampler:
 
     def peak(self) -> int:
         return max(self._peak, self.now())
+
+
+class AllocCounter:
+    """The bytes this process holds allocated through malloc (all threads: tensor storages,
+    Horovod's and Gloo's buffers), counted by ``scripts/malloc_count.c`` when the launcher
+    preloads it: the CPU's counterpart of ``torch.cuda.memory_allocated``, untouched by what
+    glibc keeps or returns to the system. ``now()``, ``reset()`` and ``peak()`` as
+    ``RssSampler``'s."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._lib = ctypes.CDLL(None)
+        for name in ("malloc_count_live", "malloc_count_peak", "malloc_count_reset_peak"):
+            getattr(self._lib, name).restype = ctypes.c_size_t
+
+    @staticmethod
+    def loaded() -> bool:
+        import ctypes
+
+        return hasattr(ctypes.CDLL(None), "malloc_count_live")
+
+    def now(self) -> int:
+        return self._lib.malloc_count_live()
+
+    def reset(self) -> int:
+        return self._lib.malloc_count_reset_peak()
+
+    def peak(self) -> int:
+        return self._lib.malloc_count_peak()
+
+
+class CudaMeter:
+    """``torch.cuda.memory_allocated`` and its peak on ``device``, as ``RssSampler``'s."""
+
+    def __init__(self, device) -> None:
+        self._device = device
+
+    def now(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated(self._device)
+
+    def reset(self) -> int:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(self._device)
+        return self.now()
+
+    def peak(self) -> int:
+        import torch
+
+        return torch.cuda.max_memory_allocated(self._device)
+
+
+def malloc_counter() -> Optional[Path]:
+    """``scripts/malloc_count.c`` built into ``build/`` (once), or None where it cannot be
+    (no C compiler, not glibc)."""
+    lib = REPO / "build" / "malloc_count.so"
+    src = REPO / "scripts" / "malloc_count.c"
+    if lib.exists() and lib.stat().st_mtime >= src.stat().st_mtime:
+        return lib
+    lib.parent.mkdir(exist_ok=True)
+    try:
+        subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return lib
 
 
 def breakdown() -> dict:
@@ -222,42 +296,42 @@ def run_one(args) -> None:
         opt = hvd_topk.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                             compression=comp, log_every=0)
 
-    def used() -> int:
-        return torch.cuda.memory_allocated(device) if cuda else sampler.now()
-
-    sampler = None if cuda else RssSampler()
+    if cuda:
+        meters = {"cuda": CudaMeter(device)}
+    else:
+        meters = {"rss": RssSampler()}
+        if AllocCounter.loaded():
+            meters["alloc"] = AllocCounter()
     if ddp:
         torch.distributed.barrier()
     else:
         hvd.allreduce(torch.zeros(1), name="bench_memory.ready")
-    start = used() if cuda else sampler.reset()
+    start = {key: m.reset() for key, m in meters.items()}
     before_run = None if cuda else breakdown()
-    peak, peak_step, temporaries, after_warmup = 0, 0, 0, 0
+    runs = {key: {"peak": 0, "peak_step": 0, "temporaries": 0, "after_warmup": 0} for key in meters}
     warmup = comp.settings.warmup_steps if comp is not None else 0
     for t in range(args.steps):
-        before = used()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            sampler.reset()
+        before = {key: m.now() for key, m in meters.items()}
+        for m in meters.values():
+            m.reset()
         opt.zero_grad()
         loss(model, batches[t % len(batches)]).backward()
         opt.step()
-        top = torch.cuda.max_memory_allocated(device) if cuda else sampler.peak()
-        temporaries = max(temporaries, top - max(before, used()))
-        if top - start > peak:
-            peak, peak_step = top - start, t
-        if t >= warmup:
-            after_warmup = max(after_warmup, top - start)
-    steady = used() - start
+        for key, m in meters.items():
+            r, top = runs[key], m.peak()
+            r["temporaries"] = max(r["temporaries"], top - max(before[key], m.now()))
+            if top - start[key] > r["peak"]:
+                r["peak"], r["peak_step"] = top - start[key], t
+            if t >= warmup:
+                r["after_warmup"] = max(r["after_warmup"], top - start[key])
+    for key, m in meters.items():
+        runs[key]["steady"] = m.now() - start[key]
     grown = {} if cuda else {key: value - before_run[key] for key, value in breakdown().items()}
     grads = [p.grad for p in params if p.grad is not None]
     held = hvd_topk.held_bytes(opt, comp, exclude=params + grads)
     if rank == 0:
         print("RESULT " + json.dumps({"method": method, "optimizer": opt_name, "param_bytes": param_bytes,
-                                      "peak": peak, "peak_step": peak_step, "steady": steady,
-                                      "after_warmup": after_warmup,
-                                      "held": held, "temporaries": temporaries, "grown": grown}), flush=True)
+                                      "held": held, "grown": grown, **runs}), flush=True)
 
 
 def ddp_setup(method, opt_name, model, base, device):
@@ -291,6 +365,9 @@ def launch(args, method: str, opt_name: str) -> dict:
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if method.endswith("gen"):
         env["HVD_TOPK_CPU_KERNEL"] = "0"
+    counter = malloc_counter() if args.device == "cpu" else None
+    if counter is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(counter), env.get("LD_PRELOAD")]))
     bin_dir = Path(sys.executable).parent
     if method.startswith("ddp"):
         cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(args.np)]
@@ -312,10 +389,16 @@ def launch(args, method: str, opt_name: str) -> dict:
     raise RuntimeError(f"{' '.join(cmd)} gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
+#: The tables' measures: the row's key and its title.
+MEASURES = [("rss", "Resident memory (RSS, sampled every millisecond):"),
+            ("alloc", "Allocated through malloc (`scripts/malloc_count.c`, all threads; "
+                      "independent of what glibc keeps or returns):"),
+            ("cuda", "`torch.cuda.max_memory_allocated`:")]
+
+
 def table(rows, args) -> str:
     p = rows[0]["param_bytes"]
     engine = lambda r: "ddp" if r["method"].startswith("ddp") else "horovod"  # noqa: E731
-    dense = {(engine(r), r["optimizer"]): r["peak"] for r in rows if r["method"] in ("dense", "ddpdense")}
     fmt = "{:.2f}x".format
     if args.model == "mlp":
         name = f"{args.layers} x Linear({args.width}, {args.width})"
@@ -324,18 +407,23 @@ def table(rows, args) -> str:
                 f"context {args.context}")
     lines = [f"Model: {name}, {p / 1e6:.1f} MB of fp32 "
              f"parameters; {args.np} ranks, batch {args.batch}, {args.steps} steps, {args.device}. "
-             "Multiples of the parameters' bytes.", "",
-             "| optimizer | method | peak (step) | vs dense | after warm-up | vs dense | steady | held | "
-             "temporaries |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        base = dense.get((engine(r), r["optimizer"]))
-        vs = f"{(r['peak'] - base) / p:+.2f}x" if base is not None else ""
-        after = r["after_warmup"]
-        vs_after = f"{(after - base) / p:+.2f}x" if base is not None else ""
-        lines.append(f"| {r['optimizer']} | {r['method']} | {fmt(r['peak'] / p)} "
-                     f"({r['peak'] / 1e6:.0f} MB, step {r['peak_step']}) | {vs} | {fmt(after / p)} | "
-                     f"{vs_after} | {fmt(r['steady'] / p)} | {fmt(r['held'] / p)} | "
-                     f"{r['temporaries'] / p:.3f}x ({r['temporaries'] / 1e6:.1f} MB) |")
+             "Multiples of the parameters' bytes."]
+    for key, title in MEASURES:
+        if not all(key in r for r in rows):
+            continue
+        dense = {(engine(r), r["optimizer"]): r[key]["peak"] for r in rows
+                 if r["method"] in ("dense", "ddpdense")}
+        lines += ["", title, "", "| optimizer | method | peak (step) | vs dense | after warm-up | vs dense "
+                  "| steady | held | temporaries |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            m, base = r[key], dense.get((engine(r), r["optimizer"]))
+            vs = f"{(m['peak'] - base) / p:+.2f}x" if base is not None else ""
+            after = m["after_warmup"]
+            vs_after = f"{(after - base) / p:+.2f}x" if base is not None else ""
+            lines.append(f"| {r['optimizer']} | {r['method']} | {fmt(m['peak'] / p)} "
+                         f"({m['peak'] / 1e6:.0f} MB, step {m['peak_step']}) | {vs} | {fmt(after / p)} | "
+                         f"{vs_after} | {fmt(m['steady'] / p)} | {fmt(r['held'] / p)} | "
+                         f"{m['temporaries'] / p:.3f}x ({m['temporaries'] / 1e6:.1f} MB) |")
     if all(r.get("grown") for r in rows):
         lines += ["", "Where the steady growth lies (`breakdown()`: after the last step minus before "
                   "the first):",
@@ -427,7 +515,9 @@ def main(args) -> None:
             if opt_name == "adamw" and method == "fp16":
                 continue  # fp16 changes the wire only: the SGD row shows it
             rows.append(launch(args, method, opt_name))
-            print(f"{opt_name} {method}: peak {rows[-1]['peak'] / rows[-1]['param_bytes']:.2f}x", flush=True)
+            r = rows[-1]
+            print(f"{opt_name} {method}: " + ", ".join(f"{key} peak {r[key]['peak'] / r['param_bytes']:.2f}x"
+                                                       for key, _ in MEASURES if key in r), flush=True)
     text = table(rows, args)
     print(text)
     if args.out:

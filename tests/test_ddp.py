@@ -388,20 +388,20 @@ def test_bucket_split_follows_the_horovod_paths_rule():
 
 
 def test_warmup_sends_large_gradients_dense_while_their_exchange_outweighs_the_budget():
-    """With the model's trained bytes, a gradient whose allgather would gather more than half
-    the in-flight budget (an eighth of the model) at the warm-up's ratio, and more than it
-    will at the final ratio, is allreduced densely; the small ones and the final ratio are
-    untouched."""
+    """With the model's trained bytes, a gradient whose allgather would gather more than a
+    quarter of the in-flight budget (an eighth of the model) at the warm-up's ratio, and more
+    than it will at the final ratio, is allreduced densely; the small ones and the final
+    ratio are untouched."""
     s = TopKSettings(0.01)
     big, small = torch.zeros(1 << 20), torch.zeros(1 << 14)  # 4 MiB and 64 KiB
-    trained = 16 << 20  # half the budget: 1 MiB; big at 0.25: P K 8 = 4 MiB gathered
+    trained = 32 << 20  # a quarter of the budget: 1 MiB; big at 0.25: P K 8 = 4 MiB gathered
     plan = build_plan(["w", "v"], [big, small], s, 0.25, 2, trained_bytes=trained)
     assert (plan.sparse, plan.dense) == ((1,), (0,))
     assert build_plan(["w"], [big], s, 0.25, 2).sparse == (0,)  # no model size known: no limit
     assert build_plan(["w"], [big], s, 0.05, 2, trained_bytes=trained).sparse == (0,)  # 0.8 MiB
     # 8 ranks, the allgather named: at the final ratio it gathers 8 * 10486 * 8 bytes, over the
-    # limit (0.5 MiB, half the budget's floor); a warm-up ratio that selects as many still
-    # goes sparse, one that selects more does not.
+    # limit (0.25 MiB, a quarter of the budget's floor); a warm-up ratio that selects as many
+    # still goes sparse, one that selects more does not.
     named = TopKSettings(0.01, exchange="allgather")
     for ratio, sparse in ((0.01, (0,)), (0.01 + 1e-9, (0,)), (0.011, ())):
         assert build_plan(["w"], [big], named, ratio, 8, trained_bytes=1 << 20).sparse == sparse, ratio

@@ -2,8 +2,10 @@
 
 import importlib.util
 import math
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,41 @@ def test_bench_lm_merges_an_earlier_runs_seeds(tmp_path, monkeypatch):
     table = bench_lm.table(list(records.values()), args)
     assert "5.0000 / 5.0000" in table and "1.6500 (-67.00%)" in table
     assert "Mean of seeds 0 1" in table
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_malloc_counter_counts_what_is_allocated_and_freed(tmp_path):
+    """bench_memory.py's CPU counterpart of torch.cuda.memory_allocated (malloc_count.c,
+    preloaded): a tensor's bytes are counted while it lives, on any thread, and the peak
+    holds the most since the last reset."""
+    lib = tmp_path / "malloc_count.so"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(SCRIPTS / "malloc_count.c")],
+                   check=True)
+    code = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import torch
+from bench_memory import AllocCounter
+assert AllocCounter.loaded()
+c = AllocCounter()
+start = c.reset()
+t = torch.empty(10_000_000)  # 40 MB
+held = c.now() - start
+del t
+freed = c.now() - start
+out = []
+th = threading.Thread(target=lambda: out.append(torch.ones(5_000_000)))  # 20 MB, another thread
+th.start(); th.join()
+other = c.now() - start
+out.clear()
+print(held, freed, other, c.peak() - start)
+"""
+    env = dict(os.environ, LD_PRELOAD=str(lib))
+    res = subprocess.run([sys.executable, "-c", code, str(SCRIPTS)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    held, freed, other, peak = map(int, res.stdout.split()[-4:])
+    assert 40_000_000 <= held <= 40_000_000 + (1 << 20), held
+    assert abs(freed) <= 1 << 20, freed
+    assert 20_000_000 <= other <= 20_000_000 + (1 << 20), other
+    assert 40_000_000 <= peak <= 40_000_000 + (1 << 20), peak

@@ -19,7 +19,7 @@ from ..cost import choose_exchange
 from ..exchange_core import header_words
 from ..layout import GroupLayout, group_runs, index_dtype, num_selected
 from ..packing import payload_nbytes
-from ..settings import TopKSettings, in_flight_budget
+from ..settings import TopKSettings
 
 __all__ = ["BucketPlan", "SparseGroup", "build_plan", "HOOK_EXCHANGES"]
 
@@ -91,17 +91,13 @@ def build_plan(names: Sequence[str], grads: Sequence[torch.Tensor], settings: To
     at most the Horovod path's group size (``TopKSettings.group_bytes_for``, of a model of
     ``trained_bytes``), in bucket order: a group's copy, selection and receive scale with the
     group, and a bucket can hold most of the model (DDP's first iteration). During the
-    warm-up, a gradient whose exchange would hold more than half the in-flight budget (an
-    eighth of ``trained_bytes``) and more than it will after the warm-up is allreduced densely
-    (``choose_exchange``'s ``memory_limit``): at the warm-up's first ratios one large
-    gradient's selection, payload and gathered buffer would otherwise weigh like a fraction
-    of the model on top of its residual."""
-    # ``memory_limit`` bounds the gathered buffer (``temporaries``); an allgather also holds
-    # its payload and, on Gloo, the collective's own flat copy of the gathered buffer: half
-    # the in-flight budget keeps the three within about 1.25 times the budget.
-    limit = None if trained_bytes is None else in_flight_budget(trained_bytes) // 2
-    kinds = [choose_exchange(settings, g, world, ratio, sparse_exchanges=HOOK_EXCHANGES, memory_limit=limit)
-             for g in grads]
+    warm-up, a gradient whose exchange would hold more than a quarter of the in-flight budget
+    (an eighth of ``trained_bytes``, at most 32 MiB) and more than it will after the warm-up is
+    allreduced densely (``choose_exchange``'s ``trained_bytes``), as on the Horovod path: at
+    the warm-up's first ratios one large gradient's selection, payload and gathered buffer
+    would otherwise weigh like a fraction of the model on top of its residual."""
+    kinds = [choose_exchange(settings, g, world, ratio, sparse_exchanges=HOOK_EXCHANGES,
+                             trained_bytes=trained_bytes) for g in grads]
     sizes = tuple(g.numel() for g in grads)
     groups = []
     for exchange in HOOK_EXCHANGES:
