@@ -186,7 +186,7 @@ class TopKCompressor(SparseCompressor):
                                       s.adam_select) if adam is not None else None)
         chosen = select(residual, g, layout, alpha=inv, velocity=velocity, momentum=momentum,
                         nesterov=nesterov, adam=moments, fused=s.local_clip_norm is None,
-                        owned=consumed or len(tensors) > 1 or s.local_clip_norm is not None)  # 1.-4.
+                        owned=consumed and adam is None or len(tensors) > 1 or s.local_clip_norm is not None)
         sent = PositionSet(chosen.positions, layout.numel)
         pend = self.selections[names] = Pending(residual, velocity, sent, chosen.bad, scale, ctx.value_dtype,
                                                 ranked=moments)

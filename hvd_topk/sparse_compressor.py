@@ -87,9 +87,11 @@ class SparseCompressor(Compressor, abc.ABC):
                 ``"sparse_allreduce"`` (``world`` equal rows, row j for rank j, to alltoall;
                 then ``reduce_regions``, an allgather, ``scatter``).
             divisor: what the sum over ranks is divided by (the world size for an average).
-            consumed: the caller reads the tensors no more (the exchange's result overwrites
-                them): step 1 may work in them (clean NaN/Inf, unscale, Adam's direction)
-                instead of in a copy of each, which would weigh like the group.
+            consumed: the exchange's result overwrites the tensors: without Adam correction
+                step 1 may clean them in place (NaN/Inf to 0, the loss scale's inverse) instead
+                of in a copy of each, which would weigh like the group. (Adam correction's
+                direction still goes to a copy: a gradient read between backward and the
+                exchange keeps its values.)
 
         Returns:
             ``(payload, ctx)``: ``(nbytes,)`` uint8 and a ``SparseContext``.

@@ -81,7 +81,7 @@ class StepExchange:
                 group.correction.start(name, optimizer_state.get(p, {}), comp)
             kwargs = group.correction.compress_kwargs()
         # consumed: the result overwrites the gradients (their own storage, or views of a new
-        # buffer), so step 1 works in them instead of in a copy of each.
+        # buffer), so step 1 may clean them in place instead of in a copy of each.
         payload, ctx = comp.compress_group([group.ready[p] for p in group.params], group.names,
                                            scale=self._loss_scale.get(), world=world,
                                            exchange=group.exchange,
