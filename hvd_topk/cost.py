@@ -40,7 +40,8 @@ import torch
 
 from .exchange_core import (EXCHANGES, cheapest_exchange, fits_memory, gradient_costs, gradient_sizes,
                             region_sizes, ring_allreduce_bytes, temporaries, traffic)
-from .settings import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, TopKSettings, in_flight_budget
+from .settings import (DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US, IN_FLIGHT_FLOOR, TopKSettings,
+                       in_flight_budget)
 
 __all__ = ["CostModel", "COMPUTE_NS", "DEFAULT_LINK_GBPS", "DEFAULT_LINK_LATENCY_US", "cost_model",
            "parse_compute_ns", "allgather_time", "sparse_allreduce_time",
@@ -176,8 +177,9 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
     parameters the step trains (both engines pass it; ``None``: unknown). With
     ``density_aware`` and during the warm-up, a sparse exchange whose temporaries at
     ``ratio`` exceed both a quarter of the step's in-flight budget
-    (``settings.in_flight_budget``: a thirty-second of the model, at most 8 MiB, at least
-    256 KiB) and its temporaries at ``settings.ratio`` is no candidate either: the warm-up's
+    (``settings.in_flight_budget``: a thirty-second of the model, at most 8 MiB), or 1 MiB if
+    that is more (a small model's first steps are left sparse, as its bytes want), and its
+    temporaries at ``settings.ratio`` is no candidate either: the warm-up's
     high ratios never make one gradient's exchange hold more than the larger of the two.
     Beside the allgather's gathered buffer come its payload, the selection's own buffers
     (the CPU kernel's candidates, 12 bytes each, about ``2 K`` of them) and, on Gloo, the
@@ -195,7 +197,7 @@ def choose_exchange(settings: TopKSettings, tensor: torch.Tensor, world: int, ra
         allowed = ("dense",) + tuple(e for e in allowed if fits_memory(
             e, n, k, world, grad_bytes, value_bytes, index_bytes, settings.region_capacity))
         if trained_bytes is not None and ratio > settings.ratio:
-            memory_limit = in_flight_budget(trained_bytes) // 4
+            memory_limit = max(IN_FLIGHT_FLOOR, in_flight_budget(trained_bytes) // 4)
             k_final = gradient_sizes(settings, tensor, settings.ratio)[1]
 
             def held(exchange: str, selected: int) -> int:

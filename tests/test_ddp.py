@@ -399,11 +399,11 @@ def test_warmup_sends_large_gradients_dense_while_their_exchange_outweighs_the_b
     assert (plan.sparse, plan.dense) == ((1,), (0,))
     assert build_plan(["w"], [big], s, 0.25, 2).sparse == (0,)  # no model size known: no limit
     assert build_plan(["w"], [big], s, 0.05, 2, trained_bytes=trained).sparse == (0,)  # 0.8 MiB
-    # 8 ranks, the allgather named: at the final ratio it gathers 8 * 10486 * 8 bytes, over the
-    # limit (0.25 MiB, a quarter of the budget's floor); a warm-up ratio that selects as many
-    # still goes sparse, one that selects more does not.
-    named = TopKSettings(0.01, exchange="allgather")
-    for ratio, sparse in ((0.01, (0,)), (0.01 + 1e-9, (0,)), (0.011, ())):
+    # 8 ranks, the allgather named, the limit at its 1 MiB floor: at 2% it gathers 8 * 20972 *
+    # 8 bytes, over the limit; a warm-up ratio that selects as many still goes sparse, one
+    # that selects more does not.
+    named = TopKSettings(0.02, exchange="allgather")
+    for ratio, sparse in ((0.02, (0,)), (0.02 + 1e-9, (0,)), (0.022, ())):
         assert build_plan(["w"], [big], named, ratio, 8, trained_bytes=1 << 20).sparse == sparse, ratio
 
 
