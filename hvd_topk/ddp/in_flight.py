@@ -3,11 +3,10 @@
 over, so without a bound each group's payload and gathered buffer would stay alive until
 then -- at the warm-up's first ratios, more than the model's own bytes. Past the budget
 (``settings.in_flight_budget``: an eighth of the model's bytes, at most 32 MiB, at least
-1 MiB), before a
-group's selection and after its send, the hook first finishes the oldest exchanges still in
-flight, a bucket's own earlier groups included (DDP's first iteration puts the whole model
-in one bucket): waits for their collectives, scatters them into their gradients and lets
-their buffers go. Every rank takes the same decisions (from the same byte counts),
+1 MiB), before a group's selection and after its send, the hook first finishes the oldest
+exchanges still in flight, a bucket's own earlier groups included (DDP's first iteration
+puts the whole model in one bucket): waits for their collectives, scatters them into their
+gradients and lets their buffers go. Every rank takes the same decisions (from the same byte counts),
 and waiting for a collective every rank has already started cannot deadlock.
 """
 
