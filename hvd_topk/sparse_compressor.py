@@ -45,9 +45,9 @@ class SparseCompressor(Compressor, abc.ABC):
         unknown): the same on every rank (from sizes, dtypes, settings and the step)."""
         raise NotImplementedError
 
-    def wants_sparse(self, tensor: torch.Tensor, world: int) -> bool:
+    def wants_sparse(self, tensor: torch.Tensor, world: int, trained_bytes: Optional[int] = None) -> bool:
         """Whether ``exchange_for`` sends this gradient sparsely."""
-        return self.exchange_for(tensor, world) != "dense"
+        return self.exchange_for(tensor, world, trained_bytes) != "dense"
 
     @abc.abstractmethod
     def group_bytes(self, device: torch.device, exchange: str = "allgather",

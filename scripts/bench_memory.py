@@ -467,20 +467,17 @@ def owner_step(args) -> None:
     received = torch.cat([pl[:row] for pl in payloads])  # owner 0's rows from ranks 0 and 1
     header = torch.zeros(header_words(1), dtype=torch.int32, device=device)
     out = torch.zeros(n, device=device)
-    sampler = None if cuda else RssSampler(interval=0.0001)
+    meter = CudaMeter(device) if cuda else RssSampler(interval=0.0001)
     slots = P * plan.slots
 
     def measure(fn):
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
-            result = fn()
-            torch.cuda.synchronize()
-            return result, torch.cuda.max_memory_allocated() - start
-        start = sampler.reset()
+        start = meter.reset()
         result = fn()
-        return result, sampler.peak() - start
+        if cuda:
+            torch.cuda.synchronize()
+        return result, meter.peak() - start
 
     sel, sent = rows[0]
     _, sender = measure(lambda: sar.to_regions(sel, sent, plan, bounds, sig, torch.int32))
