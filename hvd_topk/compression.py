@@ -71,6 +71,7 @@ class TopKCompressor(SparseCompressor):
         except TypeError as e:  # an unknown keyword: name the class the user called
             raise TypeError(str(e).replace("TopKSettings.__init__()", "TopKCompressor()")) from None
         self.state = CompressorState()
+        self._adam = False  # Adam correction is on: see schedule_for_adam
         self.world_size = 1  # the default for compress_group(world=None); scales local clipping
         self.nonfinite: List[Tuple[str, List[int]]] = []  # (name, ranks) found, see pop_nonfinite
         self.exchanges: Dict[str, Exchange] = {
@@ -86,15 +87,16 @@ class TopKCompressor(SparseCompressor):
         fields = ", ".join(f"{f}={getattr(self.settings, f)!r}" for f in TopKSettings.__dataclass_fields__)
         return f"TopKCompressor({fields})"
 
-    @property
-    def steps(self) -> int:
-        """Optimizer steps completed (they drive the warm-up)."""
-        return self.state.steps
+    steps = property(lambda self: self.state.steps, doc="Optimizer steps completed (they drive the warm-up).")
 
     # -- the schedule -----------------------------------------------------------------------
     def current_ratio(self) -> float:
         """The ratio in force at this step (the warm-up's, then ``ratio``)."""
-        return self.settings.ratio_at(self.state.steps)
+        return self.settings.ratio_at(self.state.steps, self._adam)
+
+    def schedule_for_adam(self) -> None:
+        """Adam correction is on: an automatic warm-up takes Adam's length (``warmup_steps_for``)."""
+        self._adam = True
 
     def step_done(self) -> None:
         """The step is applied (the optimizer calls it once per synchronized step): commit its
@@ -204,15 +206,14 @@ class TopKCompressor(SparseCompressor):
         return payload
 
     def reduce_regions(self, received: torch.Tensor, ctx: SparseContext) -> torch.Tensor:
-        """The sparse allreduce's owner step (``SparseAllreduceExchange.reduce``), no host sync."""
+        """The sparse allreduce's owner step (``SparseAllreduceExchange.reduce``), no sync."""
         return self.exchanges["sparse_allreduce"].reduce(received, ctx)
 
     # -- decompress -------------------------------------------------------------------------
     def scatter(self, gathered: torch.Tensor, ctx: SparseContext,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The dense sum of what ``gathered`` holds (``SparseCompressor.scatter``)."""
-        if out is None:
-            out = torch.empty(ctx.numel, dtype=ctx.dtype, device=gathered.device)
+        out = torch.empty(ctx.numel, dtype=ctx.dtype, device=gathered.device) if out is None else out
         headers, kept = self.exchanges[ctx.exchange].receive(gathered, ctx, out, self.state.steps)
         if kept is not None:
             pend = self.selections[ctx.names]
@@ -317,10 +318,13 @@ def _setting(name: str) -> property:
                     doc=f"``TopKSettings.{name}`` (read-only).")
 
 
-# Every setting reads as an attribute (``compressor.ratio``); ``group_bytes`` is the method.
+# Every setting reads as an attribute (``compressor.ratio``); ``group_bytes`` is the method;
+# ``warmup_steps`` reads as the warm-up's length in force (``TopKSettings.warmup_length``).
+_WARMUP = property(lambda self: self.settings.warmup_length(self._adam),
+                   doc="The warm-up's length in steps (``TopKSettings.warmup_length``, read-only).")
 for _name in TopKSettings.__dataclass_fields__:
     if _name != "group_bytes":
-        setattr(TopKCompressor, _name, _setting(_name))
+        setattr(TopKCompressor, _name, _WARMUP if _name == "warmup_steps" else _setting(_name))
 del _name
 # The constructor's signature, for help() and editors: ``ratio`` and the settings' keywords.
 TopKCompressor.__init__.__signature__ = inspect.Signature(

@@ -149,6 +149,8 @@ class CorrectionSet:
     def rebuild(self, opt: torch.optim.Optimizer, comp) -> None:
         """The corrections of ``opt``'s param groups (see ``correction_groups``)."""
         self._of = correction_groups(opt, comp)
+        if any(isinstance(c, AdamCorrection) for c in self._of.values()):
+            comp.schedule_for_adam()  # an automatic warm-up takes Adam's length
 
     def get(self, p: torch.Tensor):
         """``p``'s correction, or None."""

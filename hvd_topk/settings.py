@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["TopKSettings", "check_ratio", "EXCHANGE_CHOICES", "ADAM_SELECT_CHOICES", "DEFAULT_LINK_GBPS",
            "DEFAULT_LINK_LATENCY_US", "GROUP_BYTES", "GROUP_BYTES_FLOOR",
-           "IN_FLIGHT_FLOOR", "in_flight_budget"]
+           "IN_FLIGHT_FLOOR", "in_flight_budget", "WARMUP_STEPS", "warmup_steps_for"]
 
 # What ``exchange=`` accepts: a fixed exchange, or "auto" (chosen per tensor by cost).
 EXCHANGE_CHOICES = ("auto", "allgather", "sparse_allreduce")
@@ -32,6 +32,27 @@ GROUP_BYTES_FLOOR = 1 << 20
 #: ``GROUP_BYTES`` (what a step holds beyond its gradients scales with a group, not with the
 #: model) and at least this many bytes.
 IN_FLIGHT_FLOOR = 1 << 20
+
+
+#: ``warmup_steps=None``: the warm-up's length; under Adam correction, at ratios below
+#: ``WARMUP_REFERENCE_RATIO`` it grows as ``sqrt(WARMUP_REFERENCE_RATIO / ratio)``.
+WARMUP_STEPS = 100
+WARMUP_REFERENCE_RATIO = 0.01
+
+
+def warmup_steps_for(ratio: float, adam: bool = False) -> int:
+    """The warm-up's length for ``warmup_steps=None``: ``WARMUP_STEPS`` (100), and under Adam
+    correction at a ratio below 1% ``100 * sqrt(0.01 / ratio)`` (316 at 0.1%, 1000 at
+    0.01%). Adam's step moves every entry by about the learning rate, so what Top-K leaves
+    in the residual is about as large as what it sends, and at a ratio ``r`` an entry waits
+    about ``1 / r`` steps: with a warm-up of 100 steps at 0.1%, validation losses ended
+    14-20% above dense AdamW's at 800 steps on the LM benchmark
+    (docs/convergence_lm_families.md, where this length is measured). Without Adam
+    correction the warm-up keeps the 100 steps its tables were measured with."""
+    ratio = float(ratio)
+    if not adam or ratio >= WARMUP_REFERENCE_RATIO:
+        return WARMUP_STEPS
+    return int(round(WARMUP_STEPS * math.sqrt(WARMUP_REFERENCE_RATIO / ratio)))
 
 
 def in_flight_budget(trained_bytes: int) -> int:
@@ -70,6 +91,8 @@ class TopKSettings:
             this many steps.
         warmup_steps: over the first ``warmup_steps`` steps the ratio decays exponentially
             from ``warmup_ratio`` to ``ratio`` (DGC's warm-up, made continuous); 0: none.
+            ``None``: 100 steps, and under Adam correction below a ratio of 1%
+            ``100 * sqrt(0.01 / ratio)`` (316 at 0.1%; ``warmup_steps_for``).
         warmup_ratio: the warm-up's starting ratio.
         momentum_correction: DGC's momentum correction (Lin et al. 2018, 3.2): each rank
             keeps its own velocity and Top-K sends from it. ``None``: on wherever the wrapped
@@ -112,7 +135,7 @@ class TopKSettings:
     link_latency_us: Optional[float] = None
     region_capacity: float = 2.0
     region_refresh: int = 10
-    warmup_steps: int = 100
+    warmup_steps: Optional[int] = None
     warmup_ratio: float = 0.25
     momentum_correction: Optional[bool] = None
     momentum_masking: bool = True
@@ -143,7 +166,8 @@ class TopKSettings:
                              f"in units of k / world), got {self.region_capacity!r}")
         fix("region_capacity", float(self.region_capacity))
         fix("region_refresh", _check_int("region_refresh", self.region_refresh, 1, "(steps)"))
-        fix("warmup_steps", _check_int("warmup_steps", self.warmup_steps, 0))
+        if self.warmup_steps is not None:
+            fix("warmup_steps", _check_int("warmup_steps", self.warmup_steps, 0, "or None (auto)"))
         fix("warmup_ratio", check_ratio("warmup_ratio", self.warmup_ratio))
         for name in ("momentum_correction", "adam_correction"):
             if getattr(self, name) not in (None, True, False):
@@ -163,11 +187,18 @@ class TopKSettings:
         if self.group_bytes is not None:
             fix("group_bytes", _check_int("group_bytes", self.group_bytes, 0, "or None (auto)"))
 
-    def ratio_at(self, step: int) -> float:
-        """The ratio in force at optimizer step ``step`` (0-based): the warm-up's, then ``ratio``."""
-        if step >= self.warmup_steps or self.warmup_ratio <= self.ratio:
+    def warmup_length(self, adam: bool = False) -> int:
+        """The warm-up's length in steps: ``warmup_steps``, or ``warmup_steps_for`` if ``None``
+        (``adam``: Adam correction is on)."""
+        return warmup_steps_for(self.ratio, adam) if self.warmup_steps is None else self.warmup_steps
+
+    def ratio_at(self, step: int, adam: bool = False) -> float:
+        """The ratio in force at optimizer step ``step`` (0-based): the warm-up's, then ``ratio``
+        (``adam``: Adam correction is on, which may lengthen an automatic warm-up)."""
+        warmup = self.warmup_length(adam)
+        if step >= warmup or self.warmup_ratio <= self.ratio:
             return self.ratio
-        return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** (step / self.warmup_steps)
+        return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** (step / warmup)
 
     def group_bytes_for(self, device: torch.device, exchange: str = "allgather",
                         trained_bytes: Optional[int] = None) -> int:

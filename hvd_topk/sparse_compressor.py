@@ -33,7 +33,8 @@ class SparseCompressor(Compressor, abc.ABC):
        non-finite gradients, and returns the groups to exchange again (``redo``);
     4. calls ``unsend()`` if the step will not be applied, then ``step_done()``.
 
-    With Adam correction the optimizer also hands over, at a tensor's first sparse step, the
+    With Adam correction the optimizer says so once (``schedule_for_adam``) and hands over, at
+    a tensor's first sparse step, the
     moments its wrapped optimizer built while the tensor went dense (``adam_started`` /
     ``start_adam``), and passes ``compress_group(adam=AdamSettings(...))``.
     """
@@ -165,6 +166,10 @@ class SparseCompressor(Compressor, abc.ABC):
     def pop_nonfinite(self) -> List[Tuple[str, List[int]]]:
         """``(name, ranks)`` of tensors found non-finite since the last call."""
         raise NotImplementedError
+
+    def schedule_for_adam(self) -> None:
+        """Adam correction is on: called by the optimizer as it builds its corrections (a
+        schedule that depends on the optimizer may change; by default nothing does)."""
 
     @abc.abstractmethod
     def adam_started(self, name: str) -> bool:

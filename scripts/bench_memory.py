@@ -309,7 +309,7 @@ def run_one(args) -> None:
     start = {key: m.reset() for key, m in meters.items()}
     before_run = None if cuda else breakdown()
     runs = {key: {"peak": 0, "peak_step": 0, "temporaries": 0, "after_warmup": 0} for key in meters}
-    warmup = comp.settings.warmup_steps if comp is not None else 0
+    warmup = comp.warmup_steps if comp is not None else 0  # the length in force (Adam: longer)
     for t in range(args.steps):
         before = {key: m.now() for key, m in meters.items()}
         for m in meters.values():

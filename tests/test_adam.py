@@ -198,6 +198,33 @@ def test_the_correction_is_chosen_automatically(make, kind):
                                                        momentum_correction=False)) == {}
 
 
+def test_the_automatic_warmup_is_longer_under_adam_correction_below_one_percent():
+    from hvd_topk.corrections import CorrectionSet
+    from hvd_topk.settings import warmup_steps_for
+    assert [warmup_steps_for(r) for r in (0.1, 0.01, 0.001)] == [100, 100, 100]
+    adam = [warmup_steps_for(r, adam=True) for r in (0.1, 0.01, 0.005, 0.001, 0.0001)]
+    assert adam == [100, 100, 141, 316, 1000]
+    p = torch.nn.Parameter(torch.zeros(3))
+    for make, ratio, steps in [(torch.optim.AdamW, 0.001, 316), (torch.optim.AdamW, 0.01, 100),
+                               (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 0.001, 100)]:
+        comp = TopKCompressor(ratio)
+        assert comp.warmup_steps == 100 and comp.settings.warmup_steps is None  # auto, no optimizer yet
+        CorrectionSet().rebuild(make([p]), comp)
+        assert comp.warmup_steps == steps
+        schedule = [comp.current_ratio()]
+        comp.state.steps = steps - 1
+        schedule.append(comp.current_ratio())
+        comp.state.steps = steps
+        schedule.append(comp.current_ratio())
+        assert schedule[0] == 0.25 and schedule[1] > ratio and schedule[2] == ratio, (ratio, steps, schedule)
+    comp = TopKCompressor(0.001, warmup_steps=50)  # given: kept whatever the optimizer
+    CorrectionSet().rebuild(torch.optim.AdamW([p]), comp)
+    assert comp.warmup_steps == 50
+    comp = TopKCompressor(0.001, adam_correction=False)  # Adam without the correction: SGD's length
+    CorrectionSet().rebuild(torch.optim.AdamW([p]), comp)
+    assert comp.warmup_steps == 100
+
+
 def test_adamw_decoupled_and_adam_coupled_weight_decay():
     from hvd_topk.corrections import correction_groups
     p = torch.nn.Parameter(torch.ones(3))

@@ -91,7 +91,8 @@ def test_two_ranks_choose_as_the_byte_model(value_dtype, monkeypatch):
                             for e in ("auto", "allgather", "sparse_allreduce")]:
         settings = TopKCompressor(ratio, value_dtype=value_dtype, exchange=exchange).settings
         allowed = ("dense",) + (EXCHANGES[1:] if exchange == "auto" else (exchange,))
-        ratios = {settings.ratio_at(step) for step in range(settings.warmup_steps + 1)}
+        ratios = {settings.ratio_at(step, adam) for adam in (False, True)
+                  for step in range(settings.warmup_length(adam) + 1)}  # SGD's and Adam's warm-ups
         for r in sorted(ratios):
             for n in _sizes():
                 t = torch.empty(n)

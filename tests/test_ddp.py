@@ -420,3 +420,22 @@ def test_state_validates_its_arguments(kwargs, error, words):
         from hvd_topk.ddp import TopKState
         TopKState(torch.nn.Linear(2, 2), **kwargs)
     assert words in str(info.value)
+
+
+def test_adam_pairing_lengthens_an_automatic_warmup_below_one_percent(tmp_path):
+    import torch.distributed as dist
+    from hvd_topk.ddp import TopKState
+    model = torch.nn.Linear(64, 8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for optimizer, ratio, length in [(torch.optim.AdamW(model.parameters()), 0.001, 316),
+                                         (torch.optim.AdamW(model.parameters()), 0.01, 100),
+                                         (None, 0.001, 100)]:
+            state = TopKState(model, ratio=ratio, optimizer=optimizer)
+            schedule = []
+            for steps in (0, length - 1, length):
+                state.rank_state.steps = steps
+                schedule.append(state.current_ratio())
+            assert schedule[0] == 0.25 and schedule[1] > ratio and schedule[2] == ratio, schedule
+    finally:
+        dist.destroy_process_group()

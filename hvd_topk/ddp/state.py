@@ -188,7 +188,7 @@ class TopKState:
 
     def current_ratio(self) -> float:
         """The ratio in force at this step (the warm-up's, then ``ratio``)."""
-        return self.settings.ratio_at(self.rank_state.steps)
+        return self.settings.ratio_at(self.rank_state.steps, self.adam is not None)
 
     # -- what the hook calls ------------------------------------------------------------------
     def begin_bucket(self, bucket: dist.GradBucket) -> BucketPlan:
