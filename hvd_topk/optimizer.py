@@ -115,7 +115,7 @@ class _TopKMethods:
             if not self._sparse or grad.is_sparse:
                 # Horovod's own path: its compressors, or its sparse allgather (no compress()).
                 return _HorovodOptimizer._allreduce_grad_async(self, p)
-            return self._step_exchange.send_dense(p, grad, self._parameter_names.get(p))
+            return self._step_exchange.send_dense(p, grad, self._parameter_names.get(p), self._planner)
         correction = self._corrections.get(p)
         if correction is not None:
             # A corrected update carries coupled weight decay: added locally, in the grad's units.

@@ -16,6 +16,7 @@ import torch
 from horovod.common.util import split_list
 from horovod.torch import mpi_ops
 
+from .dense_batch import SMALL_DENSE_BYTES
 from .exchange import EXCHANGES, ring_allreduce_bytes
 from .layout import group_runs
 from .settings import in_flight_budget
@@ -139,6 +140,7 @@ class Planner:
         self.trained_set = frozenset()
         self.groups_digest = 0  # crc32 of the plan's groups of several tensors (their names)
         self.budget = 0  # the in-flight budget (see StepExchange)
+        self.small_dense = ()  # the params left dense sent as one batch (dense_batch.py), by name
 
     def plan_step(self, param_groups, requires_update, world, corrections):
         """Param -> ``Group`` for the gradients sent sparsely this step, the same on every
@@ -163,6 +165,10 @@ class Planner:
         kinds = {p: "dense" if p.is_complex() else comp.exchange_for(p, world, trained_bytes)
                  for p in trained}
         sparse = [p for p in reversed(trained) if kinds[p] != "dense"]
+        # In name order: names, not the order of registration, pair the ranks' tensors.
+        self.small_dense = tuple(sorted((p for p in trained if kinds[p] == "dense"
+                                         and p.numel() * p.element_size() <= SMALL_DENSE_BYTES),
+                                        key=lambda p: self._names.get(p) or ""))
 
         def gkey(p):
             correction = corrections.get(p)

@@ -10,6 +10,7 @@ import time
 from horovod.torch import mpi_ops
 
 from .compression import DenseFormContext, RankMismatchError
+from .dense_batch import DenseBatch, InDenseBatch
 from .exchange import sparse_allgather_async, sparse_alltoall_async
 from .plan import InGroup
 from .selection import segment_views, stacked_probe
@@ -44,27 +45,39 @@ class StepExchange:
         self._in_flight_bytes = 0
         self._owners = []  # (group, rows' bytes): sparse allreduces before their phase 2
         self._owners_bytes = 0
+        self._batch = DenseBatch(self._grouped_allreduce_async)  # the small dense gradients
 
     def densified(self, p):
         """``p``'s sparse gradient was made dense: made sparse again at the end of the step."""
         self._resparsify.append(p)
 
-    def send_dense(self, p, grad, name):
+    def send_dense(self, p, grad, name, planner=None):
         """Horovod's dense path, with its pre/post-scaling for ``gradient_predivide_factor``,
         for a gradient a sparse compressor leaves dense (Horovod's own would call compress());
-        ``(handle, ctx)``. Its values are checked with the step's flags."""
+        ``(handle, ctx)``. Its values are checked with the step's flags. The plan's small
+        dense params (``planner.small_dense``) are sent as one batch (``dense_batch.py``)."""
         self._dense_checked.append(p)
-        if DenseFormContext.needed(grad):  # complex, bfloat16 or not contiguous
-            return self._allreduce_async(DenseFormContext.form(grad), name), DenseFormContext(grad.dtype)
-        return self._allreduce_async(grad, name), None
+        # complex, bfloat16 or not contiguous: sent in a form Horovod takes
+        ctx = DenseFormContext(grad.dtype) if DenseFormContext.needed(grad) else None
+        tensor = DenseFormContext.form(grad) if ctx is not None else grad
+        if planner is not None and self._op in (mpi_ops.Average, mpi_ops.Sum):
+            self._batch.plan(planner.small_dense)
+            if self._batch.holds(p):
+                return self._batch.take(p, tensor, name), ctx
+        return self._allreduce_async(tensor, name), ctx
+
+    def _scaling(self):
+        if self._op == mpi_ops.Average:
+            return {"prescale_factor": 1.0 / self._predivide, "postscale_factor": self._predivide}
+        return {"prescale_factor": 1.0, "postscale_factor": 1.0}
 
     def _allreduce_async(self, tensor, name):
-        if self._op == mpi_ops.Average:
-            prescale, postscale = 1.0 / self._predivide, self._predivide
-        else:
-            prescale, postscale = 1.0, 1.0
-        return mpi_ops.allreduce_async_(tensor, name=name, op=self._op, prescale_factor=prescale,
-                                        postscale_factor=postscale, process_set=self._process_set)
+        return mpi_ops.allreduce_async_(tensor, name=name, op=self._op, process_set=self._process_set,
+                                        **self._scaling())
+
+    def _grouped_allreduce_async(self, tensors, name):
+        return mpi_ops.grouped_allreduce_async_(tensors, name=name, op=self._op,
+                                                process_set=self._process_set, **self._scaling())
 
     def launch_if_complete(self, group, optimizer_state, budget):
         """Compress ``group`` and start its exchange once all its gradients are ready
@@ -159,7 +172,7 @@ class StepExchange:
             return None  # its hook ran, but it is not trained this step: not exchanged
         if isinstance(handle, InGroup):
             return handle.group
-        output = self.wait(handle)
+        output = handle.batch.output(p, self.wait) if isinstance(handle, InDenseBatch) else self.wait(handle)
         if p.grad.is_sparse:
             p.grad.zero_().add_(self._comp.decompress(output, ctx))
         else:
@@ -215,7 +228,8 @@ class StepExchange:
         collectives (``handles``: the ``(handle, ctx)`` pairs Horovod's hooks stored;
         ``groups``: the plan's), failures ignored, so that no rank leaves while another still
         needs it and every rank reports the same error."""
-        waits = [h for h, _ in handles if not isinstance(h, InGroup)]
+        waits = [h for h, _ in handles if not isinstance(h, (InGroup, InDenseBatch))]
+        waits += self._batch.pending()
         waits += [g.pending for g in groups if g.pending is not None]
         for handle in waits:
             try:
@@ -228,6 +242,7 @@ class StepExchange:
         self._in_flight, self._in_flight_bytes = [], 0
         self._owners, self._owners_bytes = [], 0
         self._resparsify = []
+        self._batch.reset()
 
     def discard(self):
         """A state was loaded mid-step: forget the dense params to check too."""

@@ -252,6 +252,60 @@ def check_momentum_correction_unmasked_ratio_one_is_momentum_sgd():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda msg, n=name: f"{n}: {msg}")
 
 
+def check_small_dense_gradients_travel_in_one_grouped_allreduce():
+    """The gradients left dense (biases, small weights) take one grouped allreduce a step, not
+    one allreduce each, with the same averages; a member whose gradient goes another way (a
+    sparse embedding gradient) or that this rank did not use is sent in synchronize()."""
+    from horovod.torch import mpi_ops
+    calls = {"single": 0, "grouped": []}
+    single, grouped = mpi_ops.allreduce_async_, mpi_ops.grouped_allreduce_async_
+
+    def count_single(*a, **k):
+        calls["single"] += 1
+        return single(*a, **k)
+
+    def count_grouped(tensors, *a, **k):
+        calls["grouped"].append(len(tensors))
+        return grouped(tensors, *a, **k)
+
+    torch.manual_seed(0)
+    emb, body, head = nn.Embedding(20, 16, sparse=True), nn.Linear(16, 300), nn.Linear(300, 3)
+    extra = nn.Linear(3, 3)  # used on rank 0 only: rank 1 sends zeros for it
+    model = nn.ModuleDict({"emb": emb, "body": body, "head": head, "extra": extra}).to(DEVICE)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hvd_topk.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                        named_parameters=model.named_parameters(),
+                                        compression=hvd_topk.TopKCompressor(0.01, warmup_steps=0))
+    mpi_ops.allreduce_async_, mpi_ops.grouped_allreduce_async_ = count_single, count_grouped
+    try:
+        for step in range(3):
+            opt.zero_grad()
+            g = torch.Generator().manual_seed(100 * hvd.rank() + step)
+            tokens = torch.randint(0, 20, (8, 5), generator=g).to(DEVICE)
+            out = head(body(emb(tokens).mean(1)))
+            if hvd.rank() == 0:
+                out = extra(out)
+            out.square().mean().backward()
+            local = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                     for n, p in model.named_parameters() if n != "emb.weight"}
+            calls["single"], calls["grouped"] = 0, []
+            opt.synchronize()
+            # body.weight (4800 entries) goes sparse; body.bias, head's and extra's are left
+            # dense: one group (emb.weight is planned in it too, but its sparse gradient goes
+            # Horovod's way, so the group leaves in synchronize()).
+            assert calls == {"single": 0, "grouped": [5]}, calls
+            for n, p in model.named_parameters():
+                if n not in ("emb.weight", "body.weight"):  # the dense ones
+                    want = allgather_dense(local[n]).mean(0)
+                    torch.testing.assert_close(p.grad.reshape(-1), want, rtol=RTOL, atol=ATOL,
+                                               msg=lambda m, s=step, n=n: f"step {s} {n}: {m}")
+            with opt.skip_synchronize():
+                opt.step()
+    finally:
+        mpi_ops.allreduce_async_, mpi_ops.grouped_allreduce_async_ = single, grouped
+    assert_same_on_all_ranks(model, "dense batch")
+
+
 CHECKS = {
     "dgc_all_options": check_dgc_all_options,
     "momentum_correction_linear": check_momentum_correction_unmasked_ratio_one_is_momentum_sgd,
@@ -265,6 +319,7 @@ CHECKS = {
     "defaults": check_defaults_train_consistently,
     "stock_refuses": check_stock_optimizer_refuses_topk,
     "accumulation": check_accumulation,
+    "dense_batch": check_small_dense_gradients_travel_in_one_grouped_allreduce,
 }
 
 def run_checks(checks):
