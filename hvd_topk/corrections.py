@@ -57,9 +57,10 @@ class MomentumCorrection:
         """``compress_group``'s arguments for this param group's recurrence."""
         return {"momentum": self.group["momentum"], "nesterov": bool(self.group["nesterov"])}
 
-    def apply(self, p: torch.Tensor, update: torch.Tensor) -> None:
-        """``p -= lr * update``: the velocity, sent and averaged, is SGD's step direction."""
-        _add_scaled(p, update, self.group["lr"], self.group.get("maximize", False))
+    def apply(self, p: torch.Tensor, update: torch.Tensor, at: Optional[torch.Tensor] = None) -> None:
+        """``p -= lr * update``: the velocity, sent and averaged, is SGD's step direction
+        (``at``: where ``update`` may be non-zero, or None)."""
+        _add_scaled(p, update, self.group["lr"], self.group.get("maximize", False), at)
 
     def state_kind(self) -> tuple:
         """Which wrapped-optimizer state the correction's hvd_topk state stands for (see
@@ -118,12 +119,13 @@ class AdamCorrection:
                                      bool(self.group.get("amsgrad", False)),
                                      lr if isinstance(lr, torch.Tensor) else float(lr))}
 
-    def apply(self, p: torch.Tensor, update: torch.Tensor) -> None:
-        """AdamW's decay, then the owed displacement (its lr was applied when it was owed)."""
+    def apply(self, p: torch.Tensor, update: torch.Tensor, at: Optional[torch.Tensor] = None) -> None:
+        """AdamW's decay, then the owed displacement (its lr was applied when it was owed;
+        ``at``: where ``update`` may be non-zero, or None)."""
         lr, wd = self.group["lr"], self.group["weight_decay"]
         if self.decoupled and wd:
             p.mul_(1 - lr * wd)
-        _add_scaled(p, update, 1.0, self.group.get("maximize", False))
+        _add_scaled(p, update, 1.0, self.group.get("maximize", False), at)
 
     def state_kind(self) -> tuple:
         """Which wrapped-optimizer state the correction's hvd_topk state stands for (see
@@ -145,6 +147,7 @@ class CorrectionSet:
     def __init__(self) -> None:
         self._of: Dict[torch.Tensor, object] = {}
         self._sent: set = set()  # params whose synchronized grad is a corrected update
+        self._touched: Dict[torch.Tensor, tuple] = {}  # p -> (positions, grad, its version)
 
     def rebuild(self, opt: torch.optim.Optimizer, comp) -> None:
         """The corrections of ``opt``'s param groups (see ``correction_groups``)."""
@@ -164,9 +167,16 @@ class CorrectionSet:
         """``params``' synchronized gradients will be corrected updates."""
         self._sent.update(params)
 
+    def scattered(self, p: torch.Tensor, positions: Optional[torch.Tensor]) -> None:
+        """``p.grad``, as written by the exchange, is zero outside ``positions`` (None: not
+        known): while it stays unchanged, ``step`` applies it there alone."""
+        if positions is not None and p in self._of and p.is_contiguous() and p.grad.is_contiguous():
+            self._touched[p] = (positions, p.grad, p.grad._version)
+
     def discard(self) -> None:
         """The step is not applied (or a state was loaded): no update is owed."""
         self._sent = set()
+        self._touched = {}
 
     def step(self, wrapped_step, closure=None):
         """Apply the step: ``wrapped_step(closure)`` (the wrapped optimizer's) for the params
@@ -176,6 +186,7 @@ class CorrectionSet:
         if not self._sent:
             return wrapped_step(closure)
         corrected, self._sent = self._sent, set()
+        touched, self._touched = self._touched, {}
         stash = {p: p.grad for p in corrected}
         for p in corrected:
             p.grad = None
@@ -186,8 +197,17 @@ class CorrectionSet:
                 p.grad = g
         with torch.no_grad():
             for p, g in stash.items():
-                self._of[p].apply(p, g)
+                self._of[p].apply(p, g, _unchanged_positions(touched.get(p), g))
         return loss
+
+
+def _unchanged_positions(record, grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """The positions of a ``scattered`` record if ``grad`` is still the gradient it describes,
+    unmodified since (clipping, unscaling or any in-place change bumps its version)."""
+    if record is None:
+        return None
+    positions, written, version = record
+    return positions if grad is written and grad._version == version else None
 
 
 def _coupled_decay(group: dict, p: torch.Tensor, grad: torch.Tensor, scale) -> torch.Tensor:
@@ -200,9 +220,17 @@ def _coupled_decay(group: dict, p: torch.Tensor, grad: torch.Tensor, scale) -> t
     return grad + p.detach() * ((-wd if group.get("maximize") else wd) * scale)
 
 
-def _add_scaled(p: torch.Tensor, update: torch.Tensor, lr, ascend: bool) -> None:
-    """``p -= lr * update`` (``+=`` when maximizing); ``lr`` a float or a tensor."""
-    if isinstance(lr, torch.Tensor):
+def _add_scaled(p: torch.Tensor, update: torch.Tensor, lr, ascend: bool,
+                at: Optional[torch.Tensor] = None) -> None:
+    """``p -= lr * update`` (``+=`` when maximizing); ``lr`` a float or a tensor. ``at``: the
+    flat positions outside which ``update`` is zero (duplicates allowed): only those entries
+    are read and written, with the same operation, so the same bits as the whole tensor's."""
+    if at is not None:
+        flat = p.view(-1)
+        part = flat.index_select(0, at)
+        _add_scaled(part, update.reshape(-1).index_select(0, at), lr, ascend)
+        flat.index_copy_(0, at, part)  # a duplicate position writes the same value again
+    elif isinstance(lr, torch.Tensor):
         p.addcmul_(update, lr.to(p.device), value=1 if ascend else -1)
     else:
         p.add_(update, alpha=lr if ascend else -lr)

@@ -49,7 +49,8 @@ class SparseContext:
     gathered buffer holds (``None``: inferred from its size); ``regions``: the sparse
     allreduce's plan. What the step adds, through the context's own methods: ``header``
     (``sending``: this rank's, device int32), then ``headers`` (every rank's) and ``out`` (the
-    dense result) once received (``received``).
+    dense result) once received (``received``), and where a single tensor's result can be
+    non-zero (``scattered_at``).
     """
 
     names: Tuple[str, ...]
@@ -65,6 +66,7 @@ class SparseContext:
     header: Optional[torch.Tensor] = field(default=None, repr=False)
     headers: Optional[torch.Tensor] = field(default=None, repr=False)
     out: Optional[torch.Tensor] = field(default=None, repr=False)
+    touched: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def sending(self, header: torch.Tensor) -> None:
         """This rank's header for the payload being sent (a redo sends a new one)."""
@@ -73,6 +75,12 @@ class SparseContext:
     def received(self, headers: torch.Tensor, out: torch.Tensor) -> None:
         """Every rank's header, and the dense result the gathered payloads were scattered into."""
         self.headers, self.out = headers, out
+
+    def scattered_at(self, positions: Optional[torch.Tensor]) -> None:
+        """The positions (int64, duplicates possible) outside which the dense result of a
+        single tensor is zero, where the exchange keeps them (``None``: not kept): what a
+        corrected update's sparse apply reads (``corrections.apply_update``)."""
+        self.touched = positions
 
     @property
     def name(self) -> str:

@@ -155,7 +155,7 @@ class StepExchange:
                 self._comp.scatter(gathered, oldest.ctx, _own_storage(oldest))
             except RankMismatchError:
                 continue  # raised again by synchronize(), where every rank handles it alike
-            _write_back(oldest)
+            self._written(oldest)
             oldest.mark_scattered()
 
     def wait(self, handle):
@@ -193,8 +193,15 @@ class StepExchange:
                 gathered = group.gathered if group.gathered is not None else self.wait(group.allgather)
                 t_scatter = time.perf_counter()
                 comp.scatter(gathered, group.ctx, _own_storage(group))
-                _write_back(group)
+                self._written(group)
                 self._counter.add_ms("scatter_ms", t_scatter)
+
+    def _written(self, group):
+        """``group``'s result is scattered: its gradients become views of it, and a lone
+        corrected gradient's written positions go to the corrections (its sparse apply)."""
+        _write_back(group)
+        if len(group.params) == 1:
+            self._corrections.scattered(group.params[0], group.ctx.touched)
 
     def check(self, groups, names):
         """One ``check`` of every flag of the step -- its one host sync -- and the rare redo

@@ -95,3 +95,28 @@ def test_state_dict_carries_velocity():
 def test_bad_options_rejected(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TopKCompressor(0.01, **bad)
+
+
+@pytest.mark.parametrize("lr", [0.1, 0.0123, "tensor"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_a_corrected_update_applied_at_its_positions_gives_the_bits_of_the_dense_apply(lr, maximize):
+    """The sparse apply (only where the exchange wrote, duplicates among the positions) moves
+    every entry to the same bits as the dense ``p -= lr * update`` over the whole tensor, for
+    SGD's momentum correction and Adam's; entries outside the positions stay untouched."""
+    from hvd_topk.corrections import AdamCorrection, MomentumCorrection
+    g = torch.Generator().manual_seed(3)
+    n = 100_003  # not a multiple of any vector width
+    at = torch.randint(0, n, (3000,), generator=g)
+    at = torch.cat([at, at[:500]])  # two ranks sent some of the same positions
+    update = torch.zeros(n)
+    update[at] = torch.randn(at.numel(), generator=g)
+    rate = torch.tensor(0.0123) if lr == "tensor" else lr
+    groups = [{"lr": rate, "momentum": 0.9, "nesterov": False, "maximize": maximize}]
+    corrections = [MomentumCorrection(groups[0]),
+                   AdamCorrection({"lr": rate, "weight_decay": 0.01, "maximize": maximize}, 0, True)]
+    for correction in corrections:
+        p = torch.randn(n, generator=g)
+        dense, sparse = p.clone(), p.clone()
+        correction.apply(dense, update)
+        correction.apply(sparse, update, at)
+        assert torch.equal(dense, sparse), type(correction).__name__

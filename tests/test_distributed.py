@@ -7,7 +7,7 @@ BACKENDS = ["gloo", "mpi"]
 CHECKS = ["exact", "exact_fp16_values", "exact_grouped", "unlucky_sample_redone",
           "ratio_one", "dense_compressors", "defaults",
           "stock_refuses", "accumulation", "dgc_all_options", "momentum_correction_linear",
-          "dense_batch"]
+          "dense_batch", "sparse_apply"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -306,6 +306,36 @@ def check_small_dense_gradients_travel_in_one_grouped_allreduce():
     assert_same_on_all_ranks(model, "dense batch")
 
 
+def check_sparse_apply_matches_the_dense_apply():
+    """A lone tensor's corrected update is applied only where the exchange wrote it; the
+    parameters end with the bits of the dense apply, which a gradient changed in place after
+    synchronize() takes (here ``mul_(1.0)``: the same values, a new version)."""
+    for inner in (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01)):
+        finals = []
+        for touch in (False, True):
+            model = make_model()
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            opt = hvd_topk.DistributedOptimizer(inner(model.parameters()),
+                                                named_parameters=model.named_parameters(),
+                                                compression=hvd_topk.TopKCompressor(0.01, warmup_steps=0))
+            for step in range(4):
+                opt.zero_grad()
+                x, y = batch(step)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.synchronize()
+                kept = [n for n, p in model.named_parameters() if p in opt._corrections._touched]
+                assert kept == ["0.weight", "2.weight"], kept  # the two sent sparsely
+                if touch:
+                    for p in model.parameters():
+                        p.grad.mul_(1.0)
+                with opt.skip_synchronize():
+                    opt.step()
+            finals.append([p.detach().clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*finals))
+        assert_same_on_all_ranks(model, "sparse apply")
+
+
 CHECKS = {
     "dgc_all_options": check_dgc_all_options,
     "momentum_correction_linear": check_momentum_correction_unmasked_ratio_one_is_momentum_sgd,
@@ -320,6 +350,7 @@ CHECKS = {
     "stock_refuses": check_stock_optimizer_refuses_topk,
     "accumulation": check_accumulation,
     "dense_batch": check_small_dense_gradients_travel_in_one_grouped_allreduce,
+    "sparse_apply": check_sparse_apply_matches_the_dense_apply,
 }
 
 def run_checks(checks):
