@@ -37,10 +37,12 @@ __all__ = ["sparse_allgather_async", "sparse_alltoall_async", "scatter_add_", "e
            "AllgatherExchange", "local_indices", "EXCHANGES", "QUANTILES", "SPARSE_APPLY_DENSITY"]
 
 #: A single tensor's scattered positions are kept (``SparseContext.scattered_at``) while the
-#: ``P * K`` entries gathered are at most ``1 / SPARSE_APPLY_DENSITY`` of its entries: a sparse
-#: apply of a corrected update then touches a sixteenth of the tensor or less, and the kept
-#: int64 positions weigh at most an eighth of a float32 gradient's bytes (4% at 1% on two ranks).
-SPARSE_APPLY_DENSITY = 16
+#: ``P * K`` entries gathered are at most ``1 / SPARSE_APPLY_DENSITY`` of its entries, and a
+#: corrected update is then applied at them alone. Denser, the positions touch most of the
+#: tensor's cache lines anyway: on one CPU core, for 4.9M float32 entries, the dense apply took
+#: 1.29 ms, the sparse one 1.28 ms at 2% of the entries, 0.47 at 1%, 0.13 at 0.2% (sorted
+#: positions, medians of 11). The kept int64 positions weigh at most 2% of the gradient.
+SPARSE_APPLY_DENSITY = 100
 
 
 

@@ -318,14 +318,14 @@ def check_sparse_apply_matches_the_dense_apply():
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
             opt = hvd_topk.DistributedOptimizer(inner(model.parameters()),
                                                 named_parameters=model.named_parameters(),
-                                                compression=hvd_topk.TopKCompressor(0.01, warmup_steps=0))
+                                                compression=hvd_topk.TopKCompressor(0.001, warmup_steps=0))
             for step in range(4):
                 opt.zero_grad()
                 x, y = batch(step)
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.synchronize()
                 kept = [n for n, p in model.named_parameters() if p in opt._corrections._touched]
-                assert kept == ["0.weight", "2.weight"], kept  # the two sent sparsely
+                assert kept == ["0.weight", "2.weight"], kept  # the two sent sparsely, 0.2% dense
                 if touch:
                     for p in model.parameters():
                         p.grad.mul_(1.0)
