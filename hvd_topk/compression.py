@@ -167,14 +167,12 @@ class TopKCompressor(SparseCompressor):
         names = tuple(names)
         self.selections.commit(names)  # a selection of these names not yet committed (no step_done)
         s, state = self.settings, self.state
-        dtype = tensors[0].dtype
         layout = self._layout(tuple(t.numel() for t in tensors))
         ranks = world if world is not None else self.world_size
         # The sparse allreduce's rows need the world and its plan (the allgather infers the world).
         regions = self.exchanges[exchange].plan(layout, ranks) if exchange == "sparse_allreduce" else None
-        ctx = SparseContext(names, tuple(t.shape for t in tensors), dtype, layout, s.value_dtype or dtype,
-                            index_dtype(max(layout.sizes)), divisor=divisor, exchange=exchange,
-                            world=ranks if regions is not None else world, regions=regions)
+        ctx = _group_context(names, tensors, layout, s.value_dtype, divisor, exchange, regions, ranks, world,
+                             corrected=momentum > 0 or adam is not None)
         g = (tensors[0].detach().reshape(-1) if len(tensors) == 1
              else torch.cat([t.detach().reshape(-1) for t in tensors]))  # (n,)
         residual = state.residuals.group_buffer(names, layout.sizes, g)  # (n,)
@@ -290,6 +288,18 @@ class TopKCompressor(SparseCompressor):
         self.state.load_state_dict(state)
         for exchange in self.exchanges.values():
             exchange.load_state_dict(state)
+
+
+def _group_context(names: Tuple[str, ...], tensors: Sequence[torch.Tensor], layout: GroupLayout,
+                   value_dtype: Optional[torch.dtype], divisor: float, exchange: str, regions,
+                   ranks: int, world: Optional[int], *, corrected: bool) -> SparseContext:
+    """The ``SparseContext`` of a group being compressed: the sparse allreduce's rows need
+    the world (``ranks``) and its plan (``regions``), the allgather infers the world unless
+    given; ``corrected``: momentum or Adam correction, so its result is a corrected update."""
+    dtype = tensors[0].dtype
+    return SparseContext(names, tuple(t.shape for t in tensors), dtype, layout, value_dtype or dtype,
+                         index_dtype(max(layout.sizes)), divisor=divisor, exchange=exchange,
+                         world=ranks if regions is not None else world, regions=regions, corrected=corrected)
 
 
 def _check_group(tensors: Sequence[torch.Tensor], names: Sequence[str], exchange: str,

@@ -46,8 +46,7 @@ class DenseBatch:
         self._launch = launch  # (tensors, name) -> Horovod handle of their grouped allreduce
         self._members: Sequence[torch.Tensor] = ()
         self._member_set = frozenset()
-        self._names: Dict[torch.Tensor, str] = {}
-        self._held: Dict[torch.Tensor, torch.Tensor] = {}  # p -> the tensor to allreduce
+        self._held: Dict[torch.Tensor, tuple] = {}  # p -> (the tensor to allreduce, its name)
         self._handles: List[tuple] = []  # (handle, params) per grouped allreduce launched
         self._outputs: Optional[Dict[torch.Tensor, torch.Tensor]] = None
 
@@ -63,8 +62,7 @@ class DenseBatch:
     def take(self, p: torch.Tensor, tensor: torch.Tensor, name: str) -> InDenseBatch:
         """Hold ``tensor`` (``p``'s gradient, in the form to allreduce, named ``name``); the
         last member launches the batch."""
-        self._held[p] = tensor
-        self._names[p] = name
+        self._held[p] = (tensor, name)
         if len(self._held) == len(self._members):
             self.flush()
         return InDenseBatch(self)
@@ -76,11 +74,11 @@ class DenseBatch:
         by_kind: Dict[tuple, List[torch.Tensor]] = {}
         for p in self._members:
             if p in self._held:
-                t = self._held[p]
+                t = self._held[p][0]
                 by_kind.setdefault((t.device, t.dtype), []).append(p)
         for params in by_kind.values():
-            name = f"{self._names[params[0]]}+{len(params) - 1}.dense"
-            self._handles.append((self._launch([self._held[p] for p in params], name), params))
+            name = f"{self._held[params[0]][1]}+{len(params) - 1}.dense"
+            self._handles.append((self._launch([self._held[p][0] for p in params], name), params))
 
     def output(self, p: torch.Tensor, wait: Callable[[object], List[torch.Tensor]]) -> torch.Tensor:
         """``p``'s allreduced tensor; the first call waits for every grouped allreduce."""
@@ -98,6 +96,5 @@ class DenseBatch:
     def reset(self) -> None:
         """The step is over: forget its tensors and handles (the members stay planned)."""
         self._held.clear()
-        self._names.clear()
         self._handles = []
         self._outputs = None

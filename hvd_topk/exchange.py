@@ -103,9 +103,10 @@ class AllgatherExchange(Exchange):
             raise RankMismatchError(f"parameter {ctx.name!r} ({ctx.describe()} on this rank): {e}. "
                                     + SAME_MODEL) from None
         out.zero_()
-        # A single tensor's positions are kept while they are few (SPARSE_APPLY_DENSITY), for
-        # a corrected update to be applied there alone.
-        keep = ctx.layout.segments == 1 and rows.rows * ctx.k * SPARSE_APPLY_DENSITY <= ctx.numel
+        # A single corrected update's positions are kept while they are few
+        # (SPARSE_APPLY_DENSITY), for it to be applied there alone.
+        keep = (ctx.corrected and ctx.layout.segments == 1
+                and rows.rows * ctx.k * SPARSE_APPLY_DENSITY <= ctx.numel)
         touched = []
         if ctx.k:
             # A few ranks' entries at a time (rank order kept: the same bits), so that the
@@ -116,7 +117,7 @@ class AllgatherExchange(Exchange):
                 pos = _scatter_rows(out, rows.part(1, first, first + per), rows.part(2, first, first + per),
                                     bounds, ctx)
                 if keep:
-                    touched.append(pos.long())  # a copy: the gathered payload is let go
+                    touched.append(pos.long())  # int64 for the index ops (int32 positions: a copy)
         ctx.scattered_at((torch.cat(touched) if len(touched) > 1 else touched[0]) if touched else None)
         return rows.part(0), None  # (P, header_words)
 

@@ -66,6 +66,7 @@ class SparseContext:
     header: Optional[torch.Tensor] = field(default=None, repr=False)
     headers: Optional[torch.Tensor] = field(default=None, repr=False)
     out: Optional[torch.Tensor] = field(default=None, repr=False)
+    corrected: bool = False  # the result is a corrected update (momentum or Adam correction)
     touched: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def sending(self, header: torch.Tensor) -> None:
@@ -79,7 +80,7 @@ class SparseContext:
     def scattered_at(self, positions: Optional[torch.Tensor]) -> None:
         """The positions (int64, duplicates possible) outside which the dense result of a
         single tensor is zero, where the exchange keeps them (``None``: not kept): what a
-        corrected update's sparse apply reads (``corrections.apply_update``)."""
+        corrected update's sparse apply reads (``CorrectionSet.scattered``)."""
         self.touched = positions
 
     @property
